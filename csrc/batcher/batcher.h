@@ -1,0 +1,183 @@
+// Dynamic batcher: per-model priority queues, executor threads, bulk completions.
+//
+// The caller (the HTTP event loop) copies each request's rows into a pooled request
+// buffer and enqueues it; executor threads form batches under Triton's knobs, gather the
+// rows into preallocated batch buffers, run the backend once per batch and scatter the
+// outputs back. Completed requests are handed back in bulk: the executor signals one
+// file descriptor (eventfd) per batch, and the loop drains every completion at once.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+namespace vivace {
+
+using Clock = std::chrono::steady_clock;
+
+enum class Status : int {
+  kOk = 0,
+  kQueueFull = 1,   // max_queue_size reached: rejected at once
+  kTimeout = 2,     // deadline passed before execution
+  kCancelled = 3,   // client gone; dropped before execution
+  kError = 4,       // the backend failed for this batch
+  kShutdown = 5,    // the batcher stopped before the request ran
+  kInvalid = 6,     // bad arguments (rows, priority)
+};
+
+const char* StatusName(Status s);
+
+struct BatcherConfig {
+  std::string model_name;
+  int64_t max_batch_size = 8;
+  std::vector<int64_t> preferred_batch_sizes;
+  int64_t max_queue_delay_us = 0;  // 0: batch whatever is queued when an executor is free
+  int priority_levels = 1;         // levels 1..N; 1 is served first, as in Triton
+  int default_priority = 1;
+  int64_t default_timeout_us = 0;  // 0: no timeout
+  bool allow_timeout_override = true;  // a request may lower (never raise) its timeout
+  int64_t max_queue_size = 0;          // queued requests; 0: unbounded
+  std::vector<int64_t> input_row_bytes;
+  std::vector<int64_t> output_row_bytes;
+  int executors = 1;
+};
+
+// Runs one batch. `inputs[i]`/`outputs[i]` point at the executor's batch buffers, each
+// holding `rows` rows. Throws std::exception to fail every request in the batch.
+using ExecuteFn = std::function<void(int executor, int64_t rows)>;
+
+// Fixed-bucket histogram; executors update it with relaxed atomics.
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> upper_bounds);
+  void Observe(double value);
+  const std::vector<double>& bounds() const { return bounds_; }
+  std::vector<uint64_t> Counts() const;  // one per bound, then +Inf; not cumulative
+  double Sum() const;
+
+ private:
+  std::vector<double> bounds_;
+  std::unique_ptr<std::atomic<uint64_t>[]> counts_;
+  std::atomic<uint64_t> sum_micro_{0};  // sum in millionths of the unit
+};
+
+struct Stats {
+  explicit Stats(int64_t max_batch_size);
+  std::atomic<uint64_t> success{0};
+  std::array<std::atomic<uint64_t>, 7> failures{};  // indexed by Status
+  std::atomic<uint64_t> inference_count{0};         // rows executed
+  std::atomic<uint64_t> execution_count{0};         // batches executed
+  std::atomic<uint64_t> queue_ns{0}, compute_input_ns{0}, compute_infer_ns{0},
+      compute_output_ns{0};
+  Histogram request_seconds, queue_seconds, compute_seconds, batch_size;
+};
+
+struct Request {
+  uint64_t token = 0;
+  int priority = 0;  // 0-based queue index
+  int64_t rows = 0;
+  int64_t next_row = 0;  // first row not yet taken into a batch (guarded by the queue lock)
+  std::atomic<int64_t> rows_outstanding{0};
+  std::atomic<bool> cancelled{false};
+  std::atomic<bool> started{false};
+  std::atomic<Status> status{Status::kOk};  // slices on several executors may set it
+  std::string error;
+  Clock::time_point enqueue_time{};
+  Clock::time_point deadline = Clock::time_point::max();
+  std::vector<uint8_t> input;   // input i at input_offset(i): rows * row_bytes[i]
+  std::vector<uint8_t> output;  // output j at output_offset(j)
+  std::list<Request*>::iterator queue_pos;
+  std::multimap<Clock::time_point, Request*>::iterator deadline_pos;
+  bool queued = false;
+};
+
+class Batcher {
+ public:
+  Batcher(BatcherConfig config, ExecuteFn execute);
+  ~Batcher();
+  Batcher(const Batcher&) = delete;
+  Batcher& operator=(const Batcher&) = delete;
+
+  // Takes a pooled request sized for `rows`; fill its input, then Enqueue or Release it.
+  Request* Acquire(int64_t rows);
+  void Release(Request* request);
+  // priority 0 and timeout_us 0 mean the model's defaults. On kQueueFull, kShutdown or
+  // kInvalid the request is not queued and still belongs to the caller.
+  Status Enqueue(Request* request, uint64_t token, int priority, int64_t timeout_us);
+  // Drops a request not yet executed; returns false when the token is unknown.
+  bool Cancel(uint64_t token);
+
+  // Completed requests since the last call; clears the notification descriptor.
+  std::vector<Request*> Drain();
+  int notify_fd() const { return notify_fd_; }
+
+  // Stop accepting; with drain, queued requests still run, otherwise they fail with
+  // kShutdown. Joins the executors. Idempotent.
+  void Shutdown(bool drain);
+
+  uint8_t* input_buffer(int executor, size_t i) { return batch_inputs_[executor][i].data(); }
+  uint8_t* output_buffer(int executor, size_t j) { return batch_outputs_[executor][j].data(); }
+  size_t input_offset(size_t i, int64_t rows) const { return static_cast<size_t>(input_prefix_[i] * rows); }
+  size_t output_offset(size_t j, int64_t rows) const { return static_cast<size_t>(output_prefix_[j] * rows); }
+
+  const BatcherConfig& config() const { return config_; }
+  const Stats& stats() const { return stats_; }
+  int64_t queued_requests() const;
+  int64_t queued_rows() const;
+
+ private:
+  struct Slice {
+    Request* request;
+    int64_t first_row;
+    int64_t rows;
+    int64_t batch_row;
+  };
+
+  void ExecutorLoop(int executor);
+  int64_t ReadyBatchSize(Clock::time_point now, Clock::time_point* wake_at) const;
+  void TakeBatch(int64_t rows, std::vector<Slice>* slices);
+  void ExpireLocked(Clock::time_point now, std::vector<Request*>* done);
+  void Unqueue(Request* r);
+  void FinishRows(Request* r, int64_t rows, std::vector<Request*>* done);
+  void Complete(std::vector<Request*>* done);
+  void Notify();
+
+  BatcherConfig config_;
+  ExecuteFn execute_;
+  std::vector<int64_t> input_prefix_, output_prefix_;  // byte offset per row count
+  int64_t input_bytes_per_row_ = 0, output_bytes_per_row_ = 0;
+  std::vector<std::vector<std::vector<uint8_t>>> batch_inputs_, batch_outputs_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::list<Request*>> queues_;  // one per priority level
+  std::multimap<Clock::time_point, Request*> deadlines_;
+  std::unordered_map<uint64_t, Request*> by_token_;
+  int64_t queued_rows_ = 0, queued_requests_ = 0;
+  bool stopping_ = false, drain_on_stop_ = true;
+
+  std::mutex pool_mu_;
+  std::vector<std::unique_ptr<Request>> owned_;  // every request ever made; reused
+  std::vector<Request*> free_;
+
+  std::mutex done_mu_;
+  std::vector<Request*> completed_;
+  int notify_fd_ = -1, notify_write_fd_ = -1;
+
+  std::mutex join_mu_;
+  std::vector<std::thread> executors_;
+  Stats stats_;  // declared after config_: built from its max_batch_size
+};
+
+}  // namespace vivace

@@ -1,0 +1,433 @@
+// Python face of the batcher. The hot path (submit, drain) uses the CPython API directly:
+// rows go from the decoded request (a buffer, or a list of numbers from JSON) straight
+// into the pooled request buffer, with no intermediate numpy or torch object.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "batcher/batcher.h"
+
+namespace py = pybind11;
+
+namespace vivace {
+namespace {
+
+enum class DType { kBool, kU8, kU16, kU32, kU64, kI8, kI16, kI32, kI64, kF16, kF32, kF64 };
+
+struct DTypeInfo {
+  const char* name;
+  DType type;
+  int size;
+};
+
+constexpr DTypeInfo kDTypes[] = {
+    {"BOOL", DType::kBool, 1}, {"UINT8", DType::kU8, 1},   {"UINT16", DType::kU16, 2},
+    {"UINT32", DType::kU32, 4}, {"UINT64", DType::kU64, 8}, {"INT8", DType::kI8, 1},
+    {"INT16", DType::kI16, 2},  {"INT32", DType::kI32, 4},  {"INT64", DType::kI64, 8},
+    {"FP16", DType::kF16, 2},   {"FP32", DType::kF32, 4},   {"FP64", DType::kF64, 8},
+};
+
+const DTypeInfo& LookupDType(const std::string& name) {
+  for (const auto& d : kDTypes)
+    if (name == d.name) return d;
+  throw std::invalid_argument("unsupported datatype for batching: " + name);
+}
+
+uint16_t FloatToHalf(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t mant = x & 0x7fffffu;
+  const int exp = static_cast<int>((x >> 23) & 0xffu);
+  if (exp == 0xff) return static_cast<uint16_t>(sign | 0x7c00u | (mant ? 0x200u : 0u));
+  const int e = exp - 127 + 15;
+  if (e >= 0x1f) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow: infinity
+  if (e <= 0) {                                                  // subnormal or zero
+    if (e < -10) return static_cast<uint16_t>(sign);
+    const uint32_t m = mant | 0x800000u;
+    const int shift = 14 - e;
+    uint32_t half = m >> shift;
+    if ((m >> (shift - 1)) & 1u) half += 1;  // round half up
+    return static_cast<uint16_t>(sign | half);
+  }
+  uint32_t half = sign | (static_cast<uint32_t>(e) << 10) | (mant >> 13);
+  if (mant & 0x1000u) half += 1;  // round to nearest; carries into the exponent correctly
+  return static_cast<uint16_t>(half);
+}
+
+// Writes JSON numbers (possibly nested lists) into `out` as `dtype`.
+class ListWriter {
+ public:
+  ListWriter(const DTypeInfo& dtype, uint8_t* out, int64_t capacity, const std::string& name)
+      : dtype_(dtype), out_(out), capacity_(capacity), name_(name) {}
+
+  void Write(PyObject* list) {
+    const Py_ssize_t n = PyList_GET_SIZE(list);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyList_GET_ITEM(list, i);
+      if (PyList_Check(item)) {
+        Write(item);
+        continue;
+      }
+      if (count_ >= capacity_) Fail("has more elements than its shape holds");
+      Store(item);
+      ++count_;
+    }
+  }
+  int64_t count() const { return count_; }
+
+ private:
+  [[noreturn]] void Fail(const std::string& what) const {
+    throw py::value_error("input '" + name_ + "' " + what);
+  }
+
+  double AsDouble(PyObject* item) const {
+    if (PyFloat_Check(item)) return PyFloat_AS_DOUBLE(item);
+    if (PyLong_Check(item)) {
+      const double v = PyLong_AsDouble(item);
+      if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        Fail("has an integer too large for its datatype");
+      }
+      return v;
+    }
+    Fail(std::string("has a non-numeric element for datatype ") + dtype_.name);
+  }
+
+  template <typename T>
+  void StoreInt(PyObject* item) {
+    if (!PyLong_Check(item) || PyBool_Check(item))
+      Fail(std::string("needs integers for datatype ") + dtype_.name);
+    int overflow = 0;
+    T value;
+    if constexpr (std::is_signed<T>::value) {
+      const long long v = PyLong_AsLongLongAndOverflow(item, &overflow);
+      if (overflow || v < std::numeric_limits<T>::min() || v > std::numeric_limits<T>::max())
+        Fail(std::string("has a value out of range for ") + dtype_.name);
+      value = static_cast<T>(v);
+    } else {
+      const unsigned long long v = PyLong_AsUnsignedLongLong(item);
+      if (PyErr_Occurred()) {
+        PyErr_Clear();
+        Fail(std::string("has a value out of range for ") + dtype_.name);
+      }
+      if (v > std::numeric_limits<T>::max()) Fail(std::string("has a value out of range for ") + dtype_.name);
+      value = static_cast<T>(v);
+    }
+    std::memcpy(out_ + count_ * static_cast<int64_t>(sizeof(T)), &value, sizeof(T));
+  }
+
+  void Store(PyObject* item) {
+    switch (dtype_.type) {
+      case DType::kBool: {
+        if (!PyBool_Check(item)) Fail("needs true/false for datatype BOOL");
+        out_[count_] = item == Py_True ? 1 : 0;
+        return;
+      }
+      case DType::kU8: return StoreInt<uint8_t>(item);
+      case DType::kU16: return StoreInt<uint16_t>(item);
+      case DType::kU32: return StoreInt<uint32_t>(item);
+      case DType::kU64: return StoreInt<uint64_t>(item);
+      case DType::kI8: return StoreInt<int8_t>(item);
+      case DType::kI16: return StoreInt<int16_t>(item);
+      case DType::kI32: return StoreInt<int32_t>(item);
+      case DType::kI64: return StoreInt<int64_t>(item);
+      case DType::kF16: {
+        const uint16_t h = FloatToHalf(static_cast<float>(AsDouble(item)));
+        std::memcpy(out_ + count_ * 2, &h, 2);
+        return;
+      }
+      case DType::kF32: {
+        const float f = static_cast<float>(AsDouble(item));
+        std::memcpy(out_ + count_ * 4, &f, 4);
+        return;
+      }
+      case DType::kF64: {
+        const double d = AsDouble(item);
+        std::memcpy(out_ + count_ * 8, &d, 8);
+        return;
+      }
+    }
+  }
+
+  const DTypeInfo& dtype_;
+  uint8_t* out_;
+  int64_t capacity_;
+  int64_t count_ = 0;
+  const std::string& name_;
+};
+
+// Keeps one Python thread state per executor thread, so each batch takes the GIL
+// without creating and destroying a thread state.
+class ExecutorThreadState {
+ public:
+  void Acquire() {
+    if (!initialised_) {
+      outer_ = PyGILState_Ensure();
+      initialised_ = true;
+      return;  // holds the GIL now
+    }
+    inner_ = PyGILState_Ensure();
+  }
+  void Release() {
+    if (first_release_) {
+      first_release_ = false;
+      saved_ = PyEval_SaveThread();  // keep the thread state, drop the GIL
+      return;
+    }
+    PyGILState_Release(inner_);
+  }
+  ~ExecutorThreadState() {
+    if (initialised_ && !first_release_ && !_Py_IsFinalizing()) {
+      PyEval_RestoreThread(saved_);
+      PyGILState_Release(outer_);
+    }
+  }
+
+ private:
+  bool initialised_ = false, first_release_ = true;
+  PyGILState_STATE outer_{}, inner_{};
+  PyThreadState* saved_ = nullptr;
+};
+
+thread_local ExecutorThreadState executor_thread_state;
+
+class PyBatcher {
+ public:
+  PyBatcher(const std::string& model_name, int64_t max_batch_size,
+            std::vector<int64_t> preferred_batch_sizes, int64_t max_queue_delay_us,
+            int priority_levels, int default_priority, int64_t default_timeout_us,
+            bool allow_timeout_override, int64_t max_queue_size,
+            std::vector<std::pair<std::string, std::vector<int64_t>>> inputs,
+            std::vector<std::pair<std::string, std::vector<int64_t>>> outputs, int executors,
+            py::object execute)
+      : execute_(std::move(execute)) {
+    BatcherConfig c;
+    c.model_name = model_name;
+    c.max_batch_size = max_batch_size;
+    c.preferred_batch_sizes = std::move(preferred_batch_sizes);
+    c.max_queue_delay_us = max_queue_delay_us;
+    c.priority_levels = priority_levels;
+    c.default_priority = default_priority;
+    c.default_timeout_us = default_timeout_us;
+    c.allow_timeout_override = allow_timeout_override;
+    c.max_queue_size = max_queue_size;
+    c.executors = executors;
+    for (const auto& [dtype, row_shape] : inputs) {
+      const DTypeInfo& d = LookupDType(dtype);
+      int64_t elems = 1;
+      for (int64_t dim : row_shape) {
+        if (dim < 0) throw std::invalid_argument("only the batch dimension may be variable (-1)");
+        elems *= dim;
+      }
+      input_dtypes_.push_back(&d);
+      input_row_elems_.push_back(elems);
+      c.input_row_bytes.push_back(elems * d.size);
+    }
+    for (const auto& [dtype, row_shape] : outputs) {
+      const DTypeInfo& d = LookupDType(dtype);
+      int64_t elems = 1;
+      for (int64_t dim : row_shape) {
+        if (dim < 0) throw std::invalid_argument("only the batch dimension may be variable (-1)");
+        elems *= dim;
+      }
+      c.output_row_bytes.push_back(elems * d.size);
+    }
+    PyObject* fn = execute_.ptr();
+    batcher_ = std::make_unique<Batcher>(std::move(c), [fn](int executor, int64_t rows) {
+      executor_thread_state.Acquire();
+      std::string error;
+      PyObject* result = PyObject_CallFunction(fn, "iL", executor, static_cast<long long>(rows));
+      if (result == nullptr) {
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        PyObject* text = value ? PyObject_Str(value) : nullptr;
+        const char* utf8 = text ? PyUnicode_AsUTF8(text) : nullptr;
+        error = utf8 && *utf8 ? utf8 : (type ? reinterpret_cast<PyTypeObject*>(type)->tp_name : "error");
+        if (PyErr_Occurred()) PyErr_Clear();
+        Py_XDECREF(text);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+      } else {
+        Py_DECREF(result);
+      }
+      executor_thread_state.Release();
+      if (!error.empty()) throw std::runtime_error(error);
+    });
+  }
+
+  ~PyBatcher() {
+    py::gil_scoped_release nogil;
+    batcher_.reset();
+  }
+
+  // Returns a Status code; 0 means queued. Raises ValueError for malformed tensors.
+  int Submit(uint64_t token, py::list inputs, int64_t rows, int priority, int64_t timeout_us) {
+    const size_t n_inputs = input_dtypes_.size();
+    if (static_cast<size_t>(PyList_GET_SIZE(inputs.ptr())) != n_inputs)
+      throw py::value_error("expected " + std::to_string(n_inputs) + " inputs");
+    if (rows < 1) throw py::value_error("a request needs at least one row");
+    Request* r = batcher_->Acquire(rows);
+    try {
+      for (size_t i = 0; i < n_inputs; ++i) {
+        PyObject* obj = PyList_GET_ITEM(inputs.ptr(), static_cast<Py_ssize_t>(i));
+        uint8_t* dst = r->input.data() + batcher_->input_offset(i, rows);
+        const int64_t elems = input_row_elems_[i] * rows;
+        const DTypeInfo& d = *input_dtypes_[i];
+        if (PyList_Check(obj)) {
+          ListWriter w(d, dst, elems, names_or_index(i));
+          w.Write(obj);
+          if (w.count() != elems)
+            throw py::value_error("input #" + std::to_string(i) + " has " + std::to_string(w.count()) +
+                                  " elements, its shape needs " + std::to_string(elems));
+        } else {
+          Py_buffer view;
+          if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS) != 0) {
+            PyErr_Clear();
+            throw py::type_error("input data must be a list of numbers or a contiguous buffer");
+          }
+          const int64_t want = elems * d.size;
+          const bool ok = view.len == want;
+          if (ok) std::memcpy(dst, view.buf, static_cast<size_t>(want));
+          const Py_ssize_t got = view.len;
+          PyBuffer_Release(&view);
+          if (!ok)
+            throw py::value_error("input #" + std::to_string(i) + " has " + std::to_string(got) +
+                                  " bytes, its shape needs " + std::to_string(want));
+        }
+      }
+    } catch (...) {
+      batcher_->Release(r);
+      throw;
+    }
+    const Status s = batcher_->Enqueue(r, token, priority, timeout_us);
+    if (s != Status::kOk) batcher_->Release(r);
+    return static_cast<int>(s);
+  }
+
+  // [(token, status, payload)]: payload is every output's bytes, back to back, or the
+  // error text.
+  py::list Drain() {
+    std::vector<Request*> done = batcher_->Drain();
+    py::list out(done.size());
+    for (size_t k = 0; k < done.size(); ++k) {
+      Request* r = done[k];
+      const Status s = r->status.load();
+      PyObject* payload =
+          s == Status::kOk
+              ? PyBytes_FromStringAndSize(reinterpret_cast<const char*>(r->output.data()),
+                                          static_cast<Py_ssize_t>(r->output.size()))
+              : PyUnicode_FromString(r->error.empty() ? StatusName(s) : r->error.c_str());
+      PyObject* tuple = PyTuple_New(3);
+      PyTuple_SET_ITEM(tuple, 0, PyLong_FromUnsignedLongLong(r->token));
+      PyTuple_SET_ITEM(tuple, 1, PyLong_FromLong(static_cast<long>(s)));
+      PyTuple_SET_ITEM(tuple, 2, payload);
+      PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(k), tuple);
+      batcher_->Release(r);
+    }
+    return out;
+  }
+
+  bool Cancel(uint64_t token) { return batcher_->Cancel(token); }
+  int fileno() const { return batcher_->notify_fd(); }
+
+  void Shutdown(bool drain) {
+    py::gil_scoped_release nogil;
+    batcher_->Shutdown(drain);
+  }
+
+  py::list Buffers(int executor, bool inputs) {
+    const auto& c = batcher_->config();
+    if (executor < 0 || executor >= c.executors) throw py::index_error("no such executor");
+    const auto& sizes = inputs ? c.input_row_bytes : c.output_row_bytes;
+    py::list out;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      uint8_t* p = inputs ? batcher_->input_buffer(executor, i) : batcher_->output_buffer(executor, i);
+      out.append(py::memoryview::from_memory(p, static_cast<py::ssize_t>(sizes[i] * c.max_batch_size), false));
+    }
+    return out;
+  }
+
+  py::dict Stats() const {
+    const auto& s = batcher_->stats();
+    py::dict d;
+    d["success"] = s.success.load();
+    py::dict failures;
+    for (int k = 1; k < static_cast<int>(s.failures.size()); ++k)
+      failures[StatusName(static_cast<Status>(k))] = s.failures[static_cast<size_t>(k)].load();
+    d["failures"] = failures;
+    d["inference_count"] = s.inference_count.load();
+    d["execution_count"] = s.execution_count.load();
+    d["queue_ns"] = s.queue_ns.load();
+    d["compute_input_ns"] = s.compute_input_ns.load();
+    d["compute_infer_ns"] = s.compute_infer_ns.load();
+    d["compute_output_ns"] = s.compute_output_ns.load();
+    d["queued_requests"] = batcher_->queued_requests();
+    d["queued_rows"] = batcher_->queued_rows();
+    auto hist = [](const Histogram& h) {
+      return py::make_tuple(h.bounds(), h.Counts(), h.Sum());
+    };
+    py::dict h;
+    h["request_seconds"] = hist(s.request_seconds);
+    h["queue_seconds"] = hist(s.queue_seconds);
+    h["compute_seconds"] = hist(s.compute_seconds);
+    h["batch_size"] = hist(s.batch_size);
+    d["histograms"] = h;
+    return d;
+  }
+
+  int64_t queued_requests() const { return batcher_->queued_requests(); }
+
+ private:
+  std::string names_or_index(size_t i) const { return "#" + std::to_string(i); }
+
+  py::object execute_;
+  std::vector<const DTypeInfo*> input_dtypes_;
+  std::vector<int64_t> input_row_elems_;
+  std::unique_ptr<Batcher> batcher_;
+};
+
+}  // namespace
+
+void BindBatcher(py::module_& m) {
+  py::class_<PyBatcher>(m, "Batcher", R"doc(
+Dynamic batcher for one model (see vivace.engine.batching for the Python wrapper).
+
+execute(executor, rows) is called on an executor thread, with the GIL, once per batch:
+it reads `rows` rows from input_buffers(executor) and writes output_buffers(executor).
+)doc")
+      .def(py::init<const std::string&, int64_t, std::vector<int64_t>, int64_t, int, int, int64_t, bool,
+                    int64_t, std::vector<std::pair<std::string, std::vector<int64_t>>>,
+                    std::vector<std::pair<std::string, std::vector<int64_t>>>, int, py::object>(),
+           py::arg("model_name"), py::arg("max_batch_size"), py::arg("preferred_batch_sizes"),
+           py::arg("max_queue_delay_us"), py::arg("priority_levels"), py::arg("default_priority"),
+           py::arg("default_timeout_us"), py::arg("allow_timeout_override"), py::arg("max_queue_size"),
+           py::arg("inputs"), py::arg("outputs"), py::arg("executors"), py::arg("execute"))
+      .def("submit", &PyBatcher::Submit, py::arg("token"), py::arg("inputs"), py::arg("rows"),
+           py::arg("priority") = 0, py::arg("timeout_us") = 0)
+      .def("drain", &PyBatcher::Drain)
+      .def("cancel", &PyBatcher::Cancel, py::arg("token"))
+      .def("fileno", &PyBatcher::fileno)
+      .def("shutdown", &PyBatcher::Shutdown, py::arg("drain") = true)
+      .def("input_buffers", [](PyBatcher& b, int e) { return b.Buffers(e, true); }, py::arg("executor"))
+      .def("output_buffers", [](PyBatcher& b, int e) { return b.Buffers(e, false); }, py::arg("executor"))
+      .def("stats", &PyBatcher::Stats)
+      .def_property_readonly("queued_requests", &PyBatcher::queued_requests);
+
+  py::enum_<Status>(m, "Status")
+      .value("OK", Status::kOk)
+      .value("QUEUE_FULL", Status::kQueueFull)
+      .value("TIMEOUT", Status::kTimeout)
+      .value("CANCELLED", Status::kCancelled)
+      .value("ERROR", Status::kError)
+      .value("SHUTDOWN", Status::kShutdown)
+      .value("INVALID", Status::kInvalid);
+}
+
+}  // namespace vivace

@@ -1,0 +1,1 @@
+"""vivace.engine."""
