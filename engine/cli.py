@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except VivaceCLIError as exc:
+    except (VivaceCLIError, ValueError, OSError, RuntimeError) as exc:
+        # Users get one line naming the problem; VIVACE_DEBUG=1 shows the traceback.
+        if os.environ.get("VIVACE_DEBUG"):
+            raise
         print(f"vivace {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -1,0 +1,140 @@
+"""`vivace serve` and `vivace score`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .cli import VivaceCLIError
+from .http import ServerConfig
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve model packages over KServe v2 HTTP",
+        description="Serve one or more model packages (directories, or NAME@ALIAS from the registry).",
+    )
+    serve.add_argument("models", nargs="+", metavar="PACKAGE", help="package directory or NAME@ALIAS")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default=None, help="cpu or cuda[:N] (default: from the package)")
+    serve.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    defaults = ServerConfig()
+    serve.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    serve.add_argument("--max-connections", type=int, default=defaults.max_connections)
+    serve.add_argument("--header-timeout", type=float, default=defaults.header_timeout)
+    serve.add_argument("--body-timeout", type=float, default=defaults.body_timeout)
+    serve.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout)
+    serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
+    serve.add_argument("--log-level", default=os.environ.get("VIVACE_LOG_LEVEL", "INFO"))
+    serve.set_defaults(func=_serve)
+
+    score = subparsers.add_parser(
+        "score",
+        help="score a .npy or .parquet file offline",
+        description="Score a .npy (rows x features) or .parquet file with a model package, without HTTP.",
+    )
+    score.add_argument("model", metavar="PACKAGE", help="package directory or NAME@ALIAS")
+    score.add_argument("--input", required=True, help=".npy or .parquet file")
+    score.add_argument("--output", required=True, help=".npy or .parquet file to write")
+    score.add_argument("--columns", default=None, help="comma-separated parquet feature columns (default: all)")
+    score.add_argument("--device", default=None)
+    score.add_argument("--threads", type=int, default=None)
+    score.add_argument("--batch-size", type=int, default=65536)
+    score.set_defaults(func=_score)
+
+
+def resolve_package(ref: str, home: str) -> Path:
+    """A package directory, or NAME@ALIAS / NAME/VERSION resolved through the registry."""
+    path = Path(ref)
+    if path.is_dir():
+        return path
+    if "@" in ref or "/" in ref:
+        try:
+            from vivace.registry import resolve
+        except ImportError:
+            raise VivaceCLIError(f"{ref}: not a package directory, and the registry is not available") from None
+        return Path(resolve(home, ref))
+    raise VivaceCLIError(f"{ref}: not a package directory (and not NAME@ALIAS)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    from vivace.registry.package import load_package
+
+    from .runtime import ModelRunner
+    from .server import serve
+
+    runners = []
+    for ref in args.models:
+        package = load_package(resolve_package(ref, args.home))
+        runners.append(ModelRunner(package, device=args.device, num_threads=args.threads))
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_body_bytes=args.max_body_bytes,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        idle_timeout=args.idle_timeout,
+        drain_timeout=args.drain_timeout,
+    )
+    return uvloop.run(serve(runners, config))
+
+
+def _read_table(path: Path, columns: str | None):
+    import numpy as np
+
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=columns.split(",") if columns else None)
+        return np.column_stack([table.column(i).to_numpy(zero_copy_only=False) for i in range(table.num_columns)])
+    raise VivaceCLIError(f"{path}: expected a .npy or .parquet file")
+
+
+def _score(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .scorer import Scorer
+
+    source, dest = Path(args.input), Path(args.output)
+    if not source.is_file():
+        raise VivaceCLIError(f"{source}: no such file")
+    if dest.suffix not in (".npy", ".parquet"):
+        raise VivaceCLIError(f"{dest}: output must be a .npy or .parquet file")
+    scorer = Scorer(resolve_package(args.model, args.home), device=args.device, num_threads=args.threads,
+                    batch_size=args.batch_size)
+    data = _read_table(source, args.columns)
+    result = scorer.predict(data)
+    outputs = result if isinstance(result, dict) else {scorer.package.outputs[0].name: result}
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    try:
+        if dest.suffix == ".npy":
+            if len(outputs) != 1:
+                raise VivaceCLIError("a model with several outputs needs a .parquet output file")
+            with open(tmp, "wb") as f:
+                np.save(f, next(iter(outputs.values())))
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            columns = {}
+            for name, values in outputs.items():
+                flat = values.reshape(values.shape[0], -1)
+                for k in range(flat.shape[1]):
+                    columns[name if flat.shape[1] == 1 else f"{name}_{k}"] = flat[:, k]
+            pq.write_table(pa.table(columns), tmp)
+        os.replace(tmp, dest)  # readers never see a half-written output file
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"scored {len(data)} rows with {scorer.package.name}/{scorer.package.version} -> {dest}", file=sys.stderr)
+    return 0

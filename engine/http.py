@@ -1,0 +1,324 @@
+"""HTTP/1.1 front end: uvloop transport, httptools (llhttp) parsing, KServe v2 routes.
+
+One `HttpProtocol` per connection. Requests on a connection may be pipelined; each gets a
+sequence number and responses are written strictly in that order, whatever order the
+batcher finishes them in. Infer requests go to the model's C++ batcher and are answered
+from the loop when the batch completes; everything else is answered inline.
+
+Limits (ServerConfig) protect the process: body and header sizes, header count, open
+connections, and timeouts for slow headers, slow bodies and idle keep-alive connections,
+enforced by one periodic sweep rather than a timer per request.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import httptools
+
+from . import oip
+from .runtime import (
+    STATUS_CANCELLED,
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_QUEUE_FULL,
+    STATUS_SHUTDOWN,
+    STATUS_TIMEOUT,
+)
+
+if TYPE_CHECKING:
+    from .server import App
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 64 << 20
+    max_header_bytes: int = 64 << 10
+    max_headers: int = 100
+    max_connections: int = 10_000
+    header_timeout: float = 10.0  # first byte of a request → end of its headers
+    body_timeout: float = 30.0    # end of headers → end of body
+    idle_timeout: float = 75.0    # keep-alive connection with nothing in flight
+    drain_timeout: float = 30.0   # SIGTERM: longest wait for accepted requests
+
+
+REASONS = {
+    100: b"Continue", 200: b"OK", 400: b"Bad Request", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Payload Too Large",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
+JSON = b"application/json"
+
+
+def http_response(status: int, body: bytes, content_type: bytes = JSON, extra: bytes = b"", close: bool = False) -> bytes:
+    return b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s%s\r\n%s" % (
+        status,
+        REASONS.get(status, b"Unknown"),
+        content_type,
+        len(body),
+        extra,
+        b"connection: close\r\n" if close else b"",
+        body,
+    )
+
+
+def error_body(message: str) -> bytes:
+    return oip.encode({"error": message})
+
+
+# Batcher outcomes that are not success → (HTTP status, reason label for metrics).
+FAILURES = {
+    STATUS_QUEUE_FULL: (503, "rejected"),
+    STATUS_TIMEOUT: (503, "timeout"),
+    STATUS_SHUTDOWN: (503, "shutdown"),
+    STATUS_ERROR: (500, "backend_error"),
+    STATUS_CANCELLED: (503, "cancelled"),
+}
+
+
+class InferCall:
+    """One infer request waiting for its batch; `done` is called from the loop."""
+
+    __slots__ = ("protocol", "seq", "runner", "decoded", "token")
+
+    def __init__(self, protocol: "HttpProtocol", seq: int, runner, decoded: oip.DecodedInfer):
+        self.protocol = protocol
+        self.seq = seq
+        self.runner = runner
+        self.decoded = decoded
+        self.token = 0
+
+    def done(self, status: int, payload: Any) -> None:
+        protocol = self.protocol
+        protocol.outstanding.pop(self.token, None)
+        if protocol.closed:
+            return
+        runner = self.runner
+        if status == STATUS_OK:
+            body, header_length = runner.encoder.encode(self.decoded, payload)
+            if header_length is None:
+                protocol.respond(
+                    self.seq,
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                    % (len(body), body),
+                )
+            else:
+                protocol.respond(
+                    self.seq,
+                    http_response(
+                        200, body, b"application/octet-stream",
+                        b"inference-header-content-length: %d\r\n" % header_length,
+                    ),
+                )
+            return
+        http_status, reason = FAILURES.get(status, (500, "backend_error"))
+        if status == STATUS_ERROR:
+            message = f"model {runner.name!r} version {runner.version} failed: {payload}"
+        elif status == STATUS_TIMEOUT:
+            message = f"request for model {runner.name!r} timed out in the queue"
+        else:
+            message = f"request for model {runner.name!r} was not run: {payload}"
+        protocol.app.count_failure(runner, reason)
+        extra = b"retry-after: 1\r\n" if http_status == 503 else b""
+        protocol.respond(self.seq, http_response(http_status, error_body(message), extra=extra))
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = (
+        "app", "config", "transport", "parser", "url", "headers_size", "header_count",
+        "header_length", "expect_continue", "body", "body_size", "keep_alive", "reading_since",
+        "headers_done_at", "last_active", "next_seq", "next_write", "held", "close_after",
+        "outstanding", "closed", "rejected",
+    )
+
+    def __init__(self, app: "App"):
+        self.app = app
+        self.config = app.config
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.headers_size = 0
+        self.header_count = 0
+        self.header_length: bytes | None = None
+        self.expect_continue = False
+        self.keep_alive = True
+        self.reading_since = 0.0  # 0: no request being read
+        self.headers_done_at = 0.0
+        self.last_active = time.monotonic()
+        self.next_seq = 0     # sequence number of the next request read
+        self.next_write = 0   # sequence number of the next response to write
+        self.held: dict[int, bytes] = {}  # responses finished out of order
+        self.close_after = -1  # sequence number after whose response we close
+        self.outstanding: dict[int, Any] = {}  # token → runner, for cancellation
+        self.closed = False
+        self.rejected = False  # a request is being refused: ignore the rest of the stream
+
+    # -- transport callbacks ------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        app = self.app
+        if len(app.connections) >= self.config.max_connections or app.draining:
+            reason = "server is draining" if app.draining else "too many connections"
+            transport.write(http_response(503, error_body(reason), extra=b"retry-after: 1\r\n", close=True))
+            transport.close()
+            self.closed = True
+            return
+        app.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.app.connections.discard(self)
+        for token, runner in self.outstanding.items():
+            runner.cancel(token)
+        self.outstanding.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.rejected or self.closed:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.reject(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            if not self.rejected:
+                self.reject(400, f"malformed HTTP request: {exc}")
+
+    def pause_writing(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+    # -- parser callbacks ---------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.body = []
+        self.body_size = 0
+        self.headers_size = 0
+        self.header_count = 0
+        self.header_length = None
+        self.expect_continue = False
+        self.reading_since = time.monotonic()
+        self.headers_done_at = 0.0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.headers_size += len(url)
+        if self.headers_size > self.config.max_header_bytes:
+            self.reject(431, "request line and headers exceed the size limit")
+            raise httptools.HttpParserError("header limit")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1
+        self.headers_size += len(name) + len(value)
+        if self.header_count > self.config.max_headers or self.headers_size > self.config.max_header_bytes:
+            self.reject(431, "too many or too large request headers")
+            raise httptools.HttpParserError("header limit")
+        lname = name.lower()
+        if lname == b"inference-header-content-length":
+            self.header_length = value
+        elif lname == b"expect":
+            self.expect_continue = value.lower() == b"100-continue"
+        elif lname == b"content-length":
+            try:
+                too_big = int(value) > self.config.max_body_bytes
+            except ValueError:
+                too_big = False  # llhttp rejects a malformed length itself
+            if too_big:
+                self.reject(413, f"request body exceeds the limit of {self.config.max_body_bytes} bytes")
+                raise httptools.HttpParserError("body limit")
+
+    def on_headers_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
+        self.headers_done_at = time.monotonic()
+        if self.expect_continue:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > self.config.max_body_bytes:
+            self.reject(413, f"request body exceeds the limit of {self.config.max_body_bytes} bytes")
+            raise httptools.HttpParserError("body limit")
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        seq = self.next_seq
+        self.next_seq += 1
+        self.reading_since = 0.0
+        if not self.keep_alive:
+            self.close_after = seq
+            self.rejected = True  # nothing after a Connection: close request is read
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self.body = []
+        try:
+            method = self.parser.get_method()
+        except httptools.HttpParserError:
+            method = b""
+        self.app.dispatch(self, seq, method, self.url, body)
+
+    # -- responses ----------------------------------------------------------------------
+    def respond(self, seq: int, data: bytes) -> None:
+        """Send the response for request `seq`, keeping pipelined responses in order."""
+        if self.closed:
+            return
+        if seq != self.next_write:
+            self.held[seq] = data
+            return
+        transport = self.transport
+        transport.write(data)
+        seq += 1
+        held = self.held
+        while held and seq in held:
+            transport.write(held.pop(seq))
+            seq += 1
+        self.next_write = seq
+        self.last_active = time.monotonic()
+        if 0 <= self.close_after < seq:
+            self.closed = True
+            transport.close()
+
+    def reject(self, status: int, message: str) -> None:
+        """Answer a request we stop reading (bad framing, limits) and close after it."""
+        if self.rejected and self.close_after >= 0:
+            return
+        seq = self.next_seq
+        self.next_seq += 1
+        self.rejected = True
+        self.close_after = seq
+        self.app.count_http_error(status)
+        self.respond(seq, http_response(status, error_body(message), close=True))
+
+    def sweep(self, now: float) -> None:
+        """Close slow or idle connections (called periodically by the app)."""
+        if self.closed:
+            return
+        config = self.config
+        if self.reading_since:
+            if self.headers_done_at == 0.0 and now - self.reading_since > config.header_timeout:
+                self.reject(408, "timed out waiting for request headers")
+            elif self.headers_done_at and now - self.headers_done_at > config.body_timeout:
+                self.reject(408, "timed out waiting for the request body")
+        elif not self.outstanding and not self.held and now - self.last_active > config.idle_timeout:
+            self.closed = True
+            self.transport.close()
+
+    def close_when_idle(self) -> None:
+        """Drain: finish what was accepted on this connection, then close it."""
+        if self.closed:
+            return
+        if self.next_write == self.next_seq and not self.reading_since:
+            self.closed = True
+            self.transport.close()
+        else:
+            self.close_after = self.next_seq - 1 if not self.reading_since else self.next_seq
+            self.keep_alive = False
+
+
+Handler = Callable[["HttpProtocol", int, Any, bytes], None]

@@ -1,0 +1,260 @@
+"""KServe v2 / Open Inference Protocol messages and Triton's binary tensor extension.
+
+Requests are decoded with typed msgspec Structs (never `json`); tensors carried in the
+binary extension are sliced out of the body without copying. This module knows nothing of
+HTTP framing or of the batcher: it turns bodies into validated tensors and results back
+into bodies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from vivace.registry.package import DATATYPES, ModelPackage
+
+
+class ProtocolError(Exception):
+    """A request the server refuses; `status` is the HTTP status code to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class RequestInput(msgspec.Struct, kw_only=True):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: Any = None
+
+
+class RequestOutput(msgspec.Struct, kw_only=True):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(msgspec.Struct, kw_only=True):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(msgspec.Struct, omit_defaults=True):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = None
+    data: list | None = None
+
+
+class InferResponse(msgspec.Struct, omit_defaults=True):
+    model_name: str
+    model_version: str
+    outputs: list[ResponseOutput]
+    id: str | None = None
+
+
+_request_decoder = msgspec.json.Decoder(InferRequest)
+_encoder = msgspec.json.Encoder()
+encode = _encoder.encode
+
+# memoryview.cast formats for turning output bytes into JSON numbers.
+_CAST_FORMATS = {
+    "BOOL": "?", "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q",
+    "INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q", "FP32": "f", "FP64": "d",
+}
+
+
+@dataclass(slots=True)
+class DecodedInfer:
+    """A validated request: per-input data in signature order, plus output choices."""
+
+    id: str | None
+    rows: int
+    data: list[Any]            # a (nested) list of numbers or a bytes-like, per input
+    binary_outputs: list[bool]  # per model output, in signature order
+    wanted: list[bool]          # outputs the client asked for (all when it named none)
+    priority: int
+    timeout_us: int
+
+
+def _bool_param(params: dict | None, key: str, where: str) -> bool | None:
+    if not params or key not in params:
+        return None
+    value = params[key]
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{where}: parameter {key!r} must be true or false")
+    return value
+
+
+def _int_param(params: dict | None, key: str, where: str) -> int:
+    if not params or key not in params:
+        return 0
+    value = params[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ProtocolError(f"{where}: parameter {key!r} must be a non-negative integer")
+    return value
+
+
+def decode_infer(body: bytes | memoryview, header_length: int | None, package: ModelPackage) -> DecodedInfer:
+    """Decode and validate an infer body against the model's signature.
+
+    `header_length` is the Inference-Header-Content-Length value when the client used the
+    binary tensor extension: the JSON header is the first `header_length` bytes and the
+    binary tensors follow, in the order of the inputs that declare `binary_data_size`.
+    """
+    if header_length is None:
+        json_part, binary = body, None
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise ProtocolError(
+                f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes"
+            )
+        view = memoryview(body)
+        json_part, binary = view[:header_length], view[header_length:]
+    try:
+        request = _request_decoder.decode(json_part)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid inference request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed JSON in inference request: {exc}") from None
+
+    specs = package.inputs
+    index = {s.name: i for i, s in enumerate(specs)}
+    data: list[Any] = [None] * len(specs)
+    rows = -1
+    offset = 0
+    for inp in request.inputs:
+        i = index.get(inp.name)
+        if i is None:
+            raise ProtocolError(
+                f"unknown input {inp.name!r} for model {package.name!r}; expected {[s.name for s in specs]}"
+            )
+        if data[i] is not None:
+            raise ProtocolError(f"input {inp.name!r} given more than once")
+        spec = specs[i]
+        if inp.datatype != spec.datatype:
+            raise ProtocolError(f"input {inp.name!r} has datatype {inp.datatype}, model expects {spec.datatype}")
+        shape = inp.shape
+        if len(shape) != len(spec.shape) or list(shape[1:]) != list(spec.row_shape) or shape[0] < 1:
+            raise ProtocolError(f"input {inp.name!r} has shape {shape}, model expects {list(spec.shape)}")
+        if rows == -1:
+            rows = shape[0]
+        elif shape[0] != rows:
+            raise ProtocolError(f"input {inp.name!r} has batch size {shape[0]}, other inputs have {rows}")
+        binary_size = inp.parameters.get("binary_data_size") if inp.parameters else None
+        if binary_size is not None:
+            if binary is None:
+                raise ProtocolError(
+                    f"input {inp.name!r} declares binary_data_size but the request has no "
+                    "Inference-Header-Content-Length header"
+                )
+            if not isinstance(binary_size, int) or isinstance(binary_size, bool) or binary_size < 0:
+                raise ProtocolError(f"input {inp.name!r}: binary_data_size must be a non-negative integer")
+            expected = rows * spec.row_bytes
+            if binary_size != expected:
+                raise ProtocolError(
+                    f"input {inp.name!r}: binary_data_size {binary_size} does not match shape {shape} "
+                    f"of {spec.datatype} ({expected} bytes)"
+                )
+            if offset + binary_size > len(binary):
+                raise ProtocolError(
+                    f"input {inp.name!r}: binary data truncated ({len(binary) - offset} bytes left, "
+                    f"{binary_size} declared)"
+                )
+            data[i] = binary[offset:offset + binary_size]
+            offset += binary_size
+        else:
+            if not isinstance(inp.data, list):
+                raise ProtocolError(f"input {inp.name!r} has no data (expected a list or binary_data_size)")
+            data[i] = inp.data
+    if binary is not None and offset != len(binary):
+        raise ProtocolError(
+            f"the body has {len(binary) - offset} bytes of binary data beyond the declared binary_data_size"
+        )
+    missing = [specs[i].name for i, d in enumerate(data) if d is None]
+    if missing:
+        raise ProtocolError(f"missing inputs {missing} for model {package.name!r}")
+
+    n_out = len(package.outputs)
+    default_binary = bool(_bool_param(request.parameters, "binary_data_output", "request"))
+    binary_outputs = [default_binary] * n_out
+    wanted = [True] * n_out
+    if request.outputs:
+        wanted = [False] * n_out
+        out_index = {s.name: j for j, s in enumerate(package.outputs)}
+        for out in request.outputs:
+            j = out_index.get(out.name)
+            if j is None:
+                raise ProtocolError(
+                    f"unknown output {out.name!r} for model {package.name!r}; "
+                    f"expected {[s.name for s in package.outputs]}"
+                )
+            wanted[j] = True
+            if out.parameters and "classification" in out.parameters:
+                raise ProtocolError("the classification extension is not supported")
+            flag = _bool_param(out.parameters, "binary_data", f"output {out.name!r}")
+            if flag is not None:
+                binary_outputs[j] = flag
+    return DecodedInfer(
+        id=request.id,
+        rows=rows,
+        data=data,
+        binary_outputs=binary_outputs,
+        wanted=wanted,
+        priority=_int_param(request.parameters, "priority", "request"),
+        timeout_us=_int_param(request.parameters, "timeout", "request"),
+    )
+
+
+class ResponseEncoder:
+    """Encodes results for one model; the per-model parts are computed once."""
+
+    def __init__(self, package: ModelPackage):
+        self.model_name = package.name
+        self.model_version = package.version
+        self.outputs = [(s.name, s.datatype, list(s.row_shape), s.row_bytes) for s in package.outputs]
+        self.offset_per_row = []
+        total = 0
+        for spec in package.outputs:
+            self.offset_per_row.append(total)
+            total += spec.row_bytes
+
+    def encode(self, call: DecodedInfer, payload: bytes) -> tuple[bytes, int | None]:
+        """Returns (body, json_header_length or None when no output is binary)."""
+        rows = call.rows
+        view = memoryview(payload)
+        outputs = []
+        binary_parts = []
+        for j, (name, datatype, row_shape, row_bytes) in enumerate(self.outputs):
+            if not call.wanted[j]:
+                continue
+            start = self.offset_per_row[j] * rows
+            chunk = view[start:start + row_bytes * rows]
+            shape = [rows, *row_shape]
+            if call.binary_outputs[j]:
+                binary_parts.append(chunk)
+                outputs.append(ResponseOutput(name, datatype, shape, {"binary_data_size": len(chunk)}))
+            else:
+                outputs.append(ResponseOutput(name, datatype, shape, None, _to_list(chunk, datatype)))
+        header = encode(InferResponse(self.model_name, self.model_version, outputs, call.id))
+        if not binary_parts:
+            return header, None
+        return b"".join([header, *binary_parts]), len(header)
+
+
+def _to_list(chunk: memoryview, datatype: str) -> list:
+    fmt = _CAST_FORMATS.get(datatype)
+    if fmt is not None:
+        return chunk.cast(fmt).tolist()
+    import numpy as np  # FP16: no memoryview format; rare enough to pay for numpy
+
+    return np.frombuffer(chunk, dtype=np.float16).astype(np.float32).tolist()
+
+
+def supported_datatype(datatype: str) -> bool:
+    return datatype in DATATYPES and datatype != "BF16"

@@ -1,0 +1,130 @@
+"""A served model: its package, backend and C++ batcher, wired to the event loop.
+
+The loop submits rows (`submit`) and is woken once per completed batch: the batcher's
+eventfd is registered with `loop.add_reader`, and `_on_completions` answers every request
+that batch finished. Requests are identified by integer tokens; the waiting table maps a
+token to the object whose `done(status, payload)` answers it.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, Protocol
+
+from vivace import _core
+from vivace.registry.package import ModelPackage
+
+from .backends import load_backend
+from .oip import ResponseEncoder
+
+STATUS_OK = int(_core.Status.OK)
+STATUS_QUEUE_FULL = int(_core.Status.QUEUE_FULL)
+STATUS_TIMEOUT = int(_core.Status.TIMEOUT)
+STATUS_CANCELLED = int(_core.Status.CANCELLED)
+STATUS_ERROR = int(_core.Status.ERROR)
+STATUS_SHUTDOWN = int(_core.Status.SHUTDOWN)
+STATUS_INVALID = int(_core.Status.INVALID)
+
+_tokens = itertools.count(1)  # unique across models, so a token names one request
+
+
+class Waiter(Protocol):
+    def done(self, status: int, payload: Any) -> None: ...
+
+
+class _FutureWaiter:
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future):
+        self.future = future
+
+    def done(self, status: int, payload: Any) -> None:
+        if not self.future.done():
+            self.future.set_result((status, payload))
+
+
+class ModelRunner:
+    """One loaded model version, served through the C++ batcher."""
+
+    def __init__(self, package: ModelPackage, device: str | None = None, num_threads: int | None = None):
+        self.package = package
+        self.name = package.name
+        self.version = package.version
+        self.backend = load_backend(package, device=device, num_threads=num_threads)
+        self.encoder = ResponseEncoder(package)
+        self.waiting: dict[int, Waiter] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        db = package.dynamic_batching
+        policy = db.default_queue_policy
+        self._execute = None
+        self.batcher = _core.Batcher(
+            model_name=package.name,
+            max_batch_size=package.max_batch_size,
+            preferred_batch_sizes=db.preferred_batch_size,
+            max_queue_delay_us=db.max_queue_delay_microseconds,
+            priority_levels=db.priority_levels,
+            default_priority=db.default_priority_level,
+            default_timeout_us=policy.default_timeout_microseconds,
+            allow_timeout_override=policy.allow_timeout_override,
+            max_queue_size=policy.max_queue_size,
+            inputs=[(s.datatype, list(s.row_shape)) for s in package.inputs],
+            outputs=[(s.datatype, list(s.row_shape)) for s in package.outputs],
+            executors=package.instance_count,
+            execute=self._run_batch,
+        )
+        executors = range(package.instance_count)
+        self._execute = self.backend.batch_executor(
+            [self.batcher.input_buffers(e) for e in executors],
+            [self.batcher.output_buffers(e) for e in executors],
+        )
+        self.ready = True
+
+    def _run_batch(self, executor: int, rows: int) -> None:
+        self._execute(executor, rows)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have `loop` answer completions; call once, from the loop's thread."""
+        self.loop = loop
+        loop.add_reader(self.batcher.fileno(), self._on_completions)
+
+    def _on_completions(self) -> None:
+        waiting = self.waiting
+        for token, status, payload in self.batcher.drain():
+            waiter = waiting.pop(token, None)
+            if waiter is not None:
+                waiter.done(status, payload)
+
+    def submit(self, waiter: Waiter, data: list[Any], rows: int, priority: int = 0, timeout_us: int = 0) -> int:
+        """Queue a request; returns the batcher status (STATUS_OK when queued).
+
+        Raises ValueError/TypeError when the data does not fit the signature.
+        """
+        token = next(_tokens)
+        status = self.batcher.submit(token, data, rows, priority, timeout_us)
+        if status == STATUS_OK:
+            self.waiting[token] = waiter
+            return token
+        return -status
+
+    def cancel(self, token: int) -> None:
+        """The client went away: drop the request if it has not run yet."""
+        self.batcher.cancel(token)
+
+    async def infer(self, data: list[Any], rows: int, priority: int = 0, timeout_us: int = 0) -> tuple[int, Any]:
+        """Submit from a coroutine and wait for (status, payload)."""
+        future = asyncio.get_running_loop().create_future()
+        token = self.submit(_FutureWaiter(future), data, rows, priority, timeout_us)
+        if token < 0:
+            return -token, None
+        return await future
+
+    def stats(self) -> dict[str, Any]:
+        return self.batcher.stats()
+
+    def close(self, drain: bool = True) -> None:
+        """Stop the batcher (running queued requests when drain) and answer what is left."""
+        self.ready = False
+        self.batcher.shutdown(drain)
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.remove_reader(self.batcher.fileno())
+        self._on_completions()

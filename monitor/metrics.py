@@ -1,0 +1,95 @@
+"""Prometheus metrics for the server, read from the native batchers at scrape time.
+
+Nothing is observed per request in Python: the C++ batcher keeps counters and fixed-bucket
+histograms with relaxed atomics, and this collector turns them into metric families when
+`/metrics` is scraped. Names follow Prometheus conventions: `vivace_` prefix, seconds,
+`_total` counters, labels `model` and `version`.
+
+The collector reads a duck-typed source so that `monitor` never imports `engine`: the
+source has `runners()` (objects with `name`, `version`, `ready`, `stats()`), `failures`
+({(model, version, reason): count}) and `http_errors` ({status: count}).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LABELS = ["model", "version"]
+HISTOGRAMS = {
+    "request_seconds": ("vivace_request_duration_seconds", "Time from enqueue to completion of successful requests"),
+    "queue_seconds": ("vivace_queue_duration_seconds", "Time requests wait in the batcher queue"),
+    "compute_seconds": ("vivace_compute_duration_seconds", "Time per batch: gather, model, scatter"),
+    "batch_size": ("vivace_batch_size", "Rows per executed batch"),
+}
+COMPUTE_PHASES = {
+    "compute_input_ns": ("vivace_compute_input_seconds_total", "Time gathering rows into batch buffers"),
+    "compute_infer_ns": ("vivace_compute_infer_seconds_total", "Time running the model"),
+    "compute_output_ns": ("vivace_compute_output_seconds_total", "Time scattering outputs to requests"),
+}
+
+
+def _buckets(bounds: list[float], counts: list[int]) -> list[tuple[str, float]]:
+    cumulative, out = 0, []
+    for bound, count in zip(bounds, counts):
+        cumulative += count
+        out.append((repr(float(bound)), cumulative))
+    out.append(("+Inf", cumulative + counts[-1]))
+    return out
+
+
+class MetricsCollector:
+    """prometheus-client collector over a server's models."""
+
+    def __init__(self, source: Any):
+        self.source = source
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        self.registry.register(ProcessCollector(namespace="vivace", registry=None))
+
+    def collect(self) -> Iterator[Any]:
+        runners = self.source.runners()
+        success = CounterMetricFamily("vivace_request_success", "Successful inference requests", labels=LABELS)
+        failures = CounterMetricFamily(
+            "vivace_request_failure", "Failed inference requests by reason", labels=[*LABELS, "reason"]
+        )
+        inferences = CounterMetricFamily("vivace_inference_count", "Rows inferred (one per batch row)", labels=LABELS)
+        executions = CounterMetricFamily("vivace_execution_count", "Batches executed", labels=LABELS)
+        queue_depth = GaugeMetricFamily("vivace_queue_depth", "Requests waiting in the batcher", labels=LABELS)
+        ready = GaugeMetricFamily("vivace_model_ready", "1 when the model version accepts requests", labels=LABELS)
+        phases = {k: CounterMetricFamily(name, doc, labels=LABELS) for k, (name, doc) in COMPUTE_PHASES.items()}
+        histograms = {k: HistogramMetricFamily(name, doc, labels=LABELS) for k, (name, doc) in HISTOGRAMS.items()}
+        for runner in runners:
+            labels = [runner.name, runner.version]
+            s = runner.stats()
+            success.add_metric(labels, s["success"])
+            inferences.add_metric(labels, s["inference_count"])
+            executions.add_metric(labels, s["execution_count"])
+            queue_depth.add_metric(labels, s["queued_requests"])
+            ready.add_metric(labels, 1.0 if runner.ready else 0.0)
+            for key, family in phases.items():
+                family.add_metric(labels, s[key] / 1e9)
+            for key, family in histograms.items():
+                bounds, counts, total = s["histograms"][key]
+                family.add_metric(labels, _buckets(bounds, counts), total)
+        for (model, version, reason), count in sorted(self.source.failures.items()):
+            failures.add_metric([model, version, reason], count)
+        http_errors = CounterMetricFamily("vivace_http_errors", "HTTP error responses by status code", labels=["code"])
+        for code, count in sorted(self.source.http_errors.items()):
+            http_errors.add_metric([str(code)], count)
+        yield success
+        yield failures
+        yield inferences
+        yield executions
+        yield queue_depth
+        yield ready
+        yield from phases.values()
+        yield from histograms.values()
+        yield http_errors
+
+
+def render_metrics(collector: MetricsCollector) -> tuple[bytes, bytes]:
+    """The Prometheus text exposition of everything the collector sees."""
+    return generate_latest(collector.registry), CONTENT_TYPE_LATEST.encode()
