@@ -36,6 +36,13 @@ def _buffer_arrays(buffers: Sequence[memoryview], specs: Sequence[TensorSpec], m
 class TorchBackend:
     """TorchScript or torch.export packages on CPU or CUDA."""
 
+    @property
+    def preferred_execution(self) -> str:
+        # CPU torch holds the GIL for its Python dispatch: running batches on the loop
+        # thread avoids a GIL hand-off per batch and batches a whole loop iteration.
+        # A GPU batch mostly waits on the device, so it runs on executor threads.
+        return "threads" if self.device.type == "cuda" else "inline"
+
     def __init__(self, package: ModelPackage, device: str | None = None, num_threads: int | None = None):
         import torch
 

@@ -23,6 +23,13 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default=None, help="cpu or cuda[:N] (default: from the package)")
     serve.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    serve.add_argument(
+        "--execution",
+        choices=["inline", "threads"],
+        default=None,
+        help="run batches on the event loop (inline: fastest for small CPU models) or on executor "
+        "threads (keeps the loop responsive for slow models); default: per backend",
+    )
     defaults = ServerConfig()
     serve.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
     serve.add_argument("--max-connections", type=int, default=defaults.max_connections)
@@ -74,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     runners = []
     for ref in args.models:
         package = load_package(resolve_package(ref, args.home))
-        runners.append(ModelRunner(package, device=args.device, num_threads=args.threads))
+        runners.append(ModelRunner(package, device=args.device, num_threads=args.threads, execution=args.execution))
     config = ServerConfig(
         host=args.host,
         port=args.port,

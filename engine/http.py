@@ -53,6 +53,7 @@ REASONS = {
     503: b"Service Unavailable",
 }
 JSON = b"application/json"
+LINGER_SECONDS = 2.0
 
 
 def http_response(status: int, body: bytes, content_type: bytes = JSON, extra: bytes = b"", close: bool = False) -> bytes:
@@ -282,7 +283,15 @@ class HttpProtocol(asyncio.Protocol):
         self.last_active = time.monotonic()
         if 0 <= self.close_after < seq:
             self.closed = True
-            transport.close()
+            if self.rejected and transport.can_write_eof():
+                # Lingering close: the client may still be sending what we refused to
+                # read; closing now would reset the connection and could destroy the
+                # error response before the client reads it. Half-close, keep
+                # discarding input for a moment, then close.
+                transport.write_eof()
+                asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+            else:
+                transport.close()
 
     def reject(self, status: int, message: str) -> None:
         """Answer a request we stop reading (bad framing, limits) and close after it."""

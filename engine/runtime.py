@@ -46,7 +46,13 @@ class _FutureWaiter:
 class ModelRunner:
     """One loaded model version, served through the C++ batcher."""
 
-    def __init__(self, package: ModelPackage, device: str | None = None, num_threads: int | None = None):
+    def __init__(
+        self,
+        package: ModelPackage,
+        device: str | None = None,
+        num_threads: int | None = None,
+        execution: str | None = None,
+    ):
         self.package = package
         self.name = package.name
         self.version = package.version
@@ -57,6 +63,10 @@ class ModelRunner:
         db = package.dynamic_batching
         policy = db.default_queue_policy
         self._execute = None
+        self.execution = execution or package.parameters.get("execution") or self.backend.preferred_execution
+        if self.execution not in ("inline", "threads"):
+            raise ValueError(f"execution must be 'inline' or 'threads', got {self.execution!r}")
+        self._timer: asyncio.TimerHandle | None = None
         self.batcher = _core.Batcher(
             model_name=package.name,
             max_batch_size=package.max_batch_size,
@@ -70,9 +80,10 @@ class ModelRunner:
             inputs=[(s.datatype, list(s.row_shape)) for s in package.inputs],
             outputs=[(s.datatype, list(s.row_shape)) for s in package.outputs],
             executors=package.instance_count,
+            inline_execution=self.execution == "inline",
             execute=self._run_batch,
         )
-        executors = range(package.instance_count)
+        executors = range(1 if self.execution == "inline" else package.instance_count)
         self._execute = self.backend.batch_executor(
             [self.batcher.input_buffers(e) for e in executors],
             [self.batcher.output_buffers(e) for e in executors],
@@ -83,9 +94,24 @@ class ModelRunner:
         self._execute(executor, rows)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Have `loop` answer completions; call once, from the loop's thread."""
+        """Have `loop` run (inline mode) and answer batches; call once, from the loop's thread."""
         self.loop = loop
-        loop.add_reader(self.batcher.fileno(), self._on_completions)
+        callback = self._on_ready if self.execution == "inline" else self._on_completions
+        loop.add_reader(self.batcher.fileno(), callback)
+
+    def _on_ready(self) -> None:
+        """Inline mode: run every ready batch on the loop's thread, then answer them.
+
+        The first row queued signals the descriptor, so by the time the loop gets here it
+        has read every request that arrived in the same iteration: they form one batch.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        due_us = self.batcher.run_ready()
+        self._on_completions()
+        if due_us >= 0:  # a batch waits for max_queue_delay or a timeout to expire
+            self._timer = self.loop.call_later(due_us / 1e6, self._on_ready)
 
     def _on_completions(self) -> None:
         waiting = self.waiting
@@ -95,7 +121,7 @@ class ModelRunner:
                 waiter.done(status, payload)
 
     def submit(self, waiter: Waiter, data: list[Any], rows: int, priority: int = 0, timeout_us: int = 0) -> int:
-        """Queue a request; returns the batcher status (STATUS_OK when queued).
+        """Queue a request: returns its token (> 0), or minus the batcher status when refused.
 
         Raises ValueError/TypeError when the data does not fit the signature.
         """
@@ -124,6 +150,8 @@ class ModelRunner:
     def close(self, drain: bool = True) -> None:
         """Stop the batcher (running queued requests when drain) and answer what is left."""
         self.ready = False
+        if self._timer is not None:
+            self._timer.cancel()
         self.batcher.shutdown(drain)
         if self.loop is not None and not self.loop.is_closed():
             self.loop.remove_reader(self.batcher.fileno())

@@ -83,6 +83,7 @@ Batcher::Batcher(BatcherConfig config, ExecuteFn execute)
   if (config_.default_priority < 1 || config_.default_priority > config_.priority_levels)
     throw std::invalid_argument("default_priority must be within 1..priority_levels");
   if (config_.executors < 1) throw std::invalid_argument("executors must be >= 1");
+  if (config_.inline_execution) config_.executors = 1;  // the caller's thread is the executor
   if (config_.max_queue_delay_us < 0 || config_.default_timeout_us < 0 || config_.max_queue_size < 0)
     throw std::invalid_argument("delays, timeouts and queue sizes must be >= 0");
   if (config_.input_row_bytes.empty()) throw std::invalid_argument("a model needs at least one input");
@@ -121,7 +122,8 @@ Batcher::Batcher(BatcherConfig config, ExecuteFn execute)
   notify_fd_ = fds[0];
   notify_write_fd_ = fds[1];
 #endif
-  for (int e = 0; e < config_.executors; ++e) executors_.emplace_back([this, e] { ExecutorLoop(e); });
+  if (!config_.inline_execution)
+    for (int e = 0; e < config_.executors; ++e) executors_.emplace_back([this, e] { ExecutorLoop(e); });
 }
 
 Batcher::~Batcher() {
@@ -172,6 +174,7 @@ Status Batcher::Enqueue(Request* r, uint64_t token, int priority, int64_t timeou
   r->enqueue_time = now;
   r->deadline = effective_timeout > 0 ? now + std::chrono::microseconds(effective_timeout)
                                       : Clock::time_point::max();
+  bool wake_loop = false;
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (stopping_) return Status::kShutdown;
@@ -184,10 +187,14 @@ Status Batcher::Enqueue(Request* r, uint64_t token, int priority, int64_t timeou
                           : deadlines_.emplace(r->deadline, r);
     r->queued = true;
     by_token_[token] = r;
+    wake_loop = config_.inline_execution && queued_rows_ == 0;
     queued_rows_ += r->rows;
     ++queued_requests_;
   }
-  cv_.notify_one();
+  if (wake_loop)
+    Notify();
+  else
+    cv_.notify_one();
   return Status::kOk;
 }
 
@@ -242,7 +249,7 @@ int64_t Batcher::ReadyBatchSize(Clock::time_point now, Clock::time_point* wake_a
   if (avail >= config_.max_batch_size) return config_.max_batch_size;
   const auto& preferred = config_.preferred_batch_sizes;
   if (!preferred.empty() && avail >= preferred.back()) return preferred.back();
-  if (config_.max_queue_delay_us == 0) return avail;
+  if (config_.max_queue_delay_us == 0 || stopping_) return avail;  // a drain does not wait
   Clock::time_point oldest = Clock::time_point::max();
   for (const auto& q : queues_)
     if (!q.empty()) oldest = std::min(oldest, q.front()->enqueue_time);
@@ -278,36 +285,37 @@ void Batcher::TakeBatch(int64_t rows, std::vector<Slice>* slices) {
   }
 }
 
+void Batcher::FailAllLocked(Status status, std::vector<Request*>* done) {
+  for (auto& q : queues_)
+    while (!q.empty()) {
+      Request* r = q.front();
+      const int64_t unscheduled = r->rows - r->next_row;
+      Unqueue(r);
+      r->status.store(status);
+      FinishRows(r, unscheduled, done);
+    }
+}
+
 void Batcher::ExecutorLoop(int executor) {
   std::vector<Slice> slices;
   std::vector<Request*> done;
-  auto& inputs = batch_inputs_[static_cast<size_t>(executor)];
-  auto& outputs = batch_outputs_[static_cast<size_t>(executor)];
   for (;;) {
     slices.clear();
     done.clear();
-    int64_t rows = 0;
     {
       std::unique_lock<std::mutex> lk(mu_);
       for (;;) {
         const auto now = Clock::now();
         ExpireLocked(now, &done);
-        if (stopping_ && !drain_on_stop_) {
-          while (queued_requests_ > 0) {
-            for (auto& q : queues_)
-              while (!q.empty()) {
-                Request* r = q.front();
-                const int64_t unscheduled = r->rows - r->next_row;
-                Unqueue(r);
-                r->status.store(Status::kShutdown);
-                FinishRows(r, unscheduled, &done);
-              }
-          }
-        }
+        if (stopping_ && !drain_on_stop_) FailAllLocked(Status::kShutdown, &done);
         if (!done.empty()) break;  // answer expired requests before sleeping again
         Clock::time_point wake_at = Clock::time_point::max();
-        rows = ReadyBatchSize(now, &wake_at);
-        if (rows > 0) break;
+        const int64_t rows = ReadyBatchSize(now, &wake_at);
+        if (rows > 0) {
+          TakeBatch(rows, &slices);
+          if (queued_rows_ > 0) cv_.notify_one();  // another executor may take the rest
+          break;
+        }
         if (stopping_ && queued_requests_ == 0) return;
         if (!deadlines_.empty()) wake_at = std::min(wake_at, deadlines_.begin()->first);
         if (wake_at == Clock::time_point::max())
@@ -315,84 +323,108 @@ void Batcher::ExecutorLoop(int executor) {
         else
           cv_.wait_until(lk, wake_at);
       }
-      if (rows > 0) {
-        TakeBatch(rows, &slices);
-        if (queued_rows_ > 0) cv_.notify_one();  // another executor may take the rest
-      }
     }
-    if (rows == 0) {
+    ExecuteBatch(executor, &slices, &done);
+    Complete(&done);
+  }
+}
+
+int64_t Batcher::RunReady() {
+  std::vector<Slice> slices;
+  std::vector<Request*> done;
+  for (;;) {
+    slices.clear();
+    Clock::time_point wake_at = Clock::time_point::max();
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      const auto now = Clock::now();
+      ExpireLocked(now, &done);
+      if (stopping_ && !drain_on_stop_) FailAllLocked(Status::kShutdown, &done);
+      const int64_t rows = ReadyBatchSize(now, &wake_at);
+      if (rows > 0) TakeBatch(rows, &slices);
+      if (!deadlines_.empty() && queued_rows_ > 0) wake_at = std::min(wake_at, deadlines_.begin()->first);
+    }
+    if (slices.empty()) {
       Complete(&done);
+      if (wake_at == Clock::time_point::max()) return -1;
+      const auto wait = std::chrono::duration_cast<std::chrono::microseconds>(wake_at - Clock::now()).count();
+      return std::max<int64_t>(wait, 0);
+    }
+    ExecuteBatch(0, &slices, &done);
+  }
+}
+
+// Gathers the slices' rows into the executor's batch buffers, runs the backend once,
+// and scatters the outputs back; finished requests are appended to *done.
+void Batcher::ExecuteBatch(int executor, std::vector<Slice>* slices_in, std::vector<Request*>* done) {
+  std::vector<Slice>& slices = *slices_in;
+  auto& inputs = batch_inputs_[static_cast<size_t>(executor)];
+  auto& outputs = batch_outputs_[static_cast<size_t>(executor)];
+  const auto t_start = Clock::now();
+  // Drop slices whose client went away; compact the rest to the front of the batch.
+  int64_t batch_rows = 0;
+  size_t kept = 0;
+  for (const Slice& s : slices) {
+    if (s.request->cancelled.load(std::memory_order_relaxed)) {
+      s.request->status.store(Status::kCancelled);
+      FinishRows(s.request, s.rows, done);
       continue;
     }
-
-    const auto t_start = Clock::now();
-    // Drop slices whose client went away; compact the rest to the front of the batch.
-    int64_t batch_rows = 0;
-    size_t kept = 0;
-    for (const Slice& s : slices) {
-      if (s.request->cancelled.load(std::memory_order_relaxed)) {
-        s.request->status.store(Status::kCancelled);
-        FinishRows(s.request, s.rows, &done);
-        continue;
-      }
-      Slice& k = slices[kept++];
-      k = s;
-      k.batch_row = batch_rows;
-      batch_rows += s.rows;
+    Slice& k = slices[kept++];
+    k = s;
+    k.batch_row = batch_rows;
+    batch_rows += s.rows;
+  }
+  slices.resize(kept);
+  if (batch_rows == 0) return;
+  for (const Slice& s : slices) {
+    Request* r = s.request;
+    if (!r->started.exchange(true, std::memory_order_relaxed)) {
+      stats_.queue_ns.fetch_add(Nanos(t_start - r->enqueue_time), std::memory_order_relaxed);
+      stats_.queue_seconds.Observe(Seconds(t_start - r->enqueue_time));
     }
-    slices.resize(kept);
-    for (const Slice& s : slices) {
-      Request* r = s.request;
-      if (!r->started.exchange(true, std::memory_order_relaxed)) {
-        stats_.queue_ns.fetch_add(Nanos(t_start - r->enqueue_time), std::memory_order_relaxed);
-        stats_.queue_seconds.Observe(Seconds(t_start - r->enqueue_time));
-      }
-      for (size_t i = 0; i < inputs.size(); ++i) {
-        const auto rb = static_cast<size_t>(config_.input_row_bytes[i]);
-        std::memcpy(inputs[i].data() + static_cast<size_t>(s.batch_row) * rb,
-                    r->input.data() + input_offset(i, r->rows) + static_cast<size_t>(s.first_row) * rb,
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      const auto rb = static_cast<size_t>(config_.input_row_bytes[i]);
+      std::memcpy(inputs[i].data() + static_cast<size_t>(s.batch_row) * rb,
+                  r->input.data() + input_offset(i, r->rows) + static_cast<size_t>(s.first_row) * rb,
+                  static_cast<size_t>(s.rows) * rb);
+    }
+  }
+  const auto t_gathered = Clock::now();
+  std::string error;
+  try {
+    execute_(executor, batch_rows);
+  } catch (const std::exception& e) {
+    error = e.what();
+    if (error.empty()) error = "backend error";
+  } catch (...) {
+    error = "backend raised an unknown exception";
+  }
+  const auto t_executed = Clock::now();
+  for (const Slice& s : slices) {
+    Request* r = s.request;
+    if (!error.empty()) {
+      std::lock_guard<std::mutex> lk(mu_);  // several slices of r may fail at once
+      r->status.store(Status::kError);
+      r->error = error;
+    } else {
+      for (size_t j = 0; j < outputs.size(); ++j) {
+        const auto rb = static_cast<size_t>(config_.output_row_bytes[j]);
+        std::memcpy(r->output.data() + output_offset(j, r->rows) + static_cast<size_t>(s.first_row) * rb,
+                    outputs[j].data() + static_cast<size_t>(s.batch_row) * rb,
                     static_cast<size_t>(s.rows) * rb);
       }
     }
-    if (batch_rows > 0) {
-      const auto t_gathered = Clock::now();
-      std::string error;
-      try {
-        execute_(executor, batch_rows);
-      } catch (const std::exception& e) {
-        error = e.what();
-        if (error.empty()) error = "backend error";
-      } catch (...) {
-        error = "backend raised an unknown exception";
-      }
-      const auto t_executed = Clock::now();
-      for (const Slice& s : slices) {
-        Request* r = s.request;
-        if (!error.empty()) {
-          std::lock_guard<std::mutex> lk(mu_);  // several slices of r may fail at once
-          r->status.store(Status::kError);
-          r->error = error;
-        } else {
-          for (size_t j = 0; j < outputs.size(); ++j) {
-            const auto rb = static_cast<size_t>(config_.output_row_bytes[j]);
-            std::memcpy(r->output.data() + output_offset(j, r->rows) + static_cast<size_t>(s.first_row) * rb,
-                        outputs[j].data() + static_cast<size_t>(s.batch_row) * rb,
-                        static_cast<size_t>(s.rows) * rb);
-          }
-        }
-        FinishRows(r, s.rows, &done);
-      }
-      const auto t_scattered = Clock::now();
-      stats_.execution_count.fetch_add(1, std::memory_order_relaxed);
-      stats_.inference_count.fetch_add(static_cast<uint64_t>(batch_rows), std::memory_order_relaxed);
-      stats_.compute_input_ns.fetch_add(Nanos(t_gathered - t_start), std::memory_order_relaxed);
-      stats_.compute_infer_ns.fetch_add(Nanos(t_executed - t_gathered), std::memory_order_relaxed);
-      stats_.compute_output_ns.fetch_add(Nanos(t_scattered - t_executed), std::memory_order_relaxed);
-      stats_.compute_seconds.Observe(Seconds(t_scattered - t_start));
-      stats_.batch_size.Observe(static_cast<double>(batch_rows));
-    }
-    Complete(&done);
+    FinishRows(r, s.rows, done);
   }
+  const auto t_scattered = Clock::now();
+  stats_.execution_count.fetch_add(1, std::memory_order_relaxed);
+  stats_.inference_count.fetch_add(static_cast<uint64_t>(batch_rows), std::memory_order_relaxed);
+  stats_.compute_input_ns.fetch_add(Nanos(t_gathered - t_start), std::memory_order_relaxed);
+  stats_.compute_infer_ns.fetch_add(Nanos(t_executed - t_gathered), std::memory_order_relaxed);
+  stats_.compute_output_ns.fetch_add(Nanos(t_scattered - t_executed), std::memory_order_relaxed);
+  stats_.compute_seconds.Observe(Seconds(t_scattered - t_start));
+  stats_.batch_size.Observe(static_cast<double>(batch_rows));
 }
 
 void Batcher::Complete(std::vector<Request*>* done) {
@@ -453,6 +485,19 @@ void Batcher::Shutdown(bool drain) {
     }
   }
   cv_.notify_all();
+  if (config_.inline_execution) {
+    if (drain) {
+      RunReady();
+    } else {
+      std::vector<Request*> done;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        FailAllLocked(Status::kShutdown, &done);
+      }
+      Complete(&done);
+    }
+    return;
+  }
   std::lock_guard<std::mutex> lk(join_mu_);
   for (auto& t : executors_)
     if (t.joinable()) t.join();

@@ -51,6 +51,11 @@ struct BatcherConfig {
   std::vector<int64_t> input_row_bytes;
   std::vector<int64_t> output_row_bytes;
   int executors = 1;
+  // Inline mode: no executor threads. The owner's event loop calls RunReady() when the
+  // notification descriptor fires (the first queued row signals it) and runs the batch
+  // on its own thread. For backends that need the GIL this batches everything the loop
+  // read in one iteration and avoids handing the GIL between threads per batch.
+  bool inline_execution = false;
 };
 
 // Runs one batch. `inputs[i]`/`outputs[i]` point at the executor's batch buffers, each
@@ -120,6 +125,9 @@ class Batcher {
 
   // Completed requests since the last call; clears the notification descriptor.
   std::vector<Request*> Drain();
+  // Inline mode: run every batch that is ready now on the calling thread. Returns the
+  // microseconds until a waiting batch is due (max_queue_delay), or -1 if none waits.
+  int64_t RunReady();
   int notify_fd() const { return notify_fd_; }
 
   // Stop accepting; with drain, queued requests still run, otherwise they fail with
@@ -145,6 +153,8 @@ class Batcher {
   };
 
   void ExecutorLoop(int executor);
+  void ExecuteBatch(int executor, std::vector<Slice>* slices, std::vector<Request*>* done);
+  void FailAllLocked(Status status, std::vector<Request*>* done);
   int64_t ReadyBatchSize(Clock::time_point now, Clock::time_point* wake_at) const;
   void TakeBatch(int64_t rows, std::vector<Slice>* slices);
   void ExpireLocked(Clock::time_point now, std::vector<Request*>* done);

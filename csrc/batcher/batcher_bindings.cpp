@@ -205,7 +205,7 @@ class PyBatcher {
             bool allow_timeout_override, int64_t max_queue_size,
             std::vector<std::pair<std::string, std::vector<int64_t>>> inputs,
             std::vector<std::pair<std::string, std::vector<int64_t>>> outputs, int executors,
-            py::object execute)
+            bool inline_execution, py::object execute)
       : execute_(std::move(execute)) {
     BatcherConfig c;
     c.model_name = model_name;
@@ -218,6 +218,7 @@ class PyBatcher {
     c.allow_timeout_override = allow_timeout_override;
     c.max_queue_size = max_queue_size;
     c.executors = executors;
+    c.inline_execution = inline_execution;
     for (const auto& [dtype, row_shape] : inputs) {
       const DTypeInfo& d = LookupDType(dtype);
       int64_t elems = 1;
@@ -239,27 +240,44 @@ class PyBatcher {
       c.output_row_bytes.push_back(elems * d.size);
     }
     PyObject* fn = execute_.ptr();
-    batcher_ = std::make_unique<Batcher>(std::move(c), [fn](int executor, int64_t rows) {
-      executor_thread_state.Acquire();
-      std::string error;
-      PyObject* result = PyObject_CallFunction(fn, "iL", executor, static_cast<long long>(rows));
-      if (result == nullptr) {
-        PyObject *type, *value, *traceback;
-        PyErr_Fetch(&type, &value, &traceback);
-        PyObject* text = value ? PyObject_Str(value) : nullptr;
-        const char* utf8 = text ? PyUnicode_AsUTF8(text) : nullptr;
-        error = utf8 && *utf8 ? utf8 : (type ? reinterpret_cast<PyTypeObject*>(type)->tp_name : "error");
-        if (PyErr_Occurred()) PyErr_Clear();
-        Py_XDECREF(text);
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(traceback);
-      } else {
-        Py_DECREF(result);
-      }
-      executor_thread_state.Release();
-      if (!error.empty()) throw std::runtime_error(error);
-    });
+    ExecuteFn run;
+    if (inline_execution) {
+      // RunReady is called from Python, so this thread already holds the GIL.
+      run = [fn](int executor, int64_t rows) { CallExecute(fn, executor, rows); };
+    } else {
+      run = [fn](int executor, int64_t rows) {
+        executor_thread_state.Acquire();
+        try {
+          CallExecute(fn, executor, rows);
+        } catch (...) {
+          executor_thread_state.Release();
+          throw;
+        }
+        executor_thread_state.Release();
+      };
+    }
+    batcher_ = std::make_unique<Batcher>(std::move(c), std::move(run));
+  }
+
+  // Calls execute(executor, rows) with the GIL held; a Python exception becomes a
+  // std::runtime_error carrying its message, which fails the batch's requests.
+  static void CallExecute(PyObject* fn, int executor, int64_t rows) {
+    PyObject* result = PyObject_CallFunction(fn, "iL", executor, static_cast<long long>(rows));
+    if (result != nullptr) {
+      Py_DECREF(result);
+      return;
+    }
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject* text = value ? PyObject_Str(value) : nullptr;
+    const char* utf8 = text ? PyUnicode_AsUTF8(text) : nullptr;
+    std::string error = utf8 && *utf8 ? utf8 : (type ? reinterpret_cast<PyTypeObject*>(type)->tp_name : "error");
+    if (PyErr_Occurred()) PyErr_Clear();
+    Py_XDECREF(text);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    throw std::runtime_error(error);
   }
 
   ~PyBatcher() {
@@ -281,7 +299,8 @@ class PyBatcher {
         const int64_t elems = input_row_elems_[i] * rows;
         const DTypeInfo& d = *input_dtypes_[i];
         if (PyList_Check(obj)) {
-          ListWriter w(d, dst, elems, names_or_index(i));
+          const std::string label = "#" + std::to_string(i);
+          ListWriter w(d, dst, elems, label);
           w.Write(obj);
           if (w.count() != elems)
             throw py::value_error("input #" + std::to_string(i) + " has " + std::to_string(w.count()) +
@@ -335,6 +354,7 @@ class PyBatcher {
   }
 
   bool Cancel(uint64_t token) { return batcher_->Cancel(token); }
+  int64_t RunReady() { return batcher_->RunReady(); }
   int fileno() const { return batcher_->notify_fd(); }
 
   void Shutdown(bool drain) {
@@ -385,8 +405,6 @@ class PyBatcher {
   int64_t queued_requests() const { return batcher_->queued_requests(); }
 
  private:
-  std::string names_or_index(size_t i) const { return "#" + std::to_string(i); }
-
   py::object execute_;
   std::vector<const DTypeInfo*> input_dtypes_;
   std::vector<int64_t> input_row_elems_;
@@ -404,14 +422,17 @@ it reads `rows` rows from input_buffers(executor) and writes output_buffers(exec
 )doc")
       .def(py::init<const std::string&, int64_t, std::vector<int64_t>, int64_t, int, int, int64_t, bool,
                     int64_t, std::vector<std::pair<std::string, std::vector<int64_t>>>,
-                    std::vector<std::pair<std::string, std::vector<int64_t>>>, int, py::object>(),
+                    std::vector<std::pair<std::string, std::vector<int64_t>>>, int, bool, py::object>(),
            py::arg("model_name"), py::arg("max_batch_size"), py::arg("preferred_batch_sizes"),
            py::arg("max_queue_delay_us"), py::arg("priority_levels"), py::arg("default_priority"),
            py::arg("default_timeout_us"), py::arg("allow_timeout_override"), py::arg("max_queue_size"),
-           py::arg("inputs"), py::arg("outputs"), py::arg("executors"), py::arg("execute"))
+           py::arg("inputs"), py::arg("outputs"), py::arg("executors"), py::arg("inline_execution"),
+           py::arg("execute"))
       .def("submit", &PyBatcher::Submit, py::arg("token"), py::arg("inputs"), py::arg("rows"),
            py::arg("priority") = 0, py::arg("timeout_us") = 0)
       .def("drain", &PyBatcher::Drain)
+      .def("run_ready", &PyBatcher::RunReady,
+           "Inline mode: run the batches ready now; returns microseconds until the next is due, or -1")
       .def("cancel", &PyBatcher::Cancel, py::arg("token"))
       .def("fileno", &PyBatcher::fileno)
       .def("shutdown", &PyBatcher::Shutdown, py::arg("drain") = true)

@@ -1,0 +1,1 @@
+"""Baseline servers that `vivace bench` measures Vivace against, in the same run."""

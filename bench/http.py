@@ -1,0 +1,241 @@
+"""`vivace bench http`: Vivace against the FastAPI baseline, same model, same load, same run.
+
+Both servers serve the reference MLP (one row per request, OIP JSON body). Each is
+started pinned to one core and driven by wrk (Lua POST script) pinned to another, at each
+concurrency; perf_analyzer (binary tensors) runs too when it is installed. Printed per
+server and concurrency: req/s, p50/p99 latency, server CPU time per request (a figure that
+holds up on a shared machine), and the Vivace/baseline ratios.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+LUA = Path(__file__).with_name("data") / "infer_mlp.lua"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Result:
+    server: str
+    tool: str
+    concurrency: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cpu_us_per_request: float
+    extra: dict = field(default_factory=dict)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before becoming ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"server at {url} not ready after {timeout} s")
+
+
+def _start(cmd: list[str], cpu: int | None, port: int) -> subprocess.Popen:
+    preexec = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, preexec_fn=preexec, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _latency_ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def run_wrk(port: int, concurrency: int, duration: float, cpu: int | None, pid: int, server: str) -> Result:
+    url = f"http://127.0.0.1:{port}/v2/models/mlp/infer"
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency", "-s", str(LUA), url]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    cpu_before = _cpu_seconds(pid)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=duration + 60).stdout
+    cpu_used = _cpu_seconds(pid) - cpu_before
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    errors += sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    return Result(
+        server=server,
+        tool="wrk",
+        concurrency=concurrency,
+        requests_per_s=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        p50_ms=_latency_ms(re.search(r"50%\s+(\S+)", out).group(1)),
+        p99_ms=_latency_ms(re.search(r"99%\s+(\S+)", out).group(1)),
+        errors=errors,
+        cpu_us_per_request=cpu_used / max(total, 1) * 1e6,
+    )
+
+
+def _perf_analyzer_env() -> dict[str, str] | None:
+    if shutil.which("perf_analyzer") is None:
+        return None
+    env = dict(os.environ)
+    try:
+        import nvidia.cuda_runtime as cuda_runtime  # its libcudart lets perf_analyzer start without a GPU
+
+        lib = str(Path(list(cuda_runtime.__path__)[0]) / "lib")
+        env["LD_LIBRARY_PATH"] = f"{lib}:{env.get('LD_LIBRARY_PATH', '')}"
+    except ImportError:
+        pass
+    return env
+
+
+def run_perf_analyzer(port: int, concurrency: int, duration: float, cpu: int | None, pid: int, server: str,
+                      env: dict[str, str], tensor_format: str) -> Result | None:
+    cmd = ["perf_analyzer", "-m", "mlp", "-u", f"127.0.0.1:{port}", "-i", "http",
+           "--concurrency-range", str(concurrency), "--measurement-interval", str(int(duration * 1000)),
+           "--input-tensor-format", tensor_format, "--output-tensor-format", tensor_format]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    cpu_before = _cpu_seconds(pid)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=duration * 10 + 60)
+    cpu_used = _cpu_seconds(pid) - cpu_before
+    out = proc.stdout
+    if proc.returncode != 0 or "Throughput" not in out:
+        print(f"  perf_analyzer against {server} failed: {(out + proc.stderr).strip()[-300:]}", file=sys.stderr)
+        return None
+    count = int(re.search(r"Request count: (\d+)", out).group(1))
+    return Result(
+        server=server,
+        tool=f"perf_analyzer/{tensor_format}",
+        concurrency=concurrency,
+        requests_per_s=float(re.search(r"Throughput: ([\d.]+) infer/sec", out).group(1)),
+        p50_ms=int(re.search(r"p50 latency: (\d+) usec", out).group(1)) / 1000,
+        p99_ms=int(re.search(r"p99 latency: (\d+) usec", out).group(1)) / 1000,
+        errors=0,
+        # perf_analyzer repeats measurement windows until stable: CPU over all of them.
+        cpu_us_per_request=cpu_used / max(count, 1) * 1e6,
+    )
+
+
+def benchmark(duration: float, concurrencies: list[int], server_cpu: int | None, client_cpu: int | None,
+              baseline: bool, perf_analyzer: bool, port: int = 18000) -> list[Result]:
+    from .model import write_reference_model
+
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="vivace-bench-") as tmp:
+        package = Path(tmp) / "mlp"
+        write_reference_model(package)
+        servers = [("vivace", [sys.executable, "-m", "vivace.engine.cli", "serve", str(package),
+                               "--port", str(port), "--log-level", "WARNING"])]
+        if baseline:
+            servers.append(("fastapi", [sys.executable, "-m", "vivace.bench.baselines.fastapi_server",
+                                        str(package), "--port", str(port + 1)]))
+        pa_env = _perf_analyzer_env() if perf_analyzer else None
+        for index, (name, cmd) in enumerate(servers):
+            server_port = port + index
+            proc = _start(cmd, server_cpu, server_port)
+            try:
+                run_wrk(server_port, 16, 1.0, client_cpu, proc.pid, name)  # warm-up
+                for c in concurrencies:
+                    result = run_wrk(server_port, c, duration, client_cpu, proc.pid, name)
+                    results.append(result)
+                    _print_result(result)
+                    if pa_env is not None:
+                        # The baseline only speaks JSON tensors; Vivace is measured both ways.
+                        for fmt in (["binary", "json"] if name == "vivace" else ["json"]):
+                            pa = run_perf_analyzer(server_port, c, duration / 2, client_cpu, proc.pid, name, pa_env, fmt)
+                            if pa:
+                                results.append(pa)
+                                _print_result(pa)
+            finally:
+                _stop(proc)
+    return results
+
+
+def _print_result(r: Result) -> None:
+    print(f"  {r.server:8s} {r.tool:20s} c={r.concurrency:<3d} {r.requests_per_s:10.0f} req/s  "
+          f"p50 {r.p50_ms:7.3f} ms  p99 {r.p99_ms:7.3f} ms  cpu {r.cpu_us_per_request:6.1f} us/req  errors {r.errors}",
+          flush=True)
+
+
+def summarize(results: list[Result]) -> list[str]:
+    lines = []
+    by_key = {(r.server, r.tool, r.concurrency): r for r in results}
+    for (server, tool, c), r in sorted(by_key.items()):
+        if server != "vivace":
+            continue
+        base = by_key.get(("fastapi", tool, c)) or by_key.get(("fastapi", "perf_analyzer/json", c))
+        if base is None or tool != base.tool:
+            continue
+        lines.append(
+            f"{tool} c={c}: vivace {r.requests_per_s:.0f} req/s (p99 {r.p99_ms:.2f} ms) vs fastapi "
+            f"{base.requests_per_s:.0f} req/s (p99 {base.p99_ms:.2f} ms): "
+            f"throughput x{r.requests_per_s / base.requests_per_s:.1f}, "
+            f"CPU per request x{base.cpu_us_per_request / r.cpu_us_per_request:.1f} less"
+        )
+    return lines
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("http", help="HTTP throughput/latency: Vivace vs a FastAPI baseline")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--concurrency", default="8,64", help="comma-separated connection counts")
+    parser.add_argument("--server-cpu", type=int, default=0, help="core the server is pinned to (-1: none)")
+    parser.add_argument("--client-cpu", type=int, default=1, help="core the load generator is pinned to (-1: none)")
+    parser.add_argument("--no-baseline", action="store_true", help="measure Vivace only")
+    parser.add_argument("--no-perf-analyzer", action="store_true", help="wrk only")
+    parser.add_argument("--json", dest="json_out", help="write the results as JSON to this file")
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    if shutil.which("wrk") is None:
+        print("vivace bench http: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 1
+    if not args.no_baseline:
+        try:
+            import fastapi  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError:
+            print("vivace bench http: the baseline needs fastapi and uvicorn (pip install 'vivace[bench]')",
+                  file=sys.stderr)
+            return 1
+    cpus = os.sched_getaffinity(0)
+    server_cpu = args.server_cpu if args.server_cpu >= 0 and args.server_cpu in cpus else None
+    client_cpu = args.client_cpu if args.client_cpu >= 0 and args.client_cpu in cpus else None
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    print(f"vivace bench http: {args.duration:g} s per point, server cpu {server_cpu}, client cpu {client_cpu}")
+    results = benchmark(args.duration, concurrencies, server_cpu, client_cpu,
+                        baseline=not args.no_baseline, perf_analyzer=not args.no_perf_analyzer)
+    for line in summarize(results):
+        print(line)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0
