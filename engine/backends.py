@@ -69,7 +69,9 @@ class TorchBackend:
         path = str(package.model_path)
         try:
             if package.platform == "torchscript":
-                model = torch.jit.load(path, map_location=self.device)
+                with warnings.catch_warnings():  # TorchScript is deprecated upstream, still served
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    model = torch.jit.load(path, map_location=self.device)
                 model.eval()
                 if self.device.type == "cpu" and package.parameters.get("torch_optimize", True):
                     model = _optimize_torchscript(torch, model)

@@ -60,7 +60,8 @@ def resolve_package(ref: str, home: str) -> Path:
     path = Path(ref)
     if path.is_dir():
         return path
-    if "@" in ref or "/" in ref:
+    name, _, version = ref.partition("/")
+    if "@" in ref or (version.isdigit() and name and not name.startswith(".")):
         try:
             from vivace.registry import resolve
         except ImportError:
