@@ -222,6 +222,9 @@ class HttpProtocol(asyncio.Protocol):
         if self.header_count > self.config.max_headers or self.headers_size > self.config.max_header_bytes:
             self.reject(431, "too many or too large request headers")
             raise httptools.HttpParserError("header limit")
+        size = len(name)  # only three header names matter: skip lower() for the others
+        if size != 31 and size != 14 and size != 6:
+            return
         lname = name.lower()
         if lname == b"inference-header-content-length":
             self.header_length = value

@@ -100,54 +100,72 @@ def _int_param(params: dict | None, key: str, where: str) -> int:
     return value
 
 
-def decode_infer(body: bytes | memoryview, header_length: int | None, package: ModelPackage) -> DecodedInfer:
-    """Decode and validate an infer body against the model's signature.
+class InferDecoder:
+    """Decodes and validates infer bodies for one model; per-model facts are computed once."""
 
-    `header_length` is the Inference-Header-Content-Length value when the client used the
-    binary tensor extension: the JSON header is the first `header_length` bytes and the
-    binary tensors follow, in the order of the inputs that declare `binary_data_size`.
-    """
-    if header_length is None:
-        json_part, binary = body, None
-    else:
-        if header_length < 0 or header_length > len(body):
-            raise ProtocolError(
-                f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes"
-            )
-        view = memoryview(body)
-        json_part, binary = view[:header_length], view[header_length:]
-    try:
-        request = _request_decoder.decode(json_part)
-    except msgspec.ValidationError as exc:
-        raise ProtocolError(f"invalid inference request: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed JSON in inference request: {exc}") from None
+    def __init__(self, package: ModelPackage):
+        self.package = package
+        self.specs = package.inputs
+        self.index = {s.name: i for i, s in enumerate(package.inputs)}
+        # name → (position, datatype, full shape as a list, bytes per row)
+        self.expect = {
+            s.name: (i, s.datatype, list(s.shape), s.row_bytes) for i, s in enumerate(package.inputs)
+        }
+        self.output_index = {s.name: j for j, s in enumerate(package.outputs)}
+        self.n_outputs = len(package.outputs)
 
-    specs = package.inputs
-    index = {s.name: i for i, s in enumerate(specs)}
-    data: list[Any] = [None] * len(specs)
-    rows = -1
-    offset = 0
-    for inp in request.inputs:
-        i = index.get(inp.name)
-        if i is None:
-            raise ProtocolError(
-                f"unknown input {inp.name!r} for model {package.name!r}; expected {[s.name for s in specs]}"
-            )
-        if data[i] is not None:
-            raise ProtocolError(f"input {inp.name!r} given more than once")
-        spec = specs[i]
-        if inp.datatype != spec.datatype:
-            raise ProtocolError(f"input {inp.name!r} has datatype {inp.datatype}, model expects {spec.datatype}")
-        shape = inp.shape
-        if len(shape) != len(spec.shape) or list(shape[1:]) != list(spec.row_shape) or shape[0] < 1:
-            raise ProtocolError(f"input {inp.name!r} has shape {shape}, model expects {list(spec.shape)}")
-        if rows == -1:
-            rows = shape[0]
-        elif shape[0] != rows:
-            raise ProtocolError(f"input {inp.name!r} has batch size {shape[0]}, other inputs have {rows}")
-        binary_size = inp.parameters.get("binary_data_size") if inp.parameters else None
-        if binary_size is not None:
+    def decode(self, body: bytes | memoryview, header_length: int | None) -> DecodedInfer:
+        """Decode and validate an infer body against the model's signature.
+
+        `header_length` is the Inference-Header-Content-Length value when the client used the
+        binary tensor extension: the JSON header is the first `header_length` bytes and the
+        binary tensors follow, in the order of the inputs that declare `binary_data_size`.
+        """
+        if header_length is None:
+            json_part, binary = body, None
+        else:
+            if header_length < 0 or header_length > len(body):
+                raise ProtocolError(
+                    f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes"
+                )
+            view = memoryview(body)
+            json_part, binary = view[:header_length], view[header_length:]
+        try:
+            request = _request_decoder.decode(json_part)
+        except msgspec.ValidationError as exc:
+            raise ProtocolError(f"invalid inference request: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(f"malformed JSON in inference request: {exc}") from None
+
+        package = self.package
+        expect = self.expect
+        data: list[Any] = [None] * len(self.specs)
+        rows = -1
+        offset = 0
+        for inp in request.inputs:
+            found = expect.get(inp.name)
+            if found is None:
+                raise ProtocolError(
+                    f"unknown input {inp.name!r} for model {package.name!r}; expected {list(expect)}"
+                )
+            i, datatype, shape, row_bytes = found
+            if data[i] is not None:
+                raise ProtocolError(f"input {inp.name!r} given more than once")
+            if inp.datatype != datatype:
+                raise ProtocolError(f"input {inp.name!r} has datatype {inp.datatype}, model expects {datatype}")
+            got = inp.shape
+            if len(got) != len(shape) or got[1:] != shape[1:] or got[0] < 1:
+                raise ProtocolError(f"input {inp.name!r} has shape {got}, model expects {shape}")
+            if rows == -1:
+                rows = got[0]
+            elif got[0] != rows:
+                raise ProtocolError(f"input {inp.name!r} has batch size {got[0]}, other inputs have {rows}")
+            binary_size = inp.parameters.get("binary_data_size") if inp.parameters else None
+            if binary_size is None:
+                if inp.data.__class__ is not list:
+                    raise ProtocolError(f"input {inp.name!r} has no data (expected a list or binary_data_size)")
+                data[i] = inp.data
+                continue
             if binary is None:
                 raise ProtocolError(
                     f"input {inp.name!r} declares binary_data_size but the request has no "
@@ -155,11 +173,11 @@ def decode_infer(body: bytes | memoryview, header_length: int | None, package: M
                 )
             if not isinstance(binary_size, int) or isinstance(binary_size, bool) or binary_size < 0:
                 raise ProtocolError(f"input {inp.name!r}: binary_data_size must be a non-negative integer")
-            expected = rows * spec.row_bytes
+            expected = rows * row_bytes
             if binary_size != expected:
                 raise ProtocolError(
-                    f"input {inp.name!r}: binary_data_size {binary_size} does not match shape {shape} "
-                    f"of {spec.datatype} ({expected} bytes)"
+                    f"input {inp.name!r}: binary_data_size {binary_size} does not match shape {got} "
+                    f"of {datatype} ({expected} bytes)"
                 )
             if offset + binary_size > len(binary):
                 raise ProtocolError(
@@ -168,47 +186,40 @@ def decode_infer(body: bytes | memoryview, header_length: int | None, package: M
                 )
             data[i] = binary[offset:offset + binary_size]
             offset += binary_size
-        else:
-            if not isinstance(inp.data, list):
-                raise ProtocolError(f"input {inp.name!r} has no data (expected a list or binary_data_size)")
-            data[i] = inp.data
-    if binary is not None and offset != len(binary):
-        raise ProtocolError(
-            f"the body has {len(binary) - offset} bytes of binary data beyond the declared binary_data_size"
-        )
-    missing = [specs[i].name for i, d in enumerate(data) if d is None]
-    if missing:
-        raise ProtocolError(f"missing inputs {missing} for model {package.name!r}")
+        if binary is not None and offset != len(binary):
+            raise ProtocolError(
+                f"the body has {len(binary) - offset} bytes of binary data beyond the declared binary_data_size"
+            )
+        if None in data:
+            missing = [self.specs[i].name for i, d in enumerate(data) if d is None]
+            raise ProtocolError(f"missing inputs {missing} for model {package.name!r}")
 
-    n_out = len(package.outputs)
-    default_binary = bool(_bool_param(request.parameters, "binary_data_output", "request"))
-    binary_outputs = [default_binary] * n_out
-    wanted = [True] * n_out
-    if request.outputs:
-        wanted = [False] * n_out
-        out_index = {s.name: j for j, s in enumerate(package.outputs)}
-        for out in request.outputs:
-            j = out_index.get(out.name)
-            if j is None:
-                raise ProtocolError(
-                    f"unknown output {out.name!r} for model {package.name!r}; "
-                    f"expected {[s.name for s in package.outputs]}"
-                )
-            wanted[j] = True
-            if out.parameters and "classification" in out.parameters:
-                raise ProtocolError("the classification extension is not supported")
-            flag = _bool_param(out.parameters, "binary_data", f"output {out.name!r}")
-            if flag is not None:
-                binary_outputs[j] = flag
-    return DecodedInfer(
-        id=request.id,
-        rows=rows,
-        data=data,
-        binary_outputs=binary_outputs,
-        wanted=wanted,
-        priority=_int_param(request.parameters, "priority", "request"),
-        timeout_us=_int_param(request.parameters, "timeout", "request"),
-    )
+        n_out = self.n_outputs
+        params = request.parameters
+        if params is None and request.outputs is None:
+            return DecodedInfer(request.id, rows, data, [False] * n_out, [True] * n_out, 0, 0)
+        default_binary = bool(_bool_param(params, "binary_data_output", "request"))
+        binary_outputs = [default_binary] * n_out
+        wanted = [True] * n_out
+        if request.outputs:
+            wanted = [False] * n_out
+            for out in request.outputs:
+                j = self.output_index.get(out.name)
+                if j is None:
+                    raise ProtocolError(
+                        f"unknown output {out.name!r} for model {package.name!r}; "
+                        f"expected {list(self.output_index)}"
+                    )
+                wanted[j] = True
+                if out.parameters and "classification" in out.parameters:
+                    raise ProtocolError("the classification extension is not supported")
+                flag = _bool_param(out.parameters, "binary_data", f"output {out.name!r}")
+                if flag is not None:
+                    binary_outputs[j] = flag
+        return DecodedInfer(
+            request.id, rows, data, binary_outputs, wanted,
+            _int_param(params, "priority", "request"), _int_param(params, "timeout", "request"),
+        )
 
 
 class ResponseEncoder:

@@ -15,7 +15,7 @@ from vivace import _core
 from vivace.registry.package import ModelPackage
 
 from .backends import load_backend
-from .oip import ResponseEncoder
+from .oip import InferDecoder, ResponseEncoder
 
 STATUS_OK = int(_core.Status.OK)
 STATUS_QUEUE_FULL = int(_core.Status.QUEUE_FULL)
@@ -57,6 +57,7 @@ class ModelRunner:
         self.name = package.name
         self.version = package.version
         self.backend = load_backend(package, device=device, num_threads=num_threads)
+        self.decoder = InferDecoder(package)
         self.encoder = ResponseEncoder(package)
         self.waiting: dict[int, Waiter] = {}
         self.loop: asyncio.AbstractEventLoop | None = None

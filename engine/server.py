@@ -161,7 +161,7 @@ class App:
                 header_length = int(header_length)
             except ValueError:
                 raise oip.ProtocolError("Inference-Header-Content-Length must be an integer") from None
-        decoded = oip.decode_infer(body, header_length, runner.package)
+        decoded = runner.decoder.decode(body, header_length)
         call = InferCall(protocol, seq, runner, decoded)
         try:
             token = runner.submit(call, decoded.data, decoded.rows, decoded.priority, decoded.timeout_us)
