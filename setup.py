@@ -83,7 +83,11 @@ class CMakeBuild(build_ext):
             built = next(build_dir.glob(f"{ext.target}*.so"))
             dest = Path(self.get_ext_fullpath(ext.name))
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(built, dest)
+            # Copy then rename: a process that has the old library mapped keeps its inode
+            # instead of crashing on a file rewritten under it (editable installs).
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
+            shutil.copyfile(built, tmp)
+            os.replace(tmp, dest)
 
 
 packages, package_dir = _find_packages()

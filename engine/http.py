@@ -87,7 +87,7 @@ class InferCall:
 
     __slots__ = ("protocol", "seq", "runner", "decoded", "token")
 
-    def __init__(self, protocol: "HttpProtocol", seq: int, runner, decoded: oip.DecodedInfer):
+    def __init__(self, protocol: "HttpProtocol", seq: int, runner, decoded: oip.DecodedInfer | None):
         self.protocol = protocol
         self.seq = seq
         self.runner = runner
@@ -101,7 +101,10 @@ class InferCall:
             return
         runner = self.runner
         if status == STATUS_OK:
-            body, header_length = runner.encoder.encode(self.decoded, payload)
+            if self.decoded is None:  # native JSON path: payload is the response body
+                body, header_length = payload, None
+            else:
+                body, header_length = runner.encoder.encode(self.decoded, payload)
             if header_length is None:
                 protocol.respond(
                     self.seq,

@@ -24,6 +24,7 @@ STATUS_CANCELLED = int(_core.Status.CANCELLED)
 STATUS_ERROR = int(_core.Status.ERROR)
 STATUS_SHUTDOWN = int(_core.Status.SHUTDOWN)
 STATUS_INVALID = int(_core.Status.INVALID)
+JSON_DECLINED = 100  # submit_json: not for the fast path
 
 _tokens = itertools.count(1)  # unique across models, so a token names one request
 
@@ -89,6 +90,14 @@ class ModelRunner:
             [self.batcher.input_buffers(e) for e in executors],
             [self.batcher.output_buffers(e) for e in executors],
         )
+        # Plain JSON requests (no parameters, no binary tensors) are parsed and answered
+        # natively when every datatype allows it; the rest take the general decoder.
+        self.json_fast = self.batcher.enable_json(
+            package.name,
+            package.version,
+            [(s.name, s.datatype, list(s.row_shape)) for s in package.inputs],
+            [(s.name, s.datatype, list(s.row_shape)) for s in package.outputs],
+        )
         self.ready = True
 
     def _run_batch(self, executor: int, rows: int) -> None:
@@ -132,6 +141,16 @@ class ModelRunner:
             self.waiting[token] = waiter
             return token
         return -status
+
+    def submit_json(self, waiter: Waiter, body: bytes, priority: int = 0, timeout_us: int = 0) -> int:
+        """Fast path for a JSON infer body: the token (> 0) when queued, 0 when the general
+        decoder must handle the request, or minus the batcher status when refused."""
+        token = next(_tokens)
+        status = self.batcher.submit_json(token, body, priority, timeout_us)
+        if status == STATUS_OK:
+            self.waiting[token] = waiter
+            return token
+        return 0 if status == JSON_DECLINED else -status
 
     def cancel(self, token: int) -> None:
         """The client went away: drop the request if it has not run yet."""

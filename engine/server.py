@@ -156,7 +156,13 @@ class App:
         if self.draining or not runner.ready:
             raise oip.ProtocolError(f"model {runner.name!r} is not accepting requests (draining)", 503)
         header_length = protocol.header_length
-        if header_length is not None:
+        if header_length is None and runner.json_fast:
+            call = InferCall(protocol, seq, runner, None)
+            token = runner.submit_json(call, body)
+            if token:
+                self._queued(protocol, seq, runner, call, token)
+                return
+        elif header_length is not None:
             try:
                 header_length = int(header_length)
             except ValueError:
@@ -167,22 +173,26 @@ class App:
             token = runner.submit(call, decoded.data, decoded.rows, decoded.priority, decoded.timeout_us)
         except (ValueError, TypeError) as exc:
             raise oip.ProtocolError(str(exc)) from None
-        if token < 0:
-            status = -token
-            self.count_failure(runner, "rejected" if status == STATUS_QUEUE_FULL else "bad_request")
-            if status == STATUS_QUEUE_FULL:
-                message, code = f"queue of model {runner.name!r} is full", 503
-            elif status == STATUS_SHUTDOWN:
-                message, code = f"model {runner.name!r} is shutting down", 503
-            elif status == STATUS_INVALID:
-                message, code = "invalid priority or timeout parameter", 400
-            else:
-                message, code = f"request refused (status {status})", 503
-            extra = b"retry-after: 1\r\n" if code == 503 else b""
-            protocol.respond(seq, http_response(code, error_body(message), extra=extra))
+        self._queued(protocol, seq, runner, call, token)
+
+    def _queued(self, protocol: HttpProtocol, seq: int, runner: ModelRunner, call: InferCall, token: int) -> None:
+        """Record a queued request, or answer a refusal (token = minus the batcher status)."""
+        if token > 0:
+            call.token = token
+            protocol.outstanding[token] = runner
             return
-        call.token = token
-        protocol.outstanding[token] = runner
+        status = -token
+        self.count_failure(runner, "rejected" if status == STATUS_QUEUE_FULL else "bad_request")
+        if status == STATUS_QUEUE_FULL:
+            message, code = f"queue of model {runner.name!r} is full", 503
+        elif status == STATUS_SHUTDOWN:
+            message, code = f"model {runner.name!r} is shutting down", 503
+        elif status == STATUS_INVALID:
+            message, code = "invalid priority or timeout parameter", 400
+        else:
+            message, code = f"request refused (status {status})", 503
+        extra = b"retry-after: 1\r\n" if code == 503 else b""
+        protocol.respond(seq, http_response(code, error_body(message), extra=extra))
 
     def _live(self, protocol, seq, runner, body) -> None:
         protocol.respond(seq, http_response(200, b'{"live":true}'))

@@ -152,6 +152,8 @@ Request* Batcher::Acquire(int64_t rows) {
 
 void Batcher::Release(Request* r) {
   r->error.clear();
+  r->json_response = false;
+  r->has_id = false;
   std::lock_guard<std::mutex> lk(pool_mu_);
   free_.push_back(r);
 }

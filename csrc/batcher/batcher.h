@@ -102,6 +102,11 @@ struct Request {
   Clock::time_point deadline = Clock::time_point::max();
   std::vector<uint8_t> input;   // input i at input_offset(i): rows * row_bytes[i]
   std::vector<uint8_t> output;  // output j at output_offset(j)
+  // Requests that came through the JSON fast path: the response body is formatted
+  // natively, echoing the request id.
+  bool json_response = false;
+  bool has_id = false;
+  std::string id;
   std::list<Request*>::iterator queue_pos;
   std::multimap<Clock::time_point, Request*>::iterator deadline_pos;
   bool queued = false;

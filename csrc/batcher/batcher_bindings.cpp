@@ -9,8 +9,10 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "batcher/batcher.h"
+#include "batcher/oip_json.h"
 
 namespace py = pybind11;
 
@@ -330,19 +332,76 @@ class PyBatcher {
     return static_cast<int>(s);
   }
 
-  // [(token, status, payload)]: payload is every output's bytes, back to back, or the
-  // error text.
+  // Turns on the native JSON path; false when a datatype has none (the general path then
+  // serves every request).
+  bool EnableJson(const std::string& model_name, const std::string& model_version,
+                  const std::vector<std::tuple<std::string, std::string, std::vector<int64_t>>>& inputs,
+                  const std::vector<std::tuple<std::string, std::string, std::vector<int64_t>>>& outputs) {
+    auto convert = [](const std::vector<std::tuple<std::string, std::string, std::vector<int64_t>>>& specs) {
+      std::vector<JsonTensor> out;
+      for (const auto& [name, datatype, row_shape] : specs) {
+        int64_t elements = 1;
+        for (int64_t d : row_shape) elements *= d;
+        out.push_back({name, datatype, JsonTypeFromName(datatype), row_shape, elements});
+      }
+      return out;
+    };
+    auto codec = std::make_unique<OipJsonCodec>(model_name, model_version, convert(inputs), convert(outputs));
+    if (codec->usable()) json_ = std::move(codec);
+    return json_ != nullptr;
+  }
+
+  // Fast path for a JSON infer body: returns a Status code (0: queued), or kDeclined
+  // when the request must go through the general decoder instead.
+  static constexpr int kDeclined = 100;
+  int SubmitJson(uint64_t token, py::buffer body, int priority, int64_t timeout_us) {
+    if (!json_) return kDeclined;
+    Py_buffer view;
+    if (PyObject_GetBuffer(body.ptr(), &view, PyBUF_SIMPLE) != 0) {
+      PyErr_Clear();
+      return kDeclined;
+    }
+    const char* data = static_cast<const char*>(view.buf);
+    std::vector<std::pair<const char*, const char*>> spans;
+    std::string id;
+    bool has_id = false;
+    const int64_t rows = json_->Parse(data, static_cast<size_t>(view.len), &spans, &id, &has_id);
+    int result = kDeclined;
+    if (rows > 0) {
+      Request* r = batcher_->Acquire(rows);
+      if (json_->Fill(spans, rows, r->input.data())) {
+        r->json_response = true;
+        r->has_id = has_id;
+        r->id = std::move(id);
+        const Status s = batcher_->Enqueue(r, token, priority, timeout_us);
+        if (s != Status::kOk) batcher_->Release(r);
+        result = static_cast<int>(s);
+      } else {
+        batcher_->Release(r);
+      }
+    }
+    PyBuffer_Release(&view);
+    return result;
+  }
+
+  // [(token, status, payload)]: payload is every output's bytes, back to back (or, for
+  // a fast-path JSON request, the response body), or the error text.
   py::list Drain() {
     std::vector<Request*> done = batcher_->Drain();
     py::list out(done.size());
     for (size_t k = 0; k < done.size(); ++k) {
       Request* r = done[k];
       const Status s = r->status.load();
-      PyObject* payload =
-          s == Status::kOk
-              ? PyBytes_FromStringAndSize(reinterpret_cast<const char*>(r->output.data()),
-                                          static_cast<Py_ssize_t>(r->output.size()))
-              : PyUnicode_FromString(r->error.empty() ? StatusName(s) : r->error.c_str());
+      PyObject* payload;
+      if (s != Status::kOk) {
+        payload = PyUnicode_FromString(r->error.empty() ? StatusName(s) : r->error.c_str());
+      } else if (r->json_response) {
+        const std::string body = json_->Format(r->output.data(), r->rows, r->id, r->has_id);
+        payload = PyBytes_FromStringAndSize(body.data(), static_cast<Py_ssize_t>(body.size()));
+      } else {
+        payload = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(r->output.data()),
+                                            static_cast<Py_ssize_t>(r->output.size()));
+      }
       PyObject* tuple = PyTuple_New(3);
       PyTuple_SET_ITEM(tuple, 0, PyLong_FromUnsignedLongLong(r->token));
       PyTuple_SET_ITEM(tuple, 1, PyLong_FromLong(static_cast<long>(s)));
@@ -406,6 +465,7 @@ class PyBatcher {
 
  private:
   py::object execute_;
+  std::unique_ptr<OipJsonCodec> json_;
   std::vector<const DTypeInfo*> input_dtypes_;
   std::vector<int64_t> input_row_elems_;
   std::unique_ptr<Batcher> batcher_;
@@ -431,6 +491,12 @@ it reads `rows` rows from input_buffers(executor) and writes output_buffers(exec
       .def("submit", &PyBatcher::Submit, py::arg("token"), py::arg("inputs"), py::arg("rows"),
            py::arg("priority") = 0, py::arg("timeout_us") = 0)
       .def("drain", &PyBatcher::Drain)
+      .def("enable_json", &PyBatcher::EnableJson, py::arg("model_name"), py::arg("model_version"),
+           py::arg("inputs"), py::arg("outputs"),
+           "Native JSON fast path: inputs/outputs as (name, datatype, row_shape); False if unsupported")
+      .def("submit_json", &PyBatcher::SubmitJson, py::arg("token"), py::arg("body"), py::arg("priority") = 0,
+           py::arg("timeout_us") = 0,
+           "Queue a JSON infer body; returns a Status code, or 100 when the general path must decode it")
       .def("run_ready", &PyBatcher::RunReady,
            "Inline mode: run the batches ready now; returns microseconds until the next is due, or -1")
       .def("cancel", &PyBatcher::Cancel, py::arg("token"))

@@ -21,6 +21,8 @@ from vivace.registry.package import ModelPackage, PackageError, load_package
 from .spec import MLPSpec, SpecError
 
 NATIVE_PLATFORM = "native_mlp"
+# forward/forward_into release the GIL when rows * MACs per row reaches this (kernels_bindings.cpp).
+GIL_RELEASE_MACS = 1 << 18
 
 
 class NativeMLPBackend:
@@ -29,8 +31,6 @@ class NativeMLPBackend:
     Thread-safe: `run`/`run_into` may be called from several threads at once; large
     batches release the GIL inside the kernel.
     """
-
-    preferred_execution = "threads"
 
     def __init__(
         self,
@@ -80,6 +80,11 @@ class NativeMLPBackend:
             raise PackageError(f"{package.name}: {exc}") from None
         self.forward = self.model.forward
         self.forward_into = self.model.forward_into
+
+    @property
+    def preferred_execution(self) -> str:
+        """"threads" when a full batch is long enough for the kernel to release the GIL, else "inline"."""
+        return "threads" if self.package.max_batch_size * self.model.macs_per_row >= GIL_RELEASE_MACS else "inline"
 
     @property
     def level(self) -> str:

@@ -1,0 +1,176 @@
+"""A three-layer MLP (Linear+act, Linear+act, Linear+act) in one Triton kernel.
+
+Each program takes BLOCK_M rows through all three layers; the hidden activations stay
+on-chip (registers), never written to memory. Precisions:
+  fp16  fp16 weights and activations, fp32 accumulation, fp32 bias/activation
+  int8  W8A8: int8 weights with per-output-channel scales; activations quantised per row
+        (symmetric, amax/127) inside the kernel before each layer; int32 accumulation
+  fp8   e4m3 weights with per-output-channel scales; activations per row (amax/448);
+        fp32 accumulation
+Limits: feature widths are padded to powers of two >= 16, and every width must be <= 256
+(the hidden rows of a block are held whole). A row holding NaN/Inf gives NaN outputs in
+int8/fp8 (its scale is NaN) and follows IEEE arithmetic in fp16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "sigmoid": 3, "tanh": 4}
+PRECISIONS = ("fp16", "int8", "fp8")
+MAX_WIDTH = 256
+FP8_MAX = 448.0
+
+
+@triton.jit
+def _activation(h, ACT: tl.constexpr):
+    if ACT == 1:
+        h = tl.maximum(h, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch
+    elif ACT == 2:
+        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    elif ACT == 3:
+        h = tl.sigmoid(h)
+    elif ACT == 4:
+        h = 2.0 * tl.sigmoid(2.0 * h) - 1.0
+    return h
+
+
+@triton.jit
+def _layer(h, w_ptr, s_ptr, b_ptr, K: tl.constexpr, N: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr):
+    """One Linear+act on an fp32 block h [BLOCK_M, K]; weights pre-transposed [K, N]."""
+    k = tl.arange(0, K)
+    n = tl.arange(0, N)
+    w = tl.load(w_ptr + k[:, None] * N + n[None, :])
+    if MODE == 0:  # fp16
+        acc = tl.dot(h.to(tl.float16), w, out_dtype=tl.float32)
+    else:
+        amax = tl.max(tl.abs(h), axis=1)
+        if MODE == 1:  # int8: symmetric per-row scale
+            row_scale = amax / 127.0
+            inv = 127.0 / tl.maximum(amax, 1e-30)  # all-zero row: q = 0
+            t = h * inv[:, None]
+            q = tl.minimum(tl.maximum(tl.floor(t + 0.5), -127.0), 127.0).to(tl.int8)
+            acc = tl.dot(q, w, out_dtype=tl.int32).to(tl.float32)
+        else:  # fp8 e4m3
+            row_scale = amax / 448.0
+            inv = 448.0 / tl.maximum(amax, 1e-30)
+            q = tl.minimum(tl.maximum(h * inv[:, None], -448.0), 448.0).to(tl.float8e4nv)
+            acc = tl.dot(q, w, out_dtype=tl.float32)
+        # A row holding NaN/Inf gets NaN outputs (max and clamps may drop NaN; a sum does not).
+        poison = tl.sum(h * 0.0, axis=1)
+        row_scale = tl.where(poison == 0.0, row_scale, float("nan"))
+        acc = acc * row_scale[:, None] * tl.load(s_ptr + n)[None, :]
+    return _activation(acc + tl.load(b_ptr + n)[None, :], ACT)
+
+
+@triton.jit
+def _mlp3_kernel(
+    x_ptr, y_ptr, M, IN_REAL, OUT_REAL, stride_x, stride_y,
+    w1, s1, b1, w2, s2, b2, w3, s3, b3,
+    K0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
+    ACT1: tl.constexpr, ACT2: tl.constexpr, ACT3: tl.constexpr,
+    MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, K0)
+    x = tl.load(
+        x_ptr + rows[:, None] * stride_x + cols[None, :],
+        mask=(rows[:, None] < M) & (cols[None, :] < IN_REAL), other=0.0,
+    ).to(tl.float32)
+    h = _layer(x, w1, s1, b1, K0, N1, ACT1, MODE)
+    h = _layer(h, w2, s2, b2, N1, N2, ACT2, MODE)
+    y = _layer(h, w3, s3, b3, N2, N3, ACT3, MODE)
+    out = tl.arange(0, N3)
+    tl.store(y_ptr + rows[:, None] * stride_y + out[None, :], y, mask=(rows[:, None] < M) & (out[None, :] < OUT_REAL))
+
+
+def _width(n: int) -> int:
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+@dataclass
+class _Layer:
+    weight: Any  # [K_pad, N_pad], transposed, in the kernel's weight dtype
+    scale: Any   # [N_pad] fp32 per-output-channel scale (ones for fp16)
+    bias: Any    # [N_pad] fp32
+    act: int
+
+
+class TritonMLP:
+    """The fused kernel for one 3-layer MLP; `forward(x)` maps float [rows, in] -> float32 [rows, out]."""
+
+    def __init__(
+        self,
+        weights: list[np.ndarray],
+        biases: list[np.ndarray],
+        activations: list[str],
+        precision: str = "fp16",
+        device: str | torch.device = "cuda",
+        block_m: int = 64,
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if not (len(weights) == len(biases) == len(activations) == 3):
+            raise ValueError("the fused Triton kernel takes exactly 3 Linear layers")
+        widths = [weights[0].shape[1]] + [w.shape[0] for w in weights]
+        for i, w in enumerate(weights):
+            if w.shape[1] != widths[i]:
+                raise ValueError(f"layer {i}: {w.shape[1]} inputs do not match the previous {widths[i]} outputs")
+        if max(widths) > MAX_WIDTH:
+            raise ValueError(f"feature widths {widths}: the fused kernel holds rows whole, at most {MAX_WIDTH} wide")
+        unknown = [a for a in activations if a not in ACTIVATIONS]
+        if unknown:
+            raise ValueError(f"unknown activation(s) {unknown}; expected {list(ACTIVATIONS)}")
+        self.precision, self.device, self.block_m = precision, torch.device(device), block_m
+        self.in_features, self.out_features = widths[0], widths[-1]
+        self.padded = [_width(w) for w in widths]
+        self.layers = [
+            self._prepare(np.asarray(w, np.float32), np.asarray(b, np.float32), ACTIVATIONS[a], k_pad, n_pad)
+            for w, b, a, k_pad, n_pad in zip(weights, biases, activations, self.padded, self.padded[1:])
+        ]
+
+    def _prepare(self, w: np.ndarray, b: np.ndarray, act: int, k_pad: int, n_pad: int) -> _Layer:
+        n, k = w.shape
+        wt = np.zeros((k_pad, n_pad), np.float32)
+        wt[:k, :n] = w.T
+        scale = np.ones(n_pad, np.float32)
+        if self.precision == "fp16":
+            weight = torch.from_numpy(wt).to(torch.float16)
+        else:
+            top = 127.0 if self.precision == "int8" else FP8_MAX
+            amax = np.abs(wt).max(axis=0)
+            scale = np.where(amax > 0, amax / top, 1.0).astype(np.float32)
+            scaled = wt / scale[None, :]
+            if self.precision == "int8":
+                weight = torch.from_numpy(np.clip(np.rint(scaled), -127, 127).astype(np.int8))
+            else:
+                weight = torch.from_numpy(scaled).to(torch.float8_e4m3fn)
+        bias = np.zeros(n_pad, np.float32)
+        bias[:n] = b
+        to = dict(device=self.device)
+        return _Layer(weight.to(**to).contiguous(), torch.from_numpy(scale).to(**to), torch.from_numpy(bias).to(**to), act)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"x must have shape [rows, {self.in_features}], got {list(x.shape)}")
+        x = x.to(self.device).contiguous()
+        rows = x.shape[0]
+        if out is None:
+            out = torch.empty((rows, self.out_features), dtype=torch.float32, device=self.device)
+        if rows == 0:
+            return out
+        l1, l2, l3 = self.layers
+        grid = (triton.cdiv(rows, self.block_m),)
+        _mlp3_kernel[grid](
+            x, out, rows, self.in_features, self.out_features, x.stride(0), out.stride(0),
+            l1.weight, l1.scale, l1.bias, l2.weight, l2.scale, l2.bias, l3.weight, l3.scale, l3.bias,
+            K0=self.padded[0], N1=self.padded[1], N2=self.padded[2], N3=self.padded[3],
+            ACT1=l1.act, ACT2=l2.act, ACT3=l3.act,
+            MODE=PRECISIONS.index(self.precision), BLOCK_M=self.block_m,
+        )
+        return out
