@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     serve.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout)
     serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
     serve.add_argument("--log-level", default=os.environ.get("VIVACE_LOG_LEVEL", "INFO"))
+    serve.add_argument("--follow-interval", type=float, default=1.0,
+                       help="seconds between checks that a served NAME@ALIAS still points to the same version")
     serve.set_defaults(func=_serve)
 
     score = subparsers.add_parser(
@@ -55,34 +57,53 @@ def register(subparsers) -> None:
     score.set_defaults(func=_score)
 
 
-def resolve_package(ref: str, home: str) -> Path:
-    """A package directory, or NAME@ALIAS / NAME/VERSION resolved through the registry."""
-    path = Path(ref)
-    if path.is_dir():
-        return path
+def is_registry_ref(ref: str) -> bool:
+    """NAME@ALIAS or NAME/VERSION (and not an existing directory)."""
+    if Path(ref).is_dir():
+        return False
     name, _, version = ref.partition("/")
-    if "@" in ref or (version.isdigit() and name and not name.startswith(".")):
-        try:
-            from vivace.registry import resolve
-        except ImportError:
-            raise VivaceCLIError(f"{ref}: not a package directory, and the registry is not available") from None
-        return Path(resolve(home, ref))
-    raise VivaceCLIError(f"{ref}: not a package directory (and not NAME@ALIAS)")
+    return "@" in ref or (version.isdigit() and bool(name) and not name.startswith("."))
+
+
+def resolve_package(ref: str, home: str):
+    """Load a package directory, or NAME@ALIAS / NAME/VERSION through the registry.
+
+    Registry packages are served under their registered name and version number.
+    """
+    from vivace.registry.package import load_package
+
+    if not is_registry_ref(ref):
+        if not Path(ref).is_dir():
+            raise VivaceCLIError(f"{ref}: not a package directory (and not NAME@ALIAS)")
+        return load_package(ref)
+    from vivace.registry.models import get_version, package_path
+    from vivace.registry.store import open_home
+
+    registry = open_home(home)
+    version = get_version(registry, ref)
+    package = load_package(package_path(registry, version.package_sha), verify=False)  # package_path verified it
+    package.name = version.name
+    package.version = str(version.version)
+    return package
 
 
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvloop
 
-    from vivace.registry.package import load_package
-
     from .runtime import ModelRunner
     from .server import serve
 
-    runners = []
+    def build(ref: str) -> ModelRunner:
+        package = resolve_package(ref, args.home)
+        return ModelRunner(package, device=args.device, num_threads=args.threads, execution=args.execution)
+
+    runners, followers = [], []
     for ref in args.models:
-        package = load_package(resolve_package(ref, args.home))
-        runners.append(ModelRunner(package, device=args.device, num_threads=args.threads, execution=args.execution))
+        runner = build(ref)
+        runners.append(runner)
+        if is_registry_ref(ref) and "@" in ref:
+            followers.append(_follower(ref, runner, args, build))
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -93,7 +114,22 @@ def _serve(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         drain_timeout=args.drain_timeout,
     )
-    return uvloop.run(serve(runners, config))
+    return uvloop.run(serve(runners, config, followers=followers))
+
+
+def _follower(ref: str, runner, args: argparse.Namespace, build):
+    from vivace.registry.models import get_version
+
+    from .server import AliasFollower
+
+    def current() -> str:
+        return str(get_version(args.home, ref).version)
+
+    def load(version: str):
+        name = ref.partition("@")[0]
+        return build(f"{name}/{version}")
+
+    return AliasFollower(ref, runner, current, load, interval=args.follow_interval)
 
 
 def _read_table(path: Path, columns: str | None):

@@ -67,6 +67,12 @@ class App:
             self.latest[runner.name] = runner
         self._routes = {}
 
+    def replace_model(self, old: ModelRunner, new: ModelRunner) -> None:
+        """Route `old`'s name to `new` from now on; requests already queued on `old` finish there."""
+        self.models[new.name] = {new.version: new}
+        self.latest[new.name] = new
+        self._routes = {}
+
     def runners(self) -> list[ModelRunner]:
         return [r for versions in self.models.values() for r in versions.values()]
 
@@ -308,11 +314,53 @@ def triton_stats(runner: ModelRunner) -> dict[str, Any]:
     }
 
 
+class AliasFollower:
+    """Keeps a served `name@alias` on the version the alias points to.
+
+    `current()` returns the version the registry resolves now; `load(version)` builds a
+    runner for it (in a worker thread: loading a model must not stall the loop). When the
+    alias moves - a promotion or a rollback - the new version takes new requests at once
+    and the old one finishes what it had queued, then closes: no request fails.
+    """
+
+    def __init__(self, ref: str, runner: ModelRunner, current, load, interval: float = 1.0):
+        self.ref = ref
+        self.runner = runner
+        self.current = current
+        self.load = load
+        self.interval = interval
+
+    async def follow(self, app: App) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                version = await loop.run_in_executor(None, self.current)
+                if version == self.runner.version:
+                    continue
+                new = await loop.run_in_executor(None, self.load, version)
+            except Exception as exc:  # the registry or the new package failed: keep serving
+                log.error("%s: cannot follow to the new version: %s", self.ref, exc)
+                continue
+            old, self.runner = self.runner, new
+            new.attach(loop)
+            app.replace_model(old, new)
+            log.info("%s moved: serving %s version %s (was %s)", self.ref, new.name, new.version, old.version)
+            loop.create_task(_retire(old))
+
+
+async def _retire(runner: ModelRunner) -> None:
+    while runner.waiting:
+        await asyncio.sleep(0.01)
+    runner.close(drain=True)
+
+
 async def serve(
     runners: list[ModelRunner],
     config: ServerConfig,
     ready: asyncio.Future | None = None,
     sock: socket.socket | None = None,
+    followers: list[AliasFollower] = (),
 ) -> int:
     """Serve until SIGTERM/SIGINT, then drain: answer accepted requests, refuse new ones."""
     loop = asyncio.get_running_loop()
@@ -342,6 +390,7 @@ async def serve(
             app.sweep()
 
     sweep_task = loop.create_task(sweeper())
+    follow_tasks = [loop.create_task(f.follow(app)) for f in followers]
     # Start-up allocated a large heap (torch); freezing it keeps full collections from
     # scanning it and pausing the loop for tens of milliseconds under load.
     gc.collect()
@@ -354,12 +403,14 @@ async def serve(
         await stop
     finally:
         server.close()  # stop accepting: new connections are refused from here on
+        for task in follow_tasks:
+            task.cancel()
         app.begin_drain()
         deadline = time.monotonic() + config.drain_timeout
         while app.in_flight() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
             app.begin_drain()
-        for runner in runners:
+        for runner in app.runners():
             runner.close(drain=True)
         for conn in list(app.connections):
             conn.transport.close()
