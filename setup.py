@@ -31,8 +31,11 @@ def _find_packages():
     """Map every package folder below the top-level idea folders to vivace.<folder>."""
     packages, package_dir = ["vivace"], {"vivace": "vivace"}
     for top in SUBPACKAGES:
-        for init in sorted((ROOT / top).rglob("__init__.py")):
-            rel = init.parent.relative_to(ROOT)
+        folders = {init.parent for init in (ROOT / top).rglob("__init__.py")}
+        # data/ folders hold package data (configs, scripts), installed as data packages.
+        folders |= {d for d in (ROOT / top).rglob("data") if d.is_dir() and "__pycache__" not in d.parts}
+        for folder in sorted(folders):
+            rel = folder.relative_to(ROOT)
             name = "vivace." + ".".join(rel.parts)
             packages.append(name)
             package_dir[name] = rel.as_posix()
@@ -96,7 +99,7 @@ setup(
     version=VERSION,
     packages=packages,
     package_dir=package_dir,
-    package_data={name: ["*.pyi", "py.typed", "*.json", "*.yaml", "*.lua", "*.html", "data/*"] for name in packages},
+    package_data={name: ["*.pyi", "py.typed", "*.json", "*.yaml", "*.yml", "*.lua", "*.html", "*.csv"] for name in packages},
     ext_modules=[CMakeExtension("vivace._core", target="_core")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
