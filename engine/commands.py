@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -38,6 +39,12 @@ def register(subparsers) -> None:
     serve.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout)
     serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
     serve.add_argument("--log-level", default=os.environ.get("VIVACE_LOG_LEVEL", "INFO"))
+    serve.add_argument("--drift-interval", type=float, default=10.0,
+                       help="seconds between drift checks of models whose package has a reference profile")
+    serve.add_argument("--drift-window", type=int, default=10_000, help="rows in the sliding drift window")
+    serve.add_argument("--drift-webhook", default=None, help="POST drift alerts to this URL")
+    serve.add_argument("--drift-command", default=None, help="command run on a drift alert (retraining trigger)")
+    serve.add_argument("--no-drift", action="store_true", help="do not sketch inputs and predictions")
     serve.add_argument("--follow-interval", type=float, default=1.0,
                        help="seconds between checks that a served NAME@ALIAS still points to the same version")
     serve.set_defaults(func=_serve)
@@ -96,7 +103,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     def build(ref: str) -> ModelRunner:
         package = resolve_package(ref, args.home)
-        return ModelRunner(package, device=args.device, num_threads=args.threads, execution=args.execution)
+        runner = ModelRunner(package, device=args.device, num_threads=args.threads, execution=args.execution)
+        if runner.has_profile and not args.no_drift:
+            from vivace.monitor.alerts import AlertConfig
+
+            alerts = AlertConfig(webhook_url=args.drift_webhook,
+                                 command=shlex.split(args.drift_command) if args.drift_command else None)
+            runner.enable_drift(args.drift_interval, args.drift_window, alerts)
+        return runner
 
     runners, followers = [], []
     for ref in args.models:

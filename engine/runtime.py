@@ -69,6 +69,7 @@ class ModelRunner:
         if self.execution not in ("inline", "threads"):
             raise ValueError(f"execution must be 'inline' or 'threads', got {self.execution!r}")
         self._timer: asyncio.TimerHandle | None = None
+        self.drift = None  # a DriftMonitor once enable_drift() ran
         self.batcher = _core.Batcher(
             model_name=package.name,
             max_batch_size=package.max_batch_size,
@@ -99,6 +100,22 @@ class ModelRunner:
             [(s.name, s.datatype, list(s.row_shape)) for s in package.outputs],
         )
         self.ready = True
+
+    @property
+    def has_profile(self) -> bool:
+        """The package carries a reference profile of its training data (drift monitoring)."""
+        return (self.package.path / self.package.metadata.get("profile", "profile.json")).is_file()
+
+    def enable_drift(self, interval_s: float = 5.0, window_rows: int = 10_000, alerts: Any = None) -> None:
+        """Sketch every batch's inputs and predictions natively and check drift periodically."""
+        from vivace.monitor.alerts import AlertConfig, DriftMonitor
+        from vivace.monitor.sketch import Window, sketches_for_package
+
+        inputs, predictions = sketches_for_package(self.package, Window(kind="rows", span=window_rows))
+        self.batcher.attach_sketches(inputs.native, predictions.native if predictions else None)
+        self.drift = DriftMonitor(self.name, self.version, [s for s in (inputs, predictions) if s],
+                                  config=alerts or AlertConfig())
+        self.drift.start(interval_s)
 
     def _run_batch(self, executor: int, rows: int) -> None:
         self._execute(executor, rows)
@@ -170,6 +187,8 @@ class ModelRunner:
     def close(self, drain: bool = True) -> None:
         """Stop the batcher (running queued requests when drain) and answer what is left."""
         self.ready = False
+        if self.drift is not None:
+            self.drift.stop()
         if self._timer is not None:
             self._timer.cancel()
         self.batcher.shutdown(drain)

@@ -7,6 +7,7 @@ Routes (KServe v2 / Open Inference Protocol REST, plus Triton's extensions):
   GET  /v2/models/{m}[/versions/{v}]/ready
   GET  /v2/models/{m}[/versions/{v}]/config     Triton model configuration (perf_analyzer)
   GET  /v2/models[/{m}[/versions/{v}]]/stats    Triton statistics extension
+  GET  /v2/models/{m}[/versions/{v}]/drift      drift statistics against the reference profile
   POST /v2/models/{m}[/versions/{v}]/infer      JSON or binary tensor extension
   GET  /metrics                                 Prometheus text format
 """
@@ -146,6 +147,7 @@ class App:
                 "ready": (b"GET", self._model_ready),
                 "config": (b"GET", self._model_config),
                 "stats": (b"GET", self._stats),
+                "drift": (b"GET", self._drift),
             }.get(tail[0])
             if action:
                 return self._method(method, *action), runner
@@ -234,6 +236,13 @@ class App:
     def _stats(self, protocol, seq, runner: ModelRunner | None, body) -> None:
         runners = [runner] if runner is not None else self.runners()
         protocol.respond(seq, _ok({"model_stats": [triton_stats(r) for r in runners]}))
+
+    def _drift(self, protocol, seq, runner: ModelRunner, body) -> None:
+        if runner.drift is None:
+            raise oip.ProtocolError(
+                f"model {runner.name!r} version {runner.version} has no drift monitoring "
+                "(its package carries no reference profile)", 404)
+        protocol.respond(seq, _ok(runner.drift.status()))
 
     def _metrics(self, protocol, seq, runner, body) -> None:
         text, content_type = render_metrics(self.metrics)

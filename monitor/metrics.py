@@ -76,6 +76,16 @@ class MetricsCollector:
                 family.add_metric(labels, _buckets(bounds, counts), total)
         for (model, version, reason), count in sorted(self.source.failures.items()):
             failures.add_metric([model, version, reason], count)
+        drift = GaugeMetricFamily(
+            "vivace_drift_statistic",
+            "Drift of each feature against the reference profile (psi, js, ks, wasserstein_norm, drifted)",
+            labels=[*LABELS, "feature", "statistic"],
+        )
+        for runner in runners:
+            monitor = getattr(runner, "drift", None)
+            if monitor is not None:
+                for feature, statistic, value in monitor.gauge_samples():
+                    drift.add_metric([runner.name, runner.version, feature, statistic], value)
         http_errors = CounterMetricFamily("vivace_http_errors", "HTTP error responses by status code", labels=["code"])
         for code, count in sorted(self.source.http_errors.items()):
             http_errors.add_metric([str(code)], count)
@@ -87,6 +97,7 @@ class MetricsCollector:
         yield ready
         yield from phases.values()
         yield from histograms.values()
+        yield drift
         yield http_errors
 
 

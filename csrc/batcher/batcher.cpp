@@ -402,6 +402,13 @@ void Batcher::ExecuteBatch(int executor, std::vector<Slice>* slices_in, std::vec
   } catch (...) {
     error = "backend raised an unknown exception";
   }
+  if (error.empty() && after_batch_) {
+    try {
+      after_batch_(executor, batch_rows);
+    } catch (...) {
+      // Monitoring must never fail the requests it observes.
+    }
+  }
   const auto t_executed = Clock::now();
   for (const Slice& s : slices) {
     Request* r = s.request;

@@ -135,6 +135,10 @@ class Batcher {
   int64_t RunReady();
   int notify_fd() const { return notify_fd_; }
 
+  // Called after every successful batch, with the executor's batch buffers still holding
+  // its inputs and outputs (drift sketches count them here). Set before the first request.
+  void set_after_batch(ExecuteFn hook) { after_batch_ = std::move(hook); }
+
   // Stop accepting; with drain, queued requests still run, otherwise they fail with
   // kShutdown. Joins the executors. Idempotent.
   void Shutdown(bool drain);
@@ -170,6 +174,7 @@ class Batcher {
 
   BatcherConfig config_;
   ExecuteFn execute_;
+  ExecuteFn after_batch_;
   std::vector<int64_t> input_prefix_, output_prefix_;  // byte offset per row count
   int64_t input_bytes_per_row_ = 0, output_bytes_per_row_ = 0;
   std::vector<std::vector<std::vector<uint8_t>>> batch_inputs_, batch_outputs_;

@@ -13,6 +13,7 @@
 
 #include "batcher/batcher.h"
 #include "batcher/oip_json.h"
+#include "sketch/sketch.h"
 
 namespace py = pybind11;
 
@@ -332,6 +333,26 @@ class PyBatcher {
     return static_cast<int>(s);
   }
 
+  // Counts every batch's input rows (first input) and output rows (first output) into
+  // drift sketches, natively and without the GIL. Both must be FP32.
+  void AttachSketches(py::object input_sketch, py::object output_sketch) {
+    const auto& c = batcher_->config();
+    if (input_dtypes_.empty() || input_dtypes_[0]->type != DType::kF32)
+      throw py::value_error("drift sketches need an FP32 first input");
+    std::shared_ptr<DriftSketch> in, out;
+    if (!input_sketch.is_none()) in = input_sketch.cast<std::shared_ptr<DriftSketch>>();
+    if (!output_sketch.is_none()) out = output_sketch.cast<std::shared_ptr<DriftSketch>>();
+    const int64_t in_stride = input_row_elems_[0];
+    const int64_t out_stride = c.output_row_bytes.empty() ? 0 : c.output_row_bytes[0] / 4;
+    if (in && in->min_row_stride() > in_stride) throw py::value_error("input sketch reads past the input row");
+    if (out && out->min_row_stride() > out_stride) throw py::value_error("prediction sketch reads past the output row");
+    Batcher* b = batcher_.get();
+    batcher_->set_after_batch([b, in, out, in_stride, out_stride](int executor, int64_t rows) {
+      if (in) in->Update(reinterpret_cast<const float*>(b->input_buffer(executor, 0)), rows, in_stride);
+      if (out) out->Update(reinterpret_cast<const float*>(b->output_buffer(executor, 0)), rows, out_stride);
+    });
+  }
+
   // Turns on the native JSON path; false when a datatype has none (the general path then
   // serves every request).
   bool EnableJson(const std::string& model_name, const std::string& model_version,
@@ -491,6 +512,8 @@ it reads `rows` rows from input_buffers(executor) and writes output_buffers(exec
       .def("submit", &PyBatcher::Submit, py::arg("token"), py::arg("inputs"), py::arg("rows"),
            py::arg("priority") = 0, py::arg("timeout_us") = 0)
       .def("drain", &PyBatcher::Drain)
+      .def("attach_sketches", &PyBatcher::AttachSketches, py::arg("input_sketch"), py::arg("output_sketch"),
+           "Count each batch's first input and first output into DriftSketch objects (or None)")
       .def("enable_json", &PyBatcher::EnableJson, py::arg("model_name"), py::arg("model_version"),
            py::arg("inputs"), py::arg("outputs"),
            "Native JSON fast path: inputs/outputs as (name, datatype, row_shape); False if unsupported")

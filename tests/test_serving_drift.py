@@ -1,0 +1,101 @@
+"""Online drift in the serving path: a package with a reference profile is sketched per
+batch in C++; /v2/models/{m}/drift and the Prometheus gauges report the statistics."""
+from __future__ import annotations
+
+import http.client
+import json
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def profiled_package(tmp_path_factory, mlp_package):
+    from vivace.engine import Scorer
+    from vivace.monitor.drift import build_profile
+    from vivace.registry.package import load_package, write_package
+
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((20_000, 32)).astype(np.float32)
+    predictions = Scorer(mlp_package).predict(reference)
+    columns = {f"f{i}": reference[:, i] for i in range(32)}
+    profile = build_profile(columns, predictions=predictions)
+    manifest = load_package(mlp_package).manifest()
+    manifest["metadata"] = {"profile": "profile.json"}
+    path = tmp_path_factory.mktemp("profiled") / "mlp"
+    write_package(path, manifest, {"model.pt": (mlp_package / "model.pt").read_bytes(),
+                                   "profile.json": json.dumps(profile).encode()})
+    return path
+
+
+def post_rows(port, rows: np.ndarray):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for start in range(0, len(rows), 100):
+        chunk = rows[start:start + 100]
+        body = json.dumps({"inputs": [{"name": "input__0", "shape": list(chunk.shape), "datatype": "FP32",
+                                       "data": chunk.ravel().tolist()}]})
+        conn.request("POST", "/v2/models/mlp/infer", body)
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        response.read()
+    conn.close()
+
+
+def get(port, path):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not reached")
+
+
+def test_drift_endpoint_and_gauges_follow_the_traffic(profiled_package):
+    server = ServerProcess([profiled_package], "--drift-interval", "0.2", "--drift-window", "3000")
+    try:
+        rng = np.random.default_rng(1)
+        post_rows(server.port, rng.standard_normal((3000, 32)).astype(np.float32))
+
+        def status():
+            code, body = get(server.port, "/v2/models/mlp/drift")
+            assert code == 200, body
+            doc = json.loads(body)
+            return doc if doc["rows"] >= 3000 else None
+
+        calm = wait_for(status)
+        assert calm["drifting"] == []
+        names = {f["name"] for f in calm["features"]}
+        assert {"f0", "f31", "prediction"} <= names
+
+        shifted = rng.standard_normal((3000, 32)).astype(np.float32)
+        shifted[:, 3] += 1.0
+        shifted[:, 7] *= 3.0
+        post_rows(server.port, shifted)
+
+        def drifted():
+            doc = json.loads(get(server.port, "/v2/models/mlp/drift")[1])
+            return doc if {"f3", "f7"} <= set(doc["drifting"]) else None
+
+        doc = wait_for(drifted)
+        assert "f0" not in doc["drifting"]
+        metrics = get(server.port, "/metrics")[1].decode()
+        assert 'vivace_drift_statistic{feature="f3",model="mlp",statistic="drifted",version="1"} 1.0' in metrics
+        assert 'vivace_drift_statistic{feature="f0",model="mlp",statistic="drifted",version="1"} 0.0' in metrics
+    finally:
+        assert server.stop() == 0
+
+
+def test_model_without_profile_has_no_drift_route(server):
+    code, body = get(server.port, "/v2/models/mlp/drift")
+    assert code == 404 and "reference profile" in json.loads(body)["error"]
