@@ -1,0 +1,457 @@
+"""`vivace data|models|runs|train|audit`: the model lifecycle commands.
+
+Heavy imports (pandas, torch) happen inside the handlers so that `vivace --help` and the
+commands that do not need them stay fast.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import sys
+from typing import Any
+from collections.abc import Callable
+
+from .package import PackageError
+from .store import Home, RegistryError
+
+
+def _handler(func: Callable[[argparse.Namespace, Home], int | None]) -> Callable[[argparse.Namespace], int]:
+    """Open the home, run the command, turn user errors into one line on stderr and exit 1."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            with Home(args.home) as home:
+                return int(func(args, home) or 0)
+        except (RegistryError, PackageError) as exc:
+            print(f"vivace {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _when(ts: float | None) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _key_values(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RegistryError(f"expected KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# ---- data ----------------------------------------------------------------------------
+
+
+@_handler
+def _data_add(args: argparse.Namespace, home: Home) -> int:
+    from .data import add_dataset
+
+    version, created = add_dataset(home, args.name, args.path, args.schema)
+    state = "created" if created else "unchanged (same content as an existing version)"
+    print(f"{version.ref}  {state}  rows={version.row_count} size={version.size_bytes}B "
+          f"sha256={version.content_hash[:12]}")
+    return 0
+
+
+@_handler
+def _data_list(args: argparse.Namespace, home: Home) -> int:
+    from .data import list_datasets
+
+    versions = list_datasets(home, args.name)
+    if not versions:
+        print("no datasets yet: vivace data add NAME PATH")
+        return 0
+    rows = [["DATASET", "VERSION", "ROWS", "BYTES", "SHA256", "PARENT", "CREATED"]]
+    rows += [[v.name, f"v{v.version}", str(v.row_count), str(v.size_bytes), v.content_hash[:12],
+              f"v{v.parent}" if v.parent else "-", _when(v.created_at)] for v in versions]
+    print(_table(rows))
+    return 0
+
+
+@_handler
+def _data_show(args: argparse.Namespace, home: Home) -> int:
+    from .data import get_dataset
+
+    version = get_dataset(home, args.ref)
+    if args.json:
+        _print_json(version.to_json())
+        return 0
+    print(f"{version.ref}  sha256={version.content_hash}")
+    print(f"source: {version.source}\nsize: {version.size_bytes} bytes, {version.row_count} rows, "
+          f"created {_when(version.created_at)}, parent {f'v{version.parent}' if version.parent else '-'}")
+    print(f"files: {', '.join(version.files)}")
+    print(f"schema: {'declared' if version.schema else 'none declared'}")
+    rows = [["COLUMN", "DTYPE", "NULLS", "SUMMARY"]]
+    for col, s in version.stats.items():
+        if "mean" in s:
+            summary = f"min {s['min']:.4g} max {s['max']:.4g} mean {s['mean']:.4g} std {s['std']:.4g}"
+        elif "distinct" in s:
+            summary = f"{s['distinct']} distinct; top " + ", ".join(f"{k}={v}" for k, v in list(s["top"].items())[:3])
+        else:
+            summary = "-"
+        rows.append([col, s["dtype"], str(s["nulls"]), summary])
+    print(_table(rows))
+    return 0
+
+
+# ---- models --------------------------------------------------------------------------
+
+
+@_handler
+def _models_register(args: argparse.Namespace, home: Home) -> int:
+    from .models import register_model
+    from .runs import get_run
+
+    package_dir = args.package
+    if package_dir is None:
+        if not args.run:
+            raise RegistryError("give a PACKAGE directory, or --run RUN to register that run's package")
+        run = get_run(home, args.run)
+        if not run.package_sha:
+            raise RegistryError(f"run {run.id} produced no package ({run.status})")
+        package_dir = home.packages / run.package_sha
+    mv = register_model(home, package_dir, args.name, run_id=args.run, description=args.description or "",
+                        tags=_key_values(args.tag or []))
+    print(f"registered {mv.ref}  package sha256={mv.package_sha[:12]}" + (f"  run={mv.run_id}" if mv.run_id else ""))
+    return 0
+
+
+@_handler
+def _models_alias(args: argparse.Namespace, home: Home) -> int:
+    from .models import delete_alias, set_alias
+
+    if args.delete:
+        if args.version is not None:
+            raise RegistryError("use either VERSION ALIAS or --delete ALIAS")
+        version = delete_alias(home, args.name, args.delete, args.reason or "")
+        print(f"deleted {args.name}@{args.delete} (was version {version})")
+        return 0
+    if args.version is None or args.alias is None or not args.version.isdigit():
+        raise RegistryError("usage: vivace models alias NAME VERSION ALIAS  (or NAME --delete ALIAS)")
+    previous = set_alias(home, args.name, int(args.version), args.alias, args.reason or "")
+    moved = f" (was version {previous})" if previous is not None else ""
+    print(f"{args.name}@{args.alias} -> version {args.version}{moved}")
+    return 0
+
+
+@_handler
+def _models_list(args: argparse.Namespace, home: Home) -> int:
+    from .models import list_models
+
+    models = list_models(home)
+    if args.json:
+        _print_json(models)
+        return 0
+    if not models:
+        print("no models yet: vivace models register PACKAGE --name NAME")
+        return 0
+    rows = [["MODEL", "VERSIONS", "LATEST", "ALIASES"]]
+    rows += [[m["name"], str(m["versions"]), str(m["latest"]),
+              ", ".join(f"@{a}->{v}" for a, v in m["aliases"].items()) or "-"] for m in models]
+    print(_table(rows))
+    return 0
+
+
+@_handler
+def _models_show(args: argparse.Namespace, home: Home) -> int:
+    from .models import get_version, list_versions, parse_model_ref, resolve
+
+    name, alias, version = parse_model_ref(args.ref)
+    if alias is None and version is None and "@" not in args.ref:
+        versions = list_versions(home, name)
+        if args.json:
+            _print_json([v.to_json() for v in versions])
+            return 0
+        rows = [["VERSION", "ALIASES", "RUN", "METRICS", "CREATED"]]
+        rows += [[str(v.version), ", ".join("@" + a for a in v.aliases) or "-", v.run_id or "-",
+                  " ".join(f"{k}={val:.4g}" for k, val in sorted(v.metrics.items())) or "-", _when(v.created_at)]
+                 for v in versions]
+        print(_table(rows))
+        return 0
+    mv = get_version(home, args.ref)
+    if args.json:
+        _print_json({**mv.to_json(), "path": str(resolve(home, mv.ref, verify=False))})
+        return 0
+    print(f"{mv.ref}" + (f"  ({', '.join('@' + a for a in mv.aliases)})" if mv.aliases else ""))
+    print(f"package: {resolve(home, mv.ref, verify=False)}")
+    print(f"created: {_when(mv.created_at)}  run: {mv.run_id or '-'}")
+    if mv.description:
+        print(f"description: {mv.description}")
+    if mv.tags:
+        print("tags: " + ", ".join(f"{k}={v}" for k, v in sorted(mv.tags.items())))
+    if mv.metrics:
+        print("metrics: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(mv.metrics.items())))
+    for test in mv.behavioural:
+        print(f"behavioural [{'pass' if test['passed'] else 'FAIL'}] {test['name']}: {test['detail']}")
+    print("lineage: " + json.dumps(mv.lineage, sort_keys=True))
+    return 0
+
+
+@_handler
+def _models_resolve(args: argparse.Namespace, home: Home) -> int:
+    from .models import resolve
+
+    print(resolve(home, args.ref))
+    return 0
+
+
+@_handler
+def _models_tag(args: argparse.Namespace, home: Home) -> int:
+    from .models import update_version
+
+    mv = update_version(home, args.ref, tags=_key_values(args.tags), remove_tags=args.remove or [])
+    print(f"{mv.ref} tags: " + (", ".join(f"{k}={v}" for k, v in sorted(mv.tags.items())) or "-"))
+    return 0
+
+
+@_handler
+def _models_describe(args: argparse.Namespace, home: Home) -> int:
+    from .models import update_version
+
+    mv = update_version(home, args.ref, description=args.text)
+    print(f"{mv.ref} description updated")
+    return 0
+
+
+@_handler
+def _models_promote(args: argparse.Namespace, home: Home) -> int:
+    from .models import PromotionRefused, promote
+
+    try:
+        checks, previous = promote(home, args.name, args.version, args.alias, metric=args.metric,
+                                   direction=args.direction, margin=args.margin, force=args.force,
+                                   reason=args.reason or "")
+    except PromotionRefused as exc:
+        print(str(exc), file=sys.stderr)
+        print("use --force --reason TEXT to override (recorded in the audit log)", file=sys.stderr)
+        return 1
+    for check, ok, detail in checks:
+        print(f"  [{'pass' if ok else 'FAIL'}] {check}: {detail}")
+    overridden = " (gate overridden with --force)" if not all(ok for _, ok, _ in checks) else ""
+    was = f", was version {previous}" if previous is not None else ""
+    print(f"{args.name}@{args.alias} -> version {args.version}{was}{overridden}")
+    return 0
+
+
+@_handler
+def _models_card(args: argparse.Namespace, home: Home) -> int:
+    from .models import model_card
+
+    card = model_card(home, args.ref)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(card)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(card)
+    return 0
+
+
+# ---- runs, train, audit --------------------------------------------------------------
+
+
+@_handler
+def _runs_list(args: argparse.Namespace, home: Home) -> int:
+    from .runs import list_runs
+
+    runs = list_runs(home, args.name)
+    if not runs:
+        print("no runs yet: vivace train CONFIG.yaml")
+        return 0
+    rows = [["RUN", "NAME", "STATUS", "DATASET", "METRICS", "STARTED", "DURATION"]]
+    rows += [[r.id, r.name, r.status, ",".join(r.datasets) or "-",
+              " ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items())) or "-", _when(r.started_at),
+              f"{r.duration_s:.1f}s" if r.duration_s else "-"] for r in runs]
+    print(_table(rows))
+    return 0
+
+
+@_handler
+def _runs_show(args: argparse.Namespace, home: Home) -> int:
+    from .runs import get_run
+
+    run = get_run(home, args.run)
+    if args.json:
+        _print_json(run.to_json())
+        return 0
+    print(f"run {run.id}  {run.name}  status={run.status}  started {_when(run.started_at)}"
+          + (f"  {run.duration_s:.2f}s" if run.duration_s else ""))
+    if run.error:
+        print(f"error: {run.error}")
+    print(f"datasets: {', '.join(run.datasets) or '-'}"
+          + (f"; feature views: {', '.join(run.feature_views)}" if run.feature_views else ""))
+    print("params: " + json.dumps(run.params, sort_keys=True))
+    if run.metrics:
+        print("metrics: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(run.metrics.items())))
+    if run.epochs:
+        keys = list(run.epochs[0])
+        print(_table([keys] + [[f"{e[k]:.5g}" if isinstance(e[k], float) else str(e[k]) for k in keys]
+                               for e in run.epochs]))
+    for test in run.behavioural:
+        print(f"behavioural [{'pass' if test['passed'] else 'FAIL'}] {test['name']}: {test['detail']}")
+    env = run.environment
+    packages = ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items())
+    commit = env.get("git_commit")
+    git = f", git {commit[:12]}{' (dirty)' if env.get('git_dirty') else ''}" if commit else ""
+    print(f"environment: python {env.get('python')}, {packages}{git}")
+    if run.weights_hash:
+        print(f"weights sha256: {run.weights_hash}\npackage sha256: {run.package_sha}")
+    return 0
+
+
+@_handler
+def _runs_compare(args: argparse.Namespace, home: Home) -> int:
+    from .runs import compare_runs
+
+    print(compare_runs(home, args.runs))
+    return 0
+
+
+@_handler
+def _train(args: argparse.Namespace, home: Home) -> int:
+    from .models import register_model
+    from .train import train
+
+    try:
+        result = train(home, args.config, output=args.output)
+    except RegistryError:
+        raise
+    except Exception as exc:  # recorded on the run already; report it as one line
+        raise RegistryError(f"training failed: {type(exc).__name__}: {exc}") from None
+    print(f"run {result.run_id} finished: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items())))
+    for test in result.behavioural:
+        print(f"  behavioural [{'pass' if test['passed'] else 'FAIL'}] {test['name']}: {test['detail']}")
+    print(f"weights sha256: {result.weights_hash}")
+    print(f"package: {result.package_dir}")
+    if args.register:
+        mv = register_model(home, result.package_dir, args.register, run_id=result.run_id)
+        print(f"registered {mv.ref}")
+    return 0
+
+
+@_handler
+def _audit(args: argparse.Namespace, home: Home) -> int:
+    records = home.audit_log(target=args.target, limit=args.limit)
+    if args.json:
+        _print_json(records)
+        return 0
+    if not records:
+        print("audit log is empty")
+        return 0
+    rows = [["TIME", "USER", "ACTION", "TARGET", "REASON", "DETAILS"]]
+    for r in records:
+        d = r["details"]
+        brief = " ".join(f"{k}={str(d[k])[:12]}" for k in ("alias", "previous", "metric", "package_sha256",
+                                                             "content_hash") if d.get(k) is not None)
+        rows.append([_when(r["time"]), r["user"], r["action"], r["target"], r["reason"] or "-", brief[:60] or "-"])
+    print(_table(rows))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the lifecycle commands to the `vivace` parser."""
+    data = subparsers.add_parser("data", help="versioned, validated datasets")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = dsub.add_parser("add", help="snapshot a file or folder (parquet, csv, npy) as a new version")
+    p.add_argument("name")
+    p.add_argument("path")
+    p.add_argument("--schema", help="YAML schema to validate against before the version is created")
+    p.set_defaults(func=_data_add)
+    p = dsub.add_parser("list", help="list dataset versions")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=_data_list)
+    p = dsub.add_parser("show", help="show one version: NAME[@vN|@latest]")
+    p.add_argument("ref")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_data_show)
+
+    models = subparsers.add_parser("models", help="model registry: versions, aliases, promotion, cards")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    p = msub.add_parser("register", help="register a package directory as the next version")
+    p.add_argument("package", nargs="?", help="package directory (default with --run: that run's package)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--run", help="training run that produced it (adds metrics, tests, lineage)")
+    p.add_argument("--description")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=_models_register)
+    p = msub.add_parser("alias", help="set NAME VERSION ALIAS, or NAME --delete ALIAS")
+    p.add_argument("name")
+    p.add_argument("version", nargs="?")
+    p.add_argument("alias", nargs="?")
+    p.add_argument("--delete", metavar="ALIAS")
+    p.add_argument("--reason")
+    p.set_defaults(func=_models_alias)
+    p = msub.add_parser("list", help="list registered models")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_models_list)
+    p = msub.add_parser("show", help="show NAME (all versions), NAME@ALIAS or NAME/VERSION")
+    p.add_argument("ref")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_models_show)
+    p = msub.add_parser("resolve", help="print the verified package directory of a reference")
+    p.add_argument("ref")
+    p.set_defaults(func=_models_resolve)
+    p = msub.add_parser("tag", help="set tags KEY=VALUE on a version")
+    p.add_argument("ref")
+    p.add_argument("tags", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--remove", action="append", metavar="KEY")
+    p.set_defaults(func=_models_tag)
+    p = msub.add_parser("describe", help="set a version's description")
+    p.add_argument("ref")
+    p.add_argument("text")
+    p.set_defaults(func=_models_describe)
+    p = msub.add_parser("promote", help="move an alias to a version through the quality gate")
+    p.add_argument("name")
+    p.add_argument("version", type=int)
+    p.add_argument("--alias", default="production")
+    p.add_argument("--metric", default="auc", help="gate metric (default auc)")
+    p.add_argument("--direction", choices=["max", "min"], help="default: min for loss/error metrics, else max")
+    p.add_argument("--margin", type=float, default=0.0, help="required improvement over the holder (may be < 0)")
+    p.add_argument("--force", action="store_true", help="override a failed gate (needs --reason)")
+    p.add_argument("--reason")
+    p.set_defaults(func=_models_promote)
+    p = msub.add_parser("card", help="markdown model card for NAME/VERSION or NAME@ALIAS")
+    p.add_argument("ref")
+    p.add_argument("--output", "-o")
+    p.set_defaults(func=_models_card)
+
+    runs = subparsers.add_parser("runs", help="training runs (experiment tracking)")
+    rsub = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
+    p = rsub.add_parser("list")
+    p.add_argument("--name")
+    p.set_defaults(func=_runs_list)
+    p = rsub.add_parser("show")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_runs_show)
+    p = rsub.add_parser("compare", help="side-by-side table of runs")
+    p.add_argument("runs", nargs="+")
+    p.set_defaults(func=_runs_compare)
+
+    p = subparsers.add_parser("train", help="train a model from a YAML config (reproducible)")
+    p.add_argument("config")
+    p.add_argument("--output", help="package directory (default <home>/runs/<run>/package)")
+    p.add_argument("--register", metavar="NAME", help="register the result as the next version of NAME")
+    p.set_defaults(func=_train)
+
+    p = subparsers.add_parser("audit", help="the append-only audit log of registry mutations")
+    p.add_argument("--target", help="only records for this model or dataset")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_audit)
