@@ -20,6 +20,35 @@ def register(subparsers) -> None:
         description="Serve one or more model packages (directories, or NAME@ALIAS from the registry).",
     )
     serve.add_argument("models", nargs="+", metavar="PACKAGE", help="package directory or NAME@ALIAS")
+    _add_serve_options(serve)
+    serve.set_defaults(func=_serve)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="the whole loop on synthetic churn data: version, train, register, promote, serve",
+        description="Versions bundled synthetic customer-churn data, trains a model, registers and "
+        "promotes it, then serves churn@production next to the benchmark reference model `mlp`.",
+    )
+    demo.add_argument("--no-serve", action="store_true", help="stop after promoting")
+    _add_serve_options(demo)
+    demo.set_defaults(func=_demo, models=None)
+
+    score = subparsers.add_parser(
+        "score",
+        help="score a .npy or .parquet file offline",
+        description="Score a .npy (rows x features) or .parquet file with a model package, without HTTP.",
+    )
+    score.add_argument("model", metavar="PACKAGE", help="package directory or NAME@ALIAS")
+    score.add_argument("--input", required=True, help=".npy or .parquet file")
+    score.add_argument("--output", required=True, help=".npy or .parquet file to write")
+    score.add_argument("--columns", default=None, help="comma-separated parquet feature columns (default: all)")
+    score.add_argument("--device", default=None)
+    score.add_argument("--threads", type=int, default=None)
+    score.add_argument("--batch-size", type=int, default=65536)
+    score.set_defaults(func=_score)
+
+
+def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default=None, help="cpu or cuda[:N] (default: from the package)")
@@ -47,21 +76,6 @@ def register(subparsers) -> None:
     serve.add_argument("--no-drift", action="store_true", help="do not sketch inputs and predictions")
     serve.add_argument("--follow-interval", type=float, default=1.0,
                        help="seconds between checks that a served NAME@ALIAS still points to the same version")
-    serve.set_defaults(func=_serve)
-
-    score = subparsers.add_parser(
-        "score",
-        help="score a .npy or .parquet file offline",
-        description="Score a .npy (rows x features) or .parquet file with a model package, without HTTP.",
-    )
-    score.add_argument("model", metavar="PACKAGE", help="package directory or NAME@ALIAS")
-    score.add_argument("--input", required=True, help=".npy or .parquet file")
-    score.add_argument("--output", required=True, help=".npy or .parquet file to write")
-    score.add_argument("--columns", default=None, help="comma-separated parquet feature columns (default: all)")
-    score.add_argument("--device", default=None)
-    score.add_argument("--threads", type=int, default=None)
-    score.add_argument("--batch-size", type=int, default=65536)
-    score.set_defaults(func=_score)
 
 
 def is_registry_ref(ref: str) -> bool:
@@ -92,6 +106,25 @@ def resolve_package(ref: str, home: str):
     package.name = version.name
     package.version = str(version.version)
     return package
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vivace.bench.model import write_reference_model
+    from vivace.registry.demo_data import run_lifecycle
+
+    workdir = Path(args.home) / "demo"
+    workdir.mkdir(parents=True, exist_ok=True)
+    ref = run_lifecycle(args.home, workdir)
+    reference = workdir / "mlp"
+    write_reference_model(reference, overwrite=True)
+    print(f"$ vivace bench model --out {reference}")
+    if args.no_serve:
+        return 0
+    args.models = [ref, str(reference)]
+    print(f"$ vivace serve {ref} {reference} --port {args.port}\n"
+          f"  try: curl -s localhost:{args.port}/v2/models/churn   and   curl -s localhost:{args.port}/metrics",
+          flush=True)
+    return _serve(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
