@@ -2,17 +2,17 @@
 # skips what is already there).
 PYTHON ?= python3
 PORT ?= 8000
-MODELS ?= .vivace/packages
 
 .PHONY: setup serve test bench
 
 setup:
 	bash .ci/setup
 
-# Writes the benchmark reference model package and serves it on 127.0.0.1:$(PORT).
+# The whole loop on embedded defaults (home ./.vivace): version the bundled churn data,
+# train, register, promote, then serve churn@production and the benchmark reference model
+# `mlp` on 127.0.0.1:$(PORT).
 serve: setup
-	$(PYTHON) -m vivace.engine.cli bench model --out $(MODELS)/mlp --force
-	$(PYTHON) -m vivace.engine.cli serve $(MODELS)/mlp --host 127.0.0.1 --port $(PORT)
+	$(PYTHON) -m vivace.engine.cli demo --host 127.0.0.1 --port $(PORT)
 
 test: setup
 	$(PYTHON) -m pytest -q
