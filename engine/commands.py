@@ -136,7 +136,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     def build(ref: str) -> ModelRunner:
         package = resolve_package(ref, args.home)
-        runner = ModelRunner(package, device=args.device, num_threads=args.threads, execution=args.execution)
+        runner = ModelRunner(package, device=args.device, num_threads=args.threads, execution=args.execution,
+                             home=args.home)
         if runner.has_profile and not args.no_drift:
             from vivace.monitor.alerts import AlertConfig
 

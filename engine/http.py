@@ -101,6 +101,13 @@ class InferCall:
             return
         runner = self.runner
         if status == STATUS_OK:
+            if runner.entity is not None and runner.entity.policy == "error":
+                missing = runner.unknown_entities(self.decoded, payload)
+                if missing:
+                    protocol.app.count_failure(runner, "unknown_entity")
+                    message = f"model {runner.name!r}: unknown entity ids {missing[:20]} in the online store"
+                    protocol.respond(self.seq, http_response(404, error_body(message)))
+                    return
             if self.decoded is None:  # native JSON path: payload is the response body
                 body, header_length = payload, None
             else:

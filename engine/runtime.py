@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import numpy as np
+
 from vivace import _core
-from vivace.registry.package import ModelPackage
+from vivace.registry.package import ModelPackage, TensorSpec
 
 from .backends import load_backend
 from .oip import InferDecoder, ResponseEncoder
@@ -27,6 +30,43 @@ STATUS_INVALID = int(_core.Status.INVALID)
 JSON_DECLINED = 100  # submit_json: not for the fast path
 
 _tokens = itertools.count(1)  # unique across models, so a token names one request
+FOUND_OUTPUT = "entity_found"
+UNKNOWN_ENTITY_POLICIES = ("error", "default")
+
+
+@dataclass
+class EntityServing:
+    """How a model is served by entity id (see ModelRunner)."""
+
+    spec: Any          # features.store.ServingSpec
+    width: int         # features per row, the model's input width
+    policy: str        # "error": unknown ids get 404; "default": NaN features + entity_found
+
+
+def _entity_signature(package: ModelPackage, home: str | None) -> tuple[ModelPackage, EntityServing]:
+    """The served signature of a feature-service model: INT64 [-1, 1] named after the join
+    key in; the model's outputs plus entity_found (BOOL [-1, 1]) out."""
+    from vivace.features.store import FeatureStore
+
+    service = package.metadata["feature_service"]
+    policy = package.metadata.get("unknown_entity", "error")
+    if policy not in UNKNOWN_ENTITY_POLICIES:
+        raise ValueError(f"{package.name}: unknown_entity must be one of {UNKNOWN_ENTITY_POLICIES}, got {policy!r}")
+    if len(package.inputs) != 1 or package.inputs[0].datatype != "FP32" or len(package.inputs[0].shape) != 2:
+        raise ValueError(f"{package.name}: serving by entity id needs one FP32 [-1, F] model input")
+    spec = FeatureStore(home or ".vivace").serving_spec(service)
+    width = package.inputs[0].shape[1]
+    if len(spec.features) != width:
+        raise ValueError(
+            f"{package.name}: feature service {service!r} has {len(spec.features)} features, "
+            f"the model takes {width}"
+        )
+    served = replace(
+        package,
+        inputs=[TensorSpec(spec.join_key, "INT64", (-1, 1))],
+        outputs=[*package.outputs, TensorSpec(FOUND_OUTPUT, "BOOL", (-1, 1))],
+    )
+    return served, EntityServing(spec, width, policy)
 
 
 class Waiter(Protocol):
@@ -53,11 +93,18 @@ class ModelRunner:
         device: str | None = None,
         num_threads: int | None = None,
         execution: str | None = None,
+        home: str | None = None,
     ):
-        self.package = package
+        self.model_package = package  # what the backend runs
+        # Serving by entity id: a package that declares a feature service is called with the
+        # entity's INT64 join key only; features are looked up natively in the batch path.
+        self.entity = None
+        if package.metadata.get("feature_service"):
+            package, self.entity = _entity_signature(package, home)
+        self.package = package  # what clients see: the served signature
         self.name = package.name
         self.version = package.version
-        self.backend = load_backend(package, device=device, num_threads=num_threads)
+        self.backend = load_backend(self.model_package, device=device, num_threads=num_threads)
         self.decoder = InferDecoder(package)
         self.encoder = ResponseEncoder(package)
         self.waiting: dict[int, Waiter] = {}
@@ -87,13 +134,18 @@ class ModelRunner:
             execute=self._run_batch,
         )
         executors = range(1 if self.execution == "inline" else package.instance_count)
-        self._execute = self.backend.batch_executor(
-            [self.batcher.input_buffers(e) for e in executors],
-            [self.batcher.output_buffers(e) for e in executors],
-        )
+        inputs = [self.batcher.input_buffers(e) for e in executors]
+        outputs = [self.batcher.output_buffers(e) for e in executors]
+        if self.entity is not None:
+            features = [np.empty((package.max_batch_size, self.entity.width), np.float32) for _ in executors]
+            self.batcher.attach_feature_lookup(self.entity.spec.lookup, features)
+            inputs = [[memoryview(f).cast("B")] for f in features]
+            outputs = [o[:-1] for o in outputs]  # the last output is the found flags
+        self._execute = self.backend.batch_executor(inputs, outputs)
         # Plain JSON requests (no parameters, no binary tensors) are parsed and answered
-        # natively when every datatype allows it; the rest take the general decoder.
-        self.json_fast = self.batcher.enable_json(
+        # natively when every datatype allows it; the rest take the general decoder. With
+        # the "error" policy for unknown entities, answers are checked in Python first.
+        self.json_fast = (self.entity is None or self.entity.policy == "default") and self.batcher.enable_json(
             package.name,
             package.version,
             [(s.name, s.datatype, list(s.row_shape)) for s in package.inputs],
@@ -103,7 +155,12 @@ class ModelRunner:
 
     @property
     def has_profile(self) -> bool:
-        """The package carries a reference profile of its training data (drift monitoring)."""
+        """The package carries a reference profile of its training data (drift monitoring).
+
+        Entity-id models are not sketched yet: their batch input is the key, not the features.
+        """
+        if self.entity is not None:
+            return False
         return (self.package.path / self.package.metadata.get("profile", "profile.json")).is_file()
 
     def enable_drift(self, interval_s: float = 5.0, window_rows: int = 10_000, alerts: Any = None) -> None:
@@ -168,6 +225,16 @@ class ModelRunner:
             self.waiting[token] = waiter
             return token
         return 0 if status == JSON_DECLINED else -status
+
+    def unknown_entities(self, decoded: Any, payload: bytes) -> list[int]:
+        """Entity ids of a finished request that the online store did not have (fresh)."""
+        rows = decoded.rows
+        found = np.frombuffer(payload, np.uint8)[-rows:]  # entity_found is the last output
+        if found.all():
+            return []
+        keys = decoded.data[0]
+        ids = np.frombuffer(keys, np.int64) if not isinstance(keys, list) else np.asarray(keys, np.int64)
+        return ids.reshape(-1)[found == 0].tolist()
 
     def cancel(self, token: int) -> None:
         """The client went away: drop the request if it has not run yet."""

@@ -395,6 +395,7 @@ void Batcher::ExecuteBatch(int executor, std::vector<Slice>* slices_in, std::vec
   const auto t_gathered = Clock::now();
   std::string error;
   try {
+    if (before_batch_) before_batch_(executor, batch_rows);
     execute_(executor, batch_rows);
   } catch (const std::exception& e) {
     error = e.what();

@@ -135,6 +135,10 @@ class Batcher {
   int64_t RunReady();
   int notify_fd() const { return notify_fd_; }
 
+  // Called after the rows are gathered and before the backend runs, on the same thread
+  // (features are looked up here for entity-id requests). Throwing fails the batch.
+  void set_before_batch(ExecuteFn hook) { before_batch_ = std::move(hook); }
+
   // Called after every successful batch, with the executor's batch buffers still holding
   // its inputs and outputs (drift sketches count them here). Set before the first request.
   void set_after_batch(ExecuteFn hook) { after_batch_ = std::move(hook); }
@@ -174,7 +178,7 @@ class Batcher {
 
   BatcherConfig config_;
   ExecuteFn execute_;
-  ExecuteFn after_batch_;
+  ExecuteFn before_batch_, after_batch_;
   std::vector<int64_t> input_prefix_, output_prefix_;  // byte offset per row count
   int64_t input_bytes_per_row_ = 0, output_bytes_per_row_ = 0;
   std::vector<std::vector<std::vector<uint8_t>>> batch_inputs_, batch_outputs_;

@@ -13,6 +13,7 @@
 
 #include "batcher/batcher.h"
 #include "batcher/oip_json.h"
+#include "featcache/featcache.h"
 #include "sketch/sketch.h"
 
 namespace py = pybind11;
@@ -353,6 +354,35 @@ class PyBatcher {
     });
   }
 
+  // Serving by entity id: before each batch, the INT64 keys of the first input are looked
+  // up natively into `features[executor]` (float32 [max_batch, F], the model's input) and
+  // the found flags written into the last output (BOOL [max_batch, 1]).
+  void AttachFeatureLookup(py::object lookup, py::list features) {
+    const auto& c = batcher_->config();
+    if (input_dtypes_.size() != 1 || input_dtypes_[0]->type != DType::kI64 || input_row_elems_[0] != 1)
+      throw py::value_error("serving by entity id needs one INT64 input of shape [-1, 1]");
+    if (c.output_row_bytes.empty() || c.output_row_bytes.back() != 1)
+      throw py::value_error("serving by entity id needs a last BOOL [-1, 1] output for the found flags");
+    auto shared = lookup.cast<std::shared_ptr<featcache::FeatureLookup>>();
+    const auto executors = static_cast<size_t>(c.executors);
+    if (static_cast<size_t>(py::len(features)) != executors)
+      throw py::value_error("one feature buffer per executor is needed");
+    std::vector<float*> buffers;
+    for (size_t e = 0; e < executors; ++e) {
+      py::buffer_info info = py::cast<py::buffer>(features[e]).request(true);
+      if (info.itemsize != 4 || info.size < c.max_batch_size)
+        throw py::value_error("feature buffers must be float32 with max_batch_size rows");
+      buffers.push_back(static_cast<float*>(info.ptr));
+    }
+    feature_buffers_ = features;  // keeps the arrays alive as long as the hook
+    Batcher* b = batcher_.get();
+    const size_t found_output = c.output_row_bytes.size() - 1;
+    batcher_->set_before_batch([b, shared, buffers, found_output](int executor, int64_t rows) {
+      shared->LookupInto(reinterpret_cast<const int64_t*>(b->input_buffer(executor, 0)), static_cast<size_t>(rows),
+                         buffers[static_cast<size_t>(executor)], b->output_buffer(executor, found_output));
+    });
+  }
+
   // Turns on the native JSON path; false when a datatype has none (the general path then
   // serves every request).
   bool EnableJson(const std::string& model_name, const std::string& model_version,
@@ -487,6 +517,7 @@ class PyBatcher {
  private:
   py::object execute_;
   std::unique_ptr<OipJsonCodec> json_;
+  py::object feature_buffers_;
   std::vector<const DTypeInfo*> input_dtypes_;
   std::vector<int64_t> input_row_elems_;
   std::unique_ptr<Batcher> batcher_;
@@ -512,6 +543,8 @@ it reads `rows` rows from input_buffers(executor) and writes output_buffers(exec
       .def("submit", &PyBatcher::Submit, py::arg("token"), py::arg("inputs"), py::arg("rows"),
            py::arg("priority") = 0, py::arg("timeout_us") = 0)
       .def("drain", &PyBatcher::Drain)
+      .def("attach_feature_lookup", &PyBatcher::AttachFeatureLookup, py::arg("lookup"), py::arg("features"),
+           "Serve by entity id: look up each batch's INT64 keys into per-executor float32 feature arrays")
       .def("attach_sketches", &PyBatcher::AttachSketches, py::arg("input_sketch"), py::arg("output_sketch"),
            "Count each batch's first input and first output into DriftSketch objects (or None)")
       .def("enable_json", &PyBatcher::EnableJson, py::arg("model_name"), py::arg("model_version"),

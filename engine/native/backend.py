@@ -21,8 +21,6 @@ from vivace.registry.package import ModelPackage, PackageError, load_package
 from .spec import MLPSpec, SpecError
 
 NATIVE_PLATFORM = "native_mlp"
-# forward/forward_into release the GIL when rows * MACs per row reaches this (kernels_bindings.cpp).
-GIL_RELEASE_MACS = 1 << 18
 
 
 class NativeMLPBackend:
@@ -84,7 +82,8 @@ class NativeMLPBackend:
     @property
     def preferred_execution(self) -> str:
         """"threads" when a full batch is long enough for the kernel to release the GIL, else "inline"."""
-        return "threads" if self.package.max_batch_size * self.model.macs_per_row >= GIL_RELEASE_MACS else "inline"
+        full_batch_macs = self.package.max_batch_size * self.model.macs_per_row
+        return "threads" if full_batch_macs >= _core.NATIVE_MLP_RELEASE_GIL_MACS else "inline"
 
     @property
     def level(self) -> str:

@@ -1,0 +1,132 @@
+"""Serving by entity id: a model whose package declares a feature service is called with
+only the INT64 join key; the batch path looks the features up in the LMDB online store
+natively. Real feature store, real materialization, real server, real tritonclient."""
+from __future__ import annotations
+
+import http.client
+import io
+import json
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ServerProcess
+
+N_FEATURES = 4
+WEIGHTS = np.array([1.0, 10.0, 100.0, 1000.0], np.float32)
+
+
+def feature_values(keys: np.ndarray) -> np.ndarray:
+    return np.stack([keys * 0.5 + j for j in range(N_FEATURES)], axis=1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def entity_home(tmp_path_factory):
+    import torch
+
+    from vivace.features import Entity, FeatureService, FeatureStore, FeatureView, Field
+    from vivace.registry.package import write_package
+
+    root = tmp_path_factory.mktemp("entities")
+    keys = np.arange(1, 101, dtype=np.int64)
+    now = pd.Timestamp(datetime.now(timezone.utc))
+    frame = pd.DataFrame({"customer_id": keys, "event_timestamp": now - pd.Timedelta(minutes=1)})
+    for j, column in enumerate(feature_values(keys).T):
+        frame[f"f{j}"] = column
+    frame.to_parquet(root / "customers.parquet")
+    home = root / "home"
+    store = FeatureStore(home)
+    store.apply([
+        Entity("customer", "customer_id"),
+        FeatureView("customers", "customer", str(root / "customers.parquet"),
+                    tuple(Field(f"f{j}", "float32") for j in range(N_FEATURES)), ttl=timedelta(days=1)),
+        FeatureService("scoring", tuple(f"customers:f{j}" for j in range(N_FEATURES))),
+    ])
+    store.materialize(end=datetime.now(timezone.utc) + timedelta(minutes=1))
+
+    class Weighted(torch.nn.Module):  # a visible function of the features: x @ WEIGHTS
+        def forward(self, x):
+            return x @ torch.tensor(WEIGHTS).reshape(N_FEATURES, 1)
+
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.trace(Weighted(), torch.zeros(2, N_FEATURES)), buffer)
+    packages = {}
+    for policy in ("error", "default"):
+        manifest = {
+            "name": f"scorer_{policy}", "platform": "torchscript", "model_file": "model.pt",
+            "inputs": [{"name": "input__0", "datatype": "FP32", "shape": [-1, N_FEATURES]}],
+            "outputs": [{"name": "output__0", "datatype": "FP32", "shape": [-1, 1]}],
+            "max_batch_size": 32,
+            "metadata": {"feature_service": "scoring", "unknown_entity": policy},
+        }
+        packages[policy] = root / policy
+        write_package(packages[policy], manifest, {"model.pt": buffer.getvalue()})
+    return home, packages
+
+
+def post(port, model, ids, extra=None):
+    body = {"inputs": [{"name": "customer_id", "shape": [len(ids), 1], "datatype": "INT64", "data": ids}]}
+    body.update(extra or {})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", f"/v2/models/{model}/infer", json.dumps(body))
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def entity_server(entity_home):
+    home, packages = entity_home
+    server = ServerProcess([packages["error"], packages["default"]], env={"VIVACE_HOME": str(home)})
+    yield server
+    assert server.stop() == 0
+
+
+def test_metadata_shows_the_entity_signature(entity_server):
+    conn = http.client.HTTPConnection("127.0.0.1", entity_server.port, timeout=10)
+    conn.request("GET", "/v2/models/scorer_error")
+    meta = json.loads(conn.getresponse().read())
+    assert meta["inputs"] == [{"name": "customer_id", "datatype": "INT64", "shape": [-1, 1]}]
+    assert [o["name"] for o in meta["outputs"]] == ["output__0", "entity_found"]
+
+
+def test_entity_ids_are_scored_from_the_online_store(entity_server):
+    ids = [3, 17, 100, 3]
+    status, result = post(entity_server.port, "scorer_error", ids, {"id": "e1"})
+    assert status == 200, result
+    expected = feature_values(np.array(ids)) @ WEIGHTS
+    np.testing.assert_allclose(result["outputs"][0]["data"], expected, rtol=1e-6)
+    assert result["outputs"][1]["data"] == [True] * 4 and result["id"] == "e1"
+
+
+def test_unknown_entity_policies(entity_server):
+    status, result = post(entity_server.port, "scorer_error", [5, 999, 1000])
+    assert status == 404 and "[999, 1000]" in result["error"]
+    status, result = post(entity_server.port, "scorer_default", [5, 999])  # native JSON path
+    assert status == 200
+    assert result["outputs"][1]["data"] == [True, False]
+    assert result["outputs"][0]["data"][0] == pytest.approx(float(feature_values(np.array([5])) @ WEIGHTS))
+    assert result["outputs"][0]["data"][1] is None  # NaN features: no score, flagged
+
+
+def test_wrong_key_type_is_refused(entity_server):
+    conn = http.client.HTTPConnection("127.0.0.1", entity_server.port, timeout=10)
+    body = {"inputs": [{"name": "customer_id", "shape": [1, 1], "datatype": "FP32", "data": [1.5]}]}
+    conn.request("POST", "/v2/models/scorer_error/infer", json.dumps(body))
+    response = conn.getresponse()
+    assert response.status == 400 and "INT64" in json.loads(response.read())["error"]
+
+
+def test_tritonclient_binary_entity_request(entity_server):
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(f"127.0.0.1:{entity_server.port}")
+    ids = np.array([[1], [2], [42]], np.int64)
+    inp = triton.InferInput("customer_id", list(ids.shape), "INT64")
+    inp.set_data_from_numpy(ids)
+    result = client.infer("scorer_error", [inp])
+    np.testing.assert_allclose(result.as_numpy("output__0").reshape(-1), feature_values(ids.reshape(-1)) @ WEIGHTS,
+                               rtol=1e-6)
+    assert result.as_numpy("entity_found").reshape(-1).tolist() == [True, True, True]
+    client.close()
