@@ -270,8 +270,8 @@ def _version_key(version: str):
 def triton_config(runner: ModelRunner) -> dict[str, Any]:
     """The model configuration as Triton returns it (what perf_analyzer reads)."""
     package = runner.package
-    db = package.dynamic_batching
-    policy = db.default_queue_policy
+    dynamic_batching = package.manifest()["dynamic_batching"]
+    dynamic_batching["default_queue_policy"]["timeout_action"] = "REJECT"  # the only action Vivace has
 
     def tensor(spec):
         return {"name": spec.name, "data_type": TRITON_TYPES[spec.datatype], "dims": list(spec.row_shape)}
@@ -284,18 +284,7 @@ def triton_config(runner: ModelRunner) -> dict[str, Any]:
         "max_batch_size": package.max_batch_size,
         "input": [tensor(s) for s in package.inputs],
         "output": [tensor(s) for s in package.outputs],
-        "dynamic_batching": {
-            "preferred_batch_size": list(db.preferred_batch_size),
-            "max_queue_delay_microseconds": db.max_queue_delay_microseconds,
-            "priority_levels": db.priority_levels,
-            "default_priority_level": db.default_priority_level,
-            "default_queue_policy": {
-                "timeout_action": "REJECT",
-                "default_timeout_microseconds": policy.default_timeout_microseconds,
-                "allow_timeout_override": policy.allow_timeout_override,
-                "max_queue_size": policy.max_queue_size,
-            },
-        },
+        "dynamic_batching": dynamic_batching,
         "instance_group": [{"name": package.name, "kind": package.instance_kind, "count": package.instance_count}],
         "parameters": {k: {"string_value": str(v)} for k, v in package.parameters.items()},
     }

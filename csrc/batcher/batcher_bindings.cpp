@@ -42,6 +42,15 @@ const DTypeInfo& LookupDType(const std::string& name) {
   throw std::invalid_argument("unsupported datatype for batching: " + name);
 }
 
+int64_t RowElements(const std::vector<int64_t>& row_shape) {
+  int64_t elements = 1;
+  for (int64_t dim : row_shape) {
+    if (dim < 0) throw std::invalid_argument("only the batch dimension may be variable (-1)");
+    elements *= dim;
+  }
+  return elements;
+}
+
 uint16_t FloatToHalf(float f) {
   uint32_t x;
   std::memcpy(&x, &f, 4);
@@ -225,23 +234,14 @@ class PyBatcher {
     c.inline_execution = inline_execution;
     for (const auto& [dtype, row_shape] : inputs) {
       const DTypeInfo& d = LookupDType(dtype);
-      int64_t elems = 1;
-      for (int64_t dim : row_shape) {
-        if (dim < 0) throw std::invalid_argument("only the batch dimension may be variable (-1)");
-        elems *= dim;
-      }
+      const int64_t elems = RowElements(row_shape);
       input_dtypes_.push_back(&d);
       input_row_elems_.push_back(elems);
       c.input_row_bytes.push_back(elems * d.size);
     }
     for (const auto& [dtype, row_shape] : outputs) {
       const DTypeInfo& d = LookupDType(dtype);
-      int64_t elems = 1;
-      for (int64_t dim : row_shape) {
-        if (dim < 0) throw std::invalid_argument("only the batch dimension may be variable (-1)");
-        elems *= dim;
-      }
-      c.output_row_bytes.push_back(elems * d.size);
+      c.output_row_bytes.push_back(RowElements(row_shape) * d.size);
     }
     PyObject* fn = execute_.ptr();
     ExecuteFn run;
@@ -390,11 +390,8 @@ class PyBatcher {
                   const std::vector<std::tuple<std::string, std::string, std::vector<int64_t>>>& outputs) {
     auto convert = [](const std::vector<std::tuple<std::string, std::string, std::vector<int64_t>>>& specs) {
       std::vector<JsonTensor> out;
-      for (const auto& [name, datatype, row_shape] : specs) {
-        int64_t elements = 1;
-        for (int64_t d : row_shape) elements *= d;
-        out.push_back({name, datatype, JsonTypeFromName(datatype), row_shape, elements});
-      }
+      for (const auto& [name, datatype, row_shape] : specs)
+        out.push_back({name, datatype, JsonTypeFromName(datatype), row_shape, RowElements(row_shape)});
       return out;
     };
     auto codec = std::make_unique<OipJsonCodec>(model_name, model_version, convert(inputs), convert(outputs));

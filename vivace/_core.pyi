@@ -1,0 +1,121 @@
+"""Type stubs of vivace._core, the compiled core (csrc/, bound with pybind11)."""
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+WITH_CUDA: bool
+
+class Status:
+    """Outcome of a batcher request (the `status` in Batcher.drain() tuples)."""
+
+    OK: Status
+    QUEUE_FULL: Status
+    TIMEOUT: Status
+    CANCELLED: Status
+    ERROR: Status
+    SHUTDOWN: Status
+    INVALID: Status
+    def __int__(self) -> int: ...
+
+_TensorRows = Sequence[tuple[str, Sequence[int]]]  # (datatype, row shape without the batch dim)
+_NamedTensors = Sequence[tuple[str, str, Sequence[int]]]  # (name, datatype, row shape)
+
+class Batcher:
+    """Dynamic batcher for one model: priority queues, executors, bulk completions."""
+
+    def __init__(
+        self,
+        model_name: str,
+        max_batch_size: int,
+        preferred_batch_sizes: Sequence[int],
+        max_queue_delay_us: int,
+        priority_levels: int,
+        default_priority: int,
+        default_timeout_us: int,
+        allow_timeout_override: bool,
+        max_queue_size: int,
+        inputs: _TensorRows,
+        outputs: _TensorRows,
+        executors: int,
+        inline_execution: bool,
+        execute: Callable[[int, int], None],
+    ) -> None: ...
+    def submit(self, token: int, inputs: list[Any], rows: int, priority: int = 0, timeout_us: int = 0) -> int: ...
+    def submit_json(self, token: int, body: bytes | memoryview, priority: int = 0, timeout_us: int = 0) -> int: ...
+    def enable_json(self, model_name: str, model_version: str, inputs: _NamedTensors, outputs: _NamedTensors) -> bool: ...
+    def drain(self) -> list[tuple[int, int, bytes | str]]: ...
+    def run_ready(self) -> int: ...
+    def cancel(self, token: int) -> bool: ...
+    def fileno(self) -> int: ...
+    def shutdown(self, drain: bool = True) -> None: ...
+    def input_buffers(self, executor: int) -> list[memoryview]: ...
+    def output_buffers(self, executor: int) -> list[memoryview]: ...
+    def attach_sketches(self, input_sketch: DriftSketch | None, output_sketch: DriftSketch | None) -> None: ...
+    def attach_feature_lookup(self, lookup: FeatureLookup, features: Sequence[npt.NDArray[np.float32]]) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
+    @property
+    def queued_requests(self) -> int: ...
+
+class DriftSketch:
+    """Per-feature histogram counts over reference bin edges, over a sliding window."""
+
+    def __init__(
+        self,
+        edges: Sequence[Sequence[float]],
+        num_categories: Sequence[int],
+        low: Sequence[float],
+        high: Sequence[float],
+        columns: Sequence[int],
+        window: str = "rows",
+        bucket_span: int = 10000,
+        buckets: int = 6,
+    ) -> None: ...
+    def update(self, batch: Any, now_ns: int = -1) -> None: ...
+    def snapshot(self, now_ns: int = -1) -> dict[str, Any]: ...
+    def reset(self) -> None: ...
+    @property
+    def num_features(self) -> int: ...
+    @property
+    def min_columns(self) -> int: ...
+
+def drift_count_categories(rows: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def drift_sort_finite(
+    columns: Sequence[npt.ArrayLike], threads: int = 0
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]: ...
+def drift_compare_sorted(
+    a: npt.NDArray[np.float64],
+    a_counts: npt.NDArray[np.int64],
+    b: npt.NDArray[np.float64],
+    b_counts: npt.NDArray[np.int64],
+    threads: int = 0,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+
+class FeatureCacheError(RuntimeError): ...
+
+class FeatureCache:
+    """The LMDB online store of a Vivace home, opened read-only once per process."""
+    def __init__(self, path: str, cache_capacity: int = 0) -> None: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def cache_capacity(self) -> int: ...
+    def generation(self) -> int: ...
+
+class FeatureLookup:
+    """A fixed list of (view, feature) columns read for batches of entity keys."""
+    def __init__(self, cache: FeatureCache, columns: Sequence[tuple[str, str]]) -> None: ...
+    @property
+    def num_features(self) -> int: ...
+    @property
+    def columns(self) -> list[tuple[str, str]]: ...
+    def get(
+        self, entity_ids: int | Sequence[int] | npt.NDArray[np.integer], now_us: int | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]: ...
+    def lookup_into(
+        self,
+        entity_ids: int | Sequence[int] | npt.NDArray[np.integer],
+        out: npt.NDArray[np.float32],
+        found: npt.NDArray[np.bool_],
+        now_us: int | None = None,
+    ) -> None: ...
