@@ -11,6 +11,7 @@ import sys
 # stays fast and a module's heavy imports happen only when its command runs.
 COMMAND_MODULES = [
     "vivace.engine.commands",
+    "vivace.engine.native.cli",
     "vivace.bench.commands",
     "vivace.registry.cli",
     "vivace.features.cli",

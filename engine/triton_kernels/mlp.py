@@ -1,12 +1,16 @@
 """A three-layer MLP (Linear+act, Linear+act, Linear+act) in one Triton kernel.
 
 Each program takes BLOCK_M rows through all three layers; the hidden activations stay
-on-chip (registers), never written to memory. Precisions:
+on-chip, never written to memory: layer 1's output whole, layer 2's in column chunks
+that the output layer consumes at once. Precisions of layers 1 and 2 (matmul,
+dequantisation, bias and activation fused):
   fp16  fp16 weights and activations, fp32 accumulation, fp32 bias/activation
   int8  W8A8: int8 weights with per-output-channel scales; activations quantised per row
         (symmetric, amax/127) inside the kernel before each layer; int32 accumulation
   fp8   e4m3 weights with per-output-channel scales; activations per row (amax/448);
         fp32 accumulation
+The output layer (few outputs, little work) runs in fp16 with fp32 accumulation at every
+precision, as the CPU backend keeps its small output layers in fp32.
 Limits: feature widths are padded to powers of two >= 16, and every width must be <= 256
 (the hidden rows of a block are held whole). A row holding NaN/Inf gives NaN outputs in
 int8/fp8 (its scale is NaN) and follows IEEE arithmetic in fp16.
@@ -41,29 +45,40 @@ def _activation(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def _layer(h, w_ptr, s_ptr, b_ptr, K: tl.constexpr, N: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr):
-    """One Linear+act on an fp32 block h [BLOCK_M, K]; weights pre-transposed [K, N]."""
-    k = tl.arange(0, K)
-    n = tl.arange(0, N)
-    w = tl.load(w_ptr + k[:, None] * N + n[None, :])
-    if MODE == 0:  # fp16
-        acc = tl.dot(h.to(tl.float16), w, out_dtype=tl.float32)
+def _quantize_rows(h, MODE: tl.constexpr):
+    """fp32 [BLOCK_M, K] -> (kernel operand, per-row scale); fp16 mode: a cast and scale 1."""
+    if MODE == 0:
+        q = h.to(tl.float16)
+        row_scale = tl.full((h.shape[0],), 1.0, tl.float32)
     else:
         amax = tl.max(tl.abs(h), axis=1)
-        if MODE == 1:  # int8: symmetric per-row scale
-            row_scale = amax / 127.0
-            inv = 127.0 / tl.maximum(amax, 1e-30)  # all-zero row: q = 0
-            t = h * inv[:, None]
+        top = 127.0 if MODE == 1 else 448.0
+        row_scale = amax / top
+        t = h * (top / tl.maximum(amax, 1e-30))[:, None]  # an all-zero row quantises to 0
+        if MODE == 1:
             q = tl.minimum(tl.maximum(tl.floor(t + 0.5), -127.0), 127.0).to(tl.int8)
-            acc = tl.dot(q, w, out_dtype=tl.int32).to(tl.float32)
-        else:  # fp8 e4m3
-            row_scale = amax / 448.0
-            inv = 448.0 / tl.maximum(amax, 1e-30)
-            q = tl.minimum(tl.maximum(h * inv[:, None], -448.0), 448.0).to(tl.float8e4nv)
-            acc = tl.dot(q, w, out_dtype=tl.float32)
+        else:
+            q = tl.minimum(tl.maximum(t, -448.0), 448.0).to(tl.float8e4nv)
         # A row holding NaN/Inf gets NaN outputs (max and clamps may drop NaN; a sum does not).
         poison = tl.sum(h * 0.0, axis=1)
         row_scale = tl.where(poison == 0.0, row_scale, float("nan"))
+    return q, row_scale
+
+
+@triton.jit
+def _dense(q, row_scale, w_ptr, s_ptr, b_ptr, COL0: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+           N_TOTAL: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr):
+    """Columns COL0..COL0+N of act(dequant(q @ W) + b); W is pre-transposed [K, N_TOTAL]."""
+    k = tl.arange(0, K)
+    n = COL0 + tl.arange(0, N)
+    w = tl.load(w_ptr + k[:, None] * N_TOTAL + n[None, :])
+    if MODE == 0:
+        acc = tl.dot(q, w, out_dtype=tl.float32)
+    elif MODE == 1:
+        acc = tl.dot(q, w, out_dtype=tl.int32).to(tl.float32)
+    else:
+        acc = tl.dot(q, w, out_dtype=tl.float32)
+    if MODE != 0:
         acc = acc * row_scale[:, None] * tl.load(s_ptr + n)[None, :]
     return _activation(acc + tl.load(b_ptr + n)[None, :], ACT)
 
@@ -71,8 +86,8 @@ def _layer(h, w_ptr, s_ptr, b_ptr, K: tl.constexpr, N: tl.constexpr, ACT: tl.con
 @triton.jit
 def _mlp3_kernel(
     x_ptr, y_ptr, M, IN_REAL, OUT_REAL, stride_x, stride_y,
-    w1, s1, b1, w2, s2, b2, w3, s3, b3,
-    K0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
+    w1, s1, b1, w2, s2, b2, w3, b3,
+    K0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr, CHUNK: tl.constexpr,
     ACT1: tl.constexpr, ACT2: tl.constexpr, ACT3: tl.constexpr,
     MODE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -82,10 +97,18 @@ def _mlp3_kernel(
         x_ptr + rows[:, None] * stride_x + cols[None, :],
         mask=(rows[:, None] < M) & (cols[None, :] < IN_REAL), other=0.0,
     ).to(tl.float32)
-    h = _layer(x, w1, s1, b1, K0, N1, ACT1, MODE)
-    h = _layer(h, w2, s2, b2, N1, N2, ACT2, MODE)
-    y = _layer(h, w3, s3, b3, N2, N3, ACT3, MODE)
+    q, row_scale = _quantize_rows(x, MODE)
+    h1 = _dense(q, row_scale, w1, s1, b1, 0, K0, N1, N1, ACT1, MODE)
+    q, row_scale = _quantize_rows(h1, MODE)
+    # Layer 2 in column chunks, each consumed at once by the (fp16) output layer: only h1
+    # and one chunk of h2 are live, and the weight tiles stay small.
     out = tl.arange(0, N3)
+    y = tl.zeros((BLOCK_M, N3), tl.float32)
+    for c in tl.static_range(0, N2, CHUNK):
+        h2 = _dense(q, row_scale, w2, s2, b2, c, N1, CHUNK, N2, ACT2, MODE)
+        w3_chunk = tl.load(w3 + (c + tl.arange(0, CHUNK))[:, None] * N3 + out[None, :])
+        y += tl.dot(h2.to(tl.float16), w3_chunk, out_dtype=tl.float32)
+    y = _activation(y + tl.load(b3 + out)[None, :], ACT3)
     tl.store(y_ptr + rows[:, None] * stride_y + out[None, :], y, mask=(rows[:, None] < M) & (out[None, :] < OUT_REAL))
 
 
@@ -130,23 +153,25 @@ class TritonMLP:
         self.in_features, self.out_features = widths[0], widths[-1]
         self.padded = [_width(w) for w in widths]
         self.layers = [
-            self._prepare(np.asarray(w, np.float32), np.asarray(b, np.float32), ACTIVATIONS[a], k_pad, n_pad)
-            for w, b, a, k_pad, n_pad in zip(weights, biases, activations, self.padded, self.padded[1:])
+            self._prepare(np.asarray(w, np.float32), np.asarray(b, np.float32), ACTIVATIONS[a], k_pad, n_pad, precision)
+            for w, b, a, k_pad, n_pad, precision in zip(
+                weights, biases, activations, self.padded, self.padded[1:], (precision, precision, "fp16")
+            )
         ]
 
-    def _prepare(self, w: np.ndarray, b: np.ndarray, act: int, k_pad: int, n_pad: int) -> _Layer:
+    def _prepare(self, w: np.ndarray, b: np.ndarray, act: int, k_pad: int, n_pad: int, precision: str) -> _Layer:
         n, k = w.shape
         wt = np.zeros((k_pad, n_pad), np.float32)
         wt[:k, :n] = w.T
         scale = np.ones(n_pad, np.float32)
-        if self.precision == "fp16":
+        if precision == "fp16":
             weight = torch.from_numpy(wt).to(torch.float16)
         else:
-            top = 127.0 if self.precision == "int8" else FP8_MAX
+            top = 127.0 if precision == "int8" else FP8_MAX
             amax = np.abs(wt).max(axis=0)
             scale = np.where(amax > 0, amax / top, 1.0).astype(np.float32)
             scaled = wt / scale[None, :]
-            if self.precision == "int8":
+            if precision == "int8":
                 weight = torch.from_numpy(np.clip(np.rint(scaled), -127, 127).astype(np.int8))
             else:
                 weight = torch.from_numpy(scaled).to(torch.float8_e4m3fn)
@@ -168,8 +193,8 @@ class TritonMLP:
         grid = (triton.cdiv(rows, self.block_m),)
         _mlp3_kernel[grid](
             x, out, rows, self.in_features, self.out_features, x.stride(0), out.stride(0),
-            l1.weight, l1.scale, l1.bias, l2.weight, l2.scale, l2.bias, l3.weight, l3.scale, l3.bias,
-            K0=self.padded[0], N1=self.padded[1], N2=self.padded[2], N3=self.padded[3],
+            l1.weight, l1.scale, l1.bias, l2.weight, l2.scale, l2.bias, l3.weight, l3.bias,
+            K0=self.padded[0], N1=self.padded[1], N2=self.padded[2], N3=self.padded[3], CHUNK=min(64, self.padded[2]),
             ACT1=l1.act, ACT2=l2.act, ACT3=l3.act,
             MODE=PRECISIONS.index(self.precision), BLOCK_M=self.block_m,
         )

@@ -1,0 +1,301 @@
+"""`vivace bench kernels`: the native MLP kernels against the runtimes a user could pick.
+
+Rows/s at batch 1, 8, 32, 256 and 4096 for the reference MLP (32-256-256-1, sigmoid) and a
+big one (512-1024-1024-1), with 1 and 2 threads, for
+    torch eager fp32, torch.ao quantize_dynamic int8, onnxruntime fp32 and dynamic int8
+    (when installed), and vivace native fp32, int8 (per-row activation scales) and int8s
+    (static calibrated activation scales),
+all measured in the same run, then the ratio of the best vivace runner to the best peer
+per batch size, and an accuracy table (max abs error against torch fp32).
+Every runner writes into a preallocated output where its API allows it.
+
+`--gpu` instead measures the reference MLP on a CUDA device: torch fp16 with CUDA graphs
+against the fused Triton kernels (fp16, int8 W8A8, fp8 e4m3), each replayed from a CUDA
+graph, at batch 1, 256, 4096 and 65,536.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+
+BATCHES = (1, 8, 32, 256, 4096)
+THREADS = (1, 2)
+MODELS = {
+    "reference": ("reference MLP 32-256-256-1", (32, 256, 256, 1)),
+    "big": ("big MLP 512-1024-1024-1", (512, 1024, 1024, 1)),
+}
+ACCURACY_ROWS = 4096
+
+
+def build_torch_model(dims: tuple[int, ...]):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    layers: list[Any] = []
+    for i, (fan_in, fan_out) in enumerate(zip(dims, dims[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        layers.append(nn.ReLU() if i < len(dims) - 2 else nn.Sigmoid())
+    return nn.Sequential(*layers).eval()
+
+
+def _onnx_bytes(model, dims: tuple[int, ...]) -> bytes:
+    """The MLP as an ONNX graph built directly (Gemm + Relu/Sigmoid), no exporter needed."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, current = [], [], "x"
+    linears = [m for m in model if hasattr(m, "weight")]
+    for i, linear in enumerate(linears):
+        w = numpy_helper.from_array(linear.weight.detach().numpy(), f"w{i}")
+        b = numpy_helper.from_array(linear.bias.detach().numpy(), f"b{i}")
+        inits += [w, b]
+        nodes.append(helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [f"g{i}"], transB=1))
+        op = "Relu" if i < len(linears) - 1 else "Sigmoid"
+        current = "y" if i == len(linears) - 1 else f"a{i}"
+        nodes.append(helper.make_node(op, [f"g{i}"], [current]))
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", dims[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", dims[-1]])], inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto.SerializeToString()
+
+
+def make_runners(model, dims: tuple[int, ...], threads: int, calibration: np.ndarray) -> dict[str, Callable]:
+    """name -> factory(x) returning a zero-argument call that runs batch x once."""
+    import torch
+
+    from vivace import _core
+    from vivace.engine.native.convert import calibrate_ranges, spec_from_torch
+
+    torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+    def torch_runner(m):
+        def factory(x: np.ndarray):
+            t = torch.from_numpy(x)
+            return lambda: m(t)
+        return factory
+
+    runners: dict[str, Callable] = {"torch-fp32": torch_runner(model), "torch-int8": torch_runner(qmodel)}
+    try:
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        ort = None
+    if ort is not None:
+        fp32_bytes = _onnx_bytes(model, dims)
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = os.path.join(tmp, "m.onnx"), os.path.join(tmp, "q.onnx")
+            with open(src, "wb") as f:
+                f.write(fp32_bytes)
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+            with open(dst, "rb") as f:
+                int8_bytes = f.read()
+        for name, blob in (("ort-fp32", fp32_bytes), ("ort-int8", int8_bytes)):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+
+            def factory(x: np.ndarray, session=session):
+                feeds = {"x": x}
+                return lambda: session.run(None, feeds)
+            runners[name] = factory
+
+    spec = spec_from_torch(model)
+    ranges = calibrate_ranges(spec, calibration)
+    natives = {
+        "vivace-fp32": _core.NativeMLP(spec.weights, spec.biases, spec.activations, num_threads=threads),
+        "vivace-int8": _core.NativeMLP(spec.weights, spec.biases, spec.activations, precision="int8",
+                                       num_threads=threads),
+        "vivace-int8s": _core.NativeMLP(spec.weights, spec.biases, spec.activations, precision="int8",
+                                        input_ranges=ranges, num_threads=threads),
+    }
+    for name, native in natives.items():
+        def factory(x: np.ndarray, native=native):
+            out = np.empty((x.shape[0], native.out_features), np.float32)
+            forward_into = native.forward_into
+
+            def call() -> np.ndarray:
+                forward_into(x, out)
+                return out
+            return call
+        runners[name] = factory
+    return runners
+
+
+def rows_per_second(call: Callable[[], Any], batch: int, budget_s: float, clock: Callable[[], float]) -> float:
+    """Rows per second of `clock` (wall: perf_counter; cpu: this process's CPU time)."""
+    call()  # warm-up
+    start = time.perf_counter()
+    call()
+    single = time.perf_counter() - start
+    reps = max(1, int(0.002 / max(single, 1e-9)))  # timing chunks of ~2 ms
+    calls, elapsed = 0, 0.0
+    wall_start, start = time.perf_counter(), clock()
+    while time.perf_counter() - wall_start < budget_s or calls == 0:
+        for _ in range(reps):
+            call()
+        calls += reps
+    elapsed = clock() - start
+    return batch * calls / max(elapsed, 1e-9)
+
+
+def _output(result: Any) -> np.ndarray:
+    if isinstance(result, list):
+        result = result[0]
+    if hasattr(result, "detach"):
+        result = result.detach().numpy()
+    return np.asarray(result)
+
+
+def run_benchmark(
+    models: list[str], batches: tuple[int, ...], threads: tuple[int, ...], budget_s: float, clock_name: str = "wall"
+) -> None:
+    import torch
+
+    from vivace import _core
+
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's pre-processing advice
+    print(f"vivace bench kernels: CPU level {_core.cpu_level()} (of {', '.join(_core.cpu_levels())}); "
+          f"{budget_s:g} s per case; {clock_name} clock; ratios are the figures to compare on a shared machine")
+    for key in models:
+        title, dims = MODELS[key]
+        model = build_torch_model(dims)
+        calibration = np.random.default_rng(2).standard_normal((1024, dims[0])).astype(np.float32)
+        for n_threads in threads:
+            runners = make_runners(model, dims, n_threads, calibration)
+            names = list(runners)
+            print(f"\n{title}, {n_threads} thread(s): rows per {clock_name}-clock second")
+            print(f"{'batch':>6} " + " ".join(f"{n:>13}" for n in names) + f" {'vivace/peer':>12}")
+            with torch.inference_mode():
+                for batch in batches:
+                    x = np.random.default_rng(batch).standard_normal((batch, dims[0])).astype(np.float32)
+                    rates = {n: rows_per_second(f(x), batch, budget_s, clock) for n, f in runners.items()}
+                    peer = max(v for n, v in rates.items() if not n.startswith("vivace"))
+                    ours = max(v for n, v in rates.items() if n.startswith("vivace"))
+                    cells = " ".join(f"{rates[n]:>13.4g}" for n in names)
+                    print(f"{batch:>6} {cells} {ours / peer:>11.2f}x", flush=True)
+                    if batch == 1:
+                        print(f"{'µs/call':>6} " + " ".join(f"{1e6 / rates[n]:>13.2f}" for n in names))
+        print(f"\n{title}: max abs error against torch fp32 on {ACCURACY_ROWS} N(0,1) rows")
+        x = np.random.default_rng(1).standard_normal((ACCURACY_ROWS, dims[0])).astype(np.float32)
+        with torch.inference_mode():
+            reference = model(torch.from_numpy(x)).numpy()
+            for name, factory in runners.items():
+                print(f"  {name:>13}: {np.abs(_output(factory(x)()) - reference).max():.3g}")
+
+
+def _graphed(fn: Callable[[], Any], torch) -> Callable[[], Any]:
+    """`fn` captured in a CUDA graph (after a warm-up on a side stream); returns replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def run_gpu_benchmark(batches: tuple[int, ...], budget_s: float) -> None:
+    """Reference MLP on the GPU: torch fp16 with CUDA graphs against the fused Triton kernels."""
+    import torch
+
+    from vivace.engine.native.convert import spec_from_torch
+    from vivace.engine.triton_kernels.mlp import TritonMLP
+
+    title, dims = MODELS["reference"]
+    model = build_torch_model(dims)
+    spec = spec_from_torch(model)
+    fp16_model = build_torch_model(dims).cuda().half()
+    kernels = {p: TritonMLP(spec.weights, spec.biases, spec.activations, precision=p) for p in ("fp16", "int8", "fp8")}
+    names = ["torch-fp16-graph"] + [f"triton-{p}-graph" for p in kernels]
+    print(f"vivace bench kernels --gpu: {title} on {torch.cuda.get_device_name()}; rows/s")
+    print(f"{'batch':>7} " + " ".join(f"{n:>17}" for n in names) + f" {'triton/torch':>13}")
+    x_check = torch.randn(4096, dims[0])
+    with torch.inference_mode():
+        for batch in batches:
+            x = torch.randn(batch, dims[0], device="cuda")
+            x16 = x.half()
+            out = torch.empty(batch, dims[-1], device="cuda")
+            calls = {"torch-fp16-graph": _graphed(lambda: fp16_model(x16), torch)}
+            for p, mlp in kernels.items():
+                calls[f"triton-{p}-graph"] = _graphed(lambda mlp=mlp: mlp.forward(x, out), torch)
+            rates = {}
+            for name, replay in calls.items():
+                torch.cuda.synchronize()
+                n, start = 0, time.perf_counter()
+                while time.perf_counter() - start < budget_s:
+                    for _ in range(10):
+                        replay()
+                    n += 10
+                    torch.cuda.synchronize()
+                rates[name] = batch * n / (time.perf_counter() - start)
+            best = max(v for k, v in rates.items() if k.startswith("triton"))
+            print(f"{batch:>7} " + " ".join(f"{rates[n]:>17.4g}" for n in names)
+                  + f" {best / rates['torch-fp16-graph']:>12.2f}x")
+        reference = model(x_check).numpy()
+        print(f"max abs error against torch fp32 on {x_check.shape[0]} N(0,1) rows:")
+        fp16_out = fp16_model(x_check.cuda().half()).float().cpu().numpy()
+        print(f"  {'torch-fp16':>12}: {np.abs(fp16_out - reference).max():.3g}")
+        for p, mlp in kernels.items():
+            got = mlp.forward(x_check.cuda()).cpu().numpy()
+            print(f"  {'triton-' + p:>12}: {np.abs(got - reference).max():.3g}")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("kernels", help="native MLP kernels vs torch / onnxruntime (rows/s, accuracy)")
+    parser.add_argument("--models", default="reference,big", help="comma list of: reference, big")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--threads", default=",".join(map(str, THREADS)))
+    parser.add_argument("--seconds", type=float, default=0.08, help="measuring time per case (default 0.08)")
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall",
+        help="wall time, or this process's CPU time (steadier on a shared machine; meaningful for 1 thread)",
+    )
+    parser.add_argument(
+        "--gpu", action="store_true",
+        help="instead: the fused Triton kernels against torch fp16 with CUDA graphs (needs CUDA and triton)",
+    )
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    import sys
+
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        print(f"vivace bench kernels: error: unknown model(s) {unknown}; choose from {list(MODELS)}", file=sys.stderr)
+        return 1
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+        threads = tuple(int(t) for t in args.threads.split(","))
+    except ValueError:
+        print("vivace bench kernels: error: --batches and --threads take comma-separated integers", file=sys.stderr)
+        return 1
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("vivace bench kernels: error: --gpu needs a CUDA device", file=sys.stderr)
+            return 1
+        gpu_batches = batches if args.batches != ",".join(map(str, BATCHES)) else (1, 256, 4096, 65536)
+        run_gpu_benchmark(gpu_batches, max(args.seconds, 0.2))
+        return 0
+    run_benchmark(models, batches, threads, args.seconds, args.clock)
+    return 0

@@ -1,0 +1,17 @@
+# Per-file ISA flags: only the level files get wide instructions; the dispatcher
+# (cpu_features.cpp) picks a level at run time, so the library runs on any x86-64 CPU.
+if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
+  set_source_files_properties(${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/mlp_avx2.cpp
+    PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma")
+  set_source_files_properties(${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/mlp_avx512.cpp
+    PROPERTIES COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512vnni;-mavx2;-mfma")
+  set_source_files_properties(${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/mlp_amx.cpp
+    PROPERTIES COMPILE_OPTIONS "-mamx-tile;-mamx-int8;-mavx512f;-mavx512bw;-mavx512vl;-mavx512vnni;-mavx2;-mfma")
+endif()
+
+# Native stress test (run by the sanitizer builds): tests/ is outside the library glob.
+if(VIVACE_BUILD_TESTS)
+  add_executable(kernels_test ${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/tests/kernels_test.cpp)
+  target_link_libraries(kernels_test PRIVATE vivace_native)
+  target_compile_options(kernels_test PRIVATE ${VIVACE_WARNINGS} ${VIVACE_SAN_FLAGS})
+endif()

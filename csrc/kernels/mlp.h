@@ -1,0 +1,95 @@
+// A prepacked multi-layer perceptron run in one call: Linear(+bias) layers with
+// identity/ReLU/GELU/sigmoid/tanh, in fp32 or int8 (per-output-channel weight scales,
+// activations quantised per row, or with calibrated static ranges).
+//
+// Thread safety: a NativeMlp is immutable after construction; Forward may be called from
+// any number of threads at once. Each call borrows a scratch slot from a pool owned by the
+// model (a new slot is allocated only when more calls run concurrently than ever before),
+// so steady-state calls allocate nothing. Forward never touches Python: callers may (and
+// for long batches should) release the GIL around it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu_features.h"
+#include "kernels/mlp_kernels.h"
+
+namespace vivace::kernels {
+
+enum class Activation : int { kIdentity = 0, kRelu, kGelu, kSigmoid, kTanh };
+enum class Precision : int { kFp32 = 0, kInt8 };
+
+Activation ParseActivation(const std::string& name);  // throws std::invalid_argument
+const char* ActivationName(Activation activation);
+Precision ParsePrecision(const std::string& name);    // "fp32" or "int8"
+const char* PrecisionName(Precision precision);
+
+struct LayerSpec {
+  int in_features = 0;
+  int out_features = 0;
+  std::vector<float> weight;  // [out_features][in_features], row-major, fp32
+  std::vector<float> bias;    // [out_features], or empty for no bias
+  Activation activation = Activation::kIdentity;
+  // int8 only: a calibrated range of this layer's input; values outside it saturate.
+  // Ignored for layers with <= 4 outputs, which run as fp32 dot products at any precision.
+  bool has_input_range = false;
+  float input_min = 0.0f;
+  float input_max = 0.0f;
+};
+
+class NativeMlp {
+ public:
+  // Validates and prepacks the layers for `level` (weights are quantised here for int8).
+  // num_threads > 1 splits large batches across that many threads (a pool owned here).
+  NativeMlp(const std::vector<LayerSpec>& layers, Precision precision, CpuLevel level, int num_threads = 1);
+  ~NativeMlp();
+  NativeMlp(const NativeMlp&) = delete;
+  NativeMlp& operator=(const NativeMlp&) = delete;
+
+  // out[rows][out_features] = mlp(x[rows][in_features]); both C-contiguous fp32.
+  // NaN/±Inf in a row: fp32 follows IEEE arithmetic (as torch does); int8 makes that
+  // row's outputs NaN. Other rows are never affected.
+  void Forward(const float* x, int64_t rows, float* out) const;
+
+  int in_features() const { return in_features_; }
+  int out_features() const { return out_features_; }
+  CpuLevel level() const { return level_; }
+  Precision precision() const { return precision_; }
+  int num_threads() const { return num_threads_; }
+  int64_t macs_per_row() const { return macs_per_row_; }
+  size_t num_layers() const;
+
+ private:
+  struct Layer;
+  struct Scratch;
+  class ThreadPool;
+
+  std::unique_ptr<Scratch> NewScratch() const;
+  void RunRows(const float* x, int64_t rows, float* out, Scratch& scratch) const;
+  void RunChunk(const float* x, int64_t rows, float* out, Scratch& scratch) const;
+
+  const LevelOps* ops_;
+  CpuLevel level_;
+  Precision precision_;
+  int num_threads_;
+  int in_features_ = 0;
+  int out_features_ = 0;
+  int64_t macs_per_row_ = 0;
+  int64_t chunk_rows_ = 0;
+  int64_t act_ld_ = 0;   // leading dimension of the hidden activation buffers
+  int64_t q_ld_ = 0;     // leading dimension (elements) of the quantised activations
+  std::vector<Layer> layers_;
+  mutable std::mutex scratch_mu_;
+  mutable std::vector<std::unique_ptr<Scratch>> free_scratch_;
+  std::unique_ptr<ThreadPool> pool_;
+};
+
+}  // namespace vivace::kernels
+
+// C entry point for native callers (e.g. the batcher's executor thread): no Python, no GIL.
+// `model` is a vivace::kernels::NativeMlp*. Returns 0.
+extern "C" int vivace_native_mlp_forward(const void* model, const float* x, int64_t rows, float* out);

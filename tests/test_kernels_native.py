@@ -1,0 +1,259 @@
+"""vivace._core.NativeMLP: every CPU level this machine has, fp32 and int8, against the
+portable level, numpy and torch; adversarial inputs; saturation; threads; bad arguments."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from vivace import _core
+
+torch = pytest.importorskip("torch")
+
+LEVELS = _core.cpu_levels()
+ACTIVATIONS = ["identity", "relu", "gelu", "sigmoid", "tanh"]
+
+
+def random_mlp(dims: list[int], acts: list[str], seed: int = 0, scale: float = 1.0):
+    rng = np.random.default_rng(seed)
+    weights = [(rng.standard_normal((o, i)) * scale / np.sqrt(i)).astype(np.float32) for i, o in zip(dims, dims[1:])]
+    biases = [(rng.standard_normal(o) * 0.1).astype(np.float32) for o in dims[1:]]
+    return weights, biases, acts
+
+
+def torch_forward(weights, biases, acts, x: np.ndarray) -> np.ndarray:
+    fns = {"identity": lambda t: t, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
+           "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+    t = torch.from_numpy(x)
+    with torch.no_grad():
+        for w, b, a in zip(weights, biases, acts):
+            t = fns[a](torch.nn.functional.linear(t, torch.from_numpy(w), torch.from_numpy(b)))
+    return t.numpy()
+
+
+def make(weights, biases, acts, precision="fp32", level="portable", **kw):
+    return _core.NativeMLP(weights, biases, acts, precision=precision, level=level, **kw)
+
+
+def test_levels_and_level_selection(monkeypatch):
+    assert LEVELS[0] == "portable"
+    assert _core.cpu_level("") == LEVELS[-1] or "VIVACE_CPU_LEVEL" in __import__("os").environ
+    with pytest.raises(ValueError, match="unknown CPU level 'sse9'"):
+        _core.cpu_level("sse9")
+    for missing in {"avx2", "avx512", "amx"} - set(LEVELS):
+        with pytest.raises(ValueError, match="not supported by this CPU"):
+            make(*random_mlp([4, 3], ["relu"]), level=missing)
+    monkeypatch.setenv("VIVACE_CPU_LEVEL", "portable")
+    assert _core.NativeMLP(*random_mlp([4, 3], ["relu"])).level == "portable"
+    monkeypatch.setenv("VIVACE_CPU_LEVEL", "bogus")
+    with pytest.raises(ValueError, match="unknown CPU level 'bogus'"):
+        _core.NativeMLP(*random_mlp([4, 3], ["relu"]))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dims", [[1, 1], [7, 17, 3], [33, 65, 1], [257, 255, 31, 2], [32, 256, 256, 1]])
+def test_fp32_matches_torch(level, dims):
+    acts = (["relu"] * (len(dims) - 2)) + ["sigmoid"]
+    mlp = random_mlp(dims, acts, seed=len(dims) + dims[0])
+    x = np.random.default_rng(1).standard_normal((45, dims[0])).astype(np.float32)
+    expected = torch_forward(*mlp, x)
+    native = make(*mlp, level=level)
+    np.testing.assert_allclose(native.forward(x), expected, rtol=1e-5, atol=1e-5)
+    # Every batch size through the row blocks and tails gives the same rows.
+    for rows in (1, 2, 3, 5, 6, 7, 13):
+        np.testing.assert_allclose(native.forward(x[:rows]), expected[:rows], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_every_activation(level, act):
+    mlp = random_mlp([9, 40, 20], [act, act], seed=3)
+    x = np.random.default_rng(2).standard_normal((19, 9)).astype(np.float32) * 3
+    expected = torch_forward(*mlp, x)
+    np.testing.assert_allclose(make(*mlp, level=level).forward(x), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(make(*mlp, "int8", level=level).forward(x) - expected).max() < 0.05 * max(1.0, np.abs(expected).max())
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dims", [[1, 5], [7, 33, 3], [33, 257, 1], [257, 64, 7], [32, 256, 256, 1]])
+def test_int8_matches_portable_and_stays_close_to_fp32(level, dims):
+    acts = (["relu"] * (len(dims) - 2)) + ["identity"]
+    mlp = random_mlp(dims, acts, seed=dims[0])
+    x = np.random.default_rng(4).standard_normal((50, dims[0])).astype(np.float32)
+    reference = make(*mlp, "int8", level="portable").forward(x)
+    got = make(*mlp, "int8", level=level).forward(x)
+    # Integer products are exact at every level; only the float epilogue may round apart
+    # (and, rarely, flip one quantisation step of a hidden activation).
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(got, reference, atol=2e-3 * scale, rtol=0)
+    fp32 = torch_forward(*mlp, x)
+    assert np.abs(got - fp32).max() < 0.03 * np.abs(fp32).max()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_reference_mlp_int8_accuracy(level):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                torch.nn.ReLU(), torch.nn.Linear(256, 1), torch.nn.Sigmoid()).eval()
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    weights = [m.weight.detach().numpy() for m in linears]
+    biases = [m.bias.detach().numpy() for m in linears]
+    x = np.random.default_rng(5).standard_normal((2000, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    got = make(weights, biases, ["relu", "relu", "sigmoid"], "int8", level=level).forward(x)
+    assert np.abs(got - expected).max() < 5e-3
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_zero_and_huge_inputs(level, precision):
+    mlp = random_mlp([33, 65, 4], ["relu", "identity"], seed=6)
+    native = make(*mlp, precision, level=level)
+    zeros = np.zeros((3, 33), np.float32)
+    expected = torch_forward(*mlp, zeros)
+    tol = 1e-5 if precision == "fp32" else 0.01  # int8: the hidden relu(bias) row is still quantised
+    np.testing.assert_allclose(native.forward(zeros), expected, rtol=0, atol=tol * np.abs(expected).max())
+    huge = np.random.default_rng(7).standard_normal((9, 33)).astype(np.float32) * np.float32(1e30)
+    expected = torch_forward(*mlp, huge)
+    got = native.forward(huge)
+    assert np.isfinite(got).all()
+    assert np.abs(got - expected).max() <= tol * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_nan_and_inf_fp32_follow_torch(level):
+    mlp = random_mlp([7, 17, 3], ["relu", "sigmoid"], seed=8)
+    x = np.random.default_rng(9).standard_normal((6, 7)).astype(np.float32)
+    x[1, 3] = np.nan
+    x[2, 0] = np.inf
+    x[3, 6] = -np.inf
+    got = make(*mlp, level=level).forward(x)
+    np.testing.assert_allclose(got, torch_forward(*mlp, x), rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert np.isnan(got[1]).all()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("static", [False, True])
+def test_nan_and_inf_int8_poison_only_their_row(level, static):
+    mlp = random_mlp([33, 40, 2], ["relu", "identity"], seed=10)
+    ranges = [(-4.0, 4.0), (0.0, 6.0)] if static else None
+    native = make(*mlp, "int8", level=level, input_ranges=ranges)
+    x = np.random.default_rng(11).standard_normal((8, 33)).astype(np.float32)
+    clean = native.forward(x)
+    bad = x.copy()
+    bad[2, 32] = np.nan
+    bad[5, 0] = np.inf
+    bad[6, 16] = -np.inf
+    got = native.forward(bad)
+    assert np.isnan(got[[2, 5, 6]]).all()
+    keep = [0, 1, 3, 4, 7]
+    np.testing.assert_array_equal(got[keep], clean[keep])
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_int8_static_ranges_saturate(level):
+    mlp = random_mlp([7, 33, 1], ["relu", "identity"], seed=12)
+    native = make(*mlp, "int8", level=level, input_ranges=[(-1.0, 1.0), (0.0, 3.0)])
+    x = np.random.default_rng(13).standard_normal((40, 7)).astype(np.float32) * 10
+    np.testing.assert_array_equal(native.forward(x), native.forward(np.clip(x, -1.0, 1.0)))
+    dynamic = make(*mlp, "int8", level=level).forward(x)
+    assert np.abs(dynamic - torch_forward(*mlp, x)).max() < np.abs(native.forward(x) - torch_forward(*mlp, x)).max()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_int8_weight_outliers_and_constant_rows(level):
+    weights, biases, acts = random_mlp([64, 16, 3], ["relu", "identity"], seed=14)
+    weights[0][:, 0] = 50.0  # each output channel's scale is set by one outlier weight
+    native = make(weights, biases, acts, "int8", level=level)
+    x = np.full((5, 64), 0.25, np.float32)  # constant rows: zero-width range, exact
+    expected = torch_forward(weights, biases, acts, x)
+    np.testing.assert_allclose(native.forward(x), expected, rtol=0, atol=0.02 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_concurrent_callers_and_threads_agree(precision):
+    mlp = random_mlp([32, 256, 256, 1], ["relu", "relu", "sigmoid"], seed=15)
+    level = LEVELS[-1] if LEVELS[-1] != "amx" else "avx512"
+    single = make(*mlp, precision, level=level)
+    pooled = make(*mlp, precision, level=level, num_threads=2)
+    rng = np.random.default_rng(16)
+    batches = [rng.standard_normal((n, 32)).astype(np.float32) for n in (1, 7, 130, 700)]
+    expected = [single.forward(b) for b in batches]
+    for b, e in zip(batches, expected):
+        np.testing.assert_array_equal(pooled.forward(b), e)
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        outs = [np.empty((b.shape[0], 1), np.float32) for b in batches]
+        for it in range(60):
+            i = (seed + it) % len(batches)
+            model = pooled if it % 2 else single
+            model.forward_into(batches[i], outs[i])
+            if not np.array_equal(outs[i], expected[i]):
+                errors.append(f"thread {seed} iteration {it} batch {i}")
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_buffers_shapes_and_errors():
+    mlp = random_mlp([5, 8, 2], ["relu", "identity"], seed=17)
+    native = make(*mlp)
+    assert (native.in_features, native.out_features, native.num_layers, native.macs_per_row) == (5, 2, 2, 56)
+    x = np.random.default_rng(18).standard_normal((4, 5)).astype(np.float32)
+    out = np.empty((4, 2), np.float32)
+    native.forward_into(x, out)
+    np.testing.assert_array_equal(out, native.forward(x))
+    np.testing.assert_array_equal(native.forward(x[0]), native.forward(x[:1]))  # 1-D: one row
+    assert native.forward(np.empty((0, 5), np.float32)).shape == (0, 2)
+    native.forward_into(memoryview(x), memoryview(out))
+    with pytest.raises(TypeError, match="float32"):
+        native.forward(x.astype(np.float64))
+    with pytest.raises(TypeError, match="C-contiguous"):
+        native.forward(np.asfortranarray(np.ones((4, 5), np.float32)))
+    with pytest.raises(ValueError, match=r"shape \[rows, 5\], got \(4, 6\)"):
+        native.forward(np.ones((4, 6), np.float32))
+    with pytest.raises(ValueError, match="out has 3 rows, x has 4"):
+        native.forward_into(x, np.empty((3, 2), np.float32))
+    readonly = np.empty((4, 2), np.float32)
+    readonly.flags.writeable = False
+    with pytest.raises(TypeError, match="writable"):
+        native.forward_into(x, readonly)
+    w, b, a = mlp
+    with pytest.raises(ValueError, match="layer 1: in_features 8 does not match|does not match"):
+        make([w[0], np.ones((2, 7), np.float32)], b, a)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        make(w, b, ["swish", "relu"])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        make([np.full((8, 5), np.nan, np.float32), w[1]], b, a)
+    with pytest.raises(ValueError, match="num_threads"):
+        make(w, b, a, num_threads=0)
+    with pytest.raises(ValueError, match="precision 'int8' only"):
+        make(w, b, a, input_ranges=[(0.0, 1.0), None])
+    with pytest.raises(ValueError, match="unknown precision"):
+        make(w, b, a, precision="int4")
+    with pytest.raises(ValueError, match="one entry per layer"):
+        make(w, b, ["relu"])
+
+
+def test_raw_entry_point_through_capsules():
+    import ctypes
+
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype = ctypes.c_void_p
+    get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    native = make(*random_mlp([9, 20, 2], ["relu", "identity"], seed=19), "int8", level=LEVELS[-1])
+    model = get_pointer(native.native_handle(), b"vivace.kernels.NativeMlp")
+    forward = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)(
+        get_pointer(_core.NATIVE_MLP_FORWARD, b"vivace.kernels.native_mlp_forward")
+    )
+    x = np.random.default_rng(20).standard_normal((11, 9)).astype(np.float32)
+    out = np.zeros((11, 2), np.float32)
+    assert forward(model, x.ctypes.data, 11, out.ctypes.data) == 0  # ctypes releases the GIL around it
+    np.testing.assert_array_equal(out, native.forward(x))
