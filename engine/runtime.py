@@ -142,6 +142,10 @@ class ModelRunner:
             inputs = [[memoryview(f).cast("B")] for f in features]
             outputs = [o[:-1] for o in outputs]  # the last output is the found flags
         self._execute = self.backend.batch_executor(inputs, outputs)
+        native = getattr(self.backend, "native_handle", None)
+        if native is not None and self.entity is None:
+            # The kernel runs straight from the batch buffers: no Python, no GIL per batch.
+            self.batcher.set_native_forward(*native(), self.backend)
         # Plain JSON requests (no parameters, no binary tensors) are parsed and answered
         # natively when every datatype allows it; the rest take the general decoder. With
         # the "error" policy for unknown entities, answers are checked in Python first.

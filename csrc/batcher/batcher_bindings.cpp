@@ -247,9 +247,12 @@ class PyBatcher {
     ExecuteFn run;
     if (inline_execution) {
       // RunReady is called from Python, so this thread already holds the GIL.
-      run = [fn](int executor, int64_t rows) { CallExecute(fn, executor, rows); };
+      run = [this, fn](int executor, int64_t rows) {
+        if (!RunNative(executor, rows)) CallExecute(fn, executor, rows);
+      };
     } else {
-      run = [fn](int executor, int64_t rows) {
+      run = [this, fn](int executor, int64_t rows) {
+        if (RunNative(executor, rows)) return;  // native kernels never need the GIL
         executor_thread_state.Acquire();
         try {
           CallExecute(fn, executor, rows);
@@ -261,6 +264,27 @@ class PyBatcher {
       };
     }
     batcher_ = std::make_unique<Batcher>(std::move(c), std::move(run));
+  }
+
+  // A native kernel (C entry point from a capsule) runs batches directly: from the first
+  // input buffer to the first output buffer, float32 rows, no Python and no GIL.
+  void SetNativeForward(py::capsule model, py::capsule forward, py::object owner) {
+    const auto& c = batcher_->config();
+    if (input_dtypes_.size() != 1 || input_dtypes_[0]->type != DType::kF32 || c.output_row_bytes.size() != 1)
+      throw py::value_error("a native forward needs one FP32 input and one FP32 output");
+    native_owner_ = std::move(owner);  // keeps the model alive as long as the batcher
+    native_model_ = model.get_pointer();
+    native_forward_ = reinterpret_cast<void*>(forward.get_pointer());
+  }
+
+  bool RunNative(int executor, int64_t rows) {
+    if (native_forward_ == nullptr) return false;
+    using Forward = int (*)(const void*, const float*, int64_t, float*);
+    const int rc = reinterpret_cast<Forward>(native_forward_)(
+        native_model_, reinterpret_cast<const float*>(batcher_->input_buffer(executor, 0)), rows,
+        reinterpret_cast<float*>(batcher_->output_buffer(executor, 0)));
+    if (rc != 0) throw std::runtime_error("native kernel failed with code " + std::to_string(rc));
+    return true;
   }
 
   // Calls execute(executor, rows) with the GIL held; a Python exception becomes a
@@ -515,6 +539,9 @@ class PyBatcher {
   py::object execute_;
   std::unique_ptr<OipJsonCodec> json_;
   py::object feature_buffers_;
+  py::object native_owner_;
+  const void* native_model_ = nullptr;
+  void* native_forward_ = nullptr;
   std::vector<const DTypeInfo*> input_dtypes_;
   std::vector<int64_t> input_row_elems_;
   std::unique_ptr<Batcher> batcher_;
@@ -542,6 +569,8 @@ it reads `rows` rows from input_buffers(executor) and writes output_buffers(exec
       .def("drain", &PyBatcher::Drain)
       .def("attach_feature_lookup", &PyBatcher::AttachFeatureLookup, py::arg("lookup"), py::arg("features"),
            "Serve by entity id: look up each batch's INT64 keys into per-executor float32 feature arrays")
+      .def("set_native_forward", &PyBatcher::SetNativeForward, py::arg("model"), py::arg("forward"),
+           py::arg("owner"), "Run batches with a native C kernel (capsules), without the GIL")
       .def("attach_sketches", &PyBatcher::AttachSketches, py::arg("input_sketch"), py::arg("output_sketch"),
            "Count each batch's first input and first output into DriftSketch objects (or None)")
       .def("enable_json", &PyBatcher::EnableJson, py::arg("model_name"), py::arg("model_version"),
