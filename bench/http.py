@@ -88,6 +88,8 @@ def run_wrk(port: int, concurrency: int, duration: float, cpu: int | None, pid: 
     cpu_before = _cpu_seconds(pid)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=duration + 60).stdout
     cpu_used = _cpu_seconds(pid) - cpu_before
+    if not re.search(r"^\s+50%\s+[\d.]+(us|ms|s)$", out, re.M) or "requests in" not in out:
+        raise RuntimeError(f"unexpected wrk output against {server}:\n{out}")
     total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
     errors += sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
@@ -96,8 +98,9 @@ def run_wrk(port: int, concurrency: int, duration: float, cpu: int | None, pid: 
         tool="wrk",
         concurrency=concurrency,
         requests_per_s=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        p50_ms=_latency_ms(re.search(r"50%\s+(\S+)", out).group(1)),
-        p99_ms=_latency_ms(re.search(r"99%\s+(\S+)", out).group(1)),
+        # Anchored: "+/- Stdev" columns such as "69.50%" also contain "50%".
+        p50_ms=_latency_ms(re.search(r"^\s+50%\s+(\S+)$", out, re.M).group(1)),
+        p99_ms=_latency_ms(re.search(r"^\s+99%\s+(\S+)$", out, re.M).group(1)),
         errors=errors,
         cpu_us_per_request=cpu_used / max(total, 1) * 1e6,
     )
@@ -152,7 +155,8 @@ def run_perf_analyzer(port: int, concurrency: int, duration: float, cpu: int | N
 
 
 def benchmark(duration: float, concurrencies: list[int], server_cpu: int | None, client_cpu: int | None,
-              baseline: bool, perf_analyzer: bool, native: bool, port: int = 18000) -> list[Result]:
+              baseline: bool, perf_analyzer: bool, native: bool, pa_concurrencies: list[int] = (8,),
+              port: int = 18000) -> list[Result]:
     from .model import write_reference_model
 
     results: list[Result] = []
@@ -177,10 +181,14 @@ def benchmark(duration: float, concurrencies: list[int], server_cpu: int | None,
             try:
                 run_wrk(server_port, 16, 1.0, client_cpu, proc.pid, name)  # warm-up
                 for c in concurrencies:
-                    result = run_wrk(server_port, c, duration, client_cpu, proc.pid, name)
+                    try:
+                        result = run_wrk(server_port, c, duration, client_cpu, proc.pid, name)
+                    except RuntimeError as exc:
+                        print(f"  {exc}", file=sys.stderr)
+                        continue
                     results.append(result)
                     _print_result(result)
-                    if pa_env is not None:
+                    if pa_env is not None and c in pa_concurrencies:
                         # The baseline only speaks JSON tensors; Vivace is measured both ways.
                         for fmt in (["json"] if name == "fastapi" else ["binary", "json"]):
                             pa = run_perf_analyzer(server_port, c, duration / 2, client_cpu, proc.pid, name, pa_env, fmt)
@@ -224,6 +232,8 @@ def register(subparsers) -> None:
     parser.add_argument("--client-cpu", type=int, default=1, help="core the load generator is pinned to (-1: none)")
     parser.add_argument("--no-baseline", action="store_true", help="measure Vivace only")
     parser.add_argument("--no-perf-analyzer", action="store_true", help="wrk only")
+    parser.add_argument("--pa-concurrency", default="8",
+                        help="concurrencies perf_analyzer measures too (at 64 it rarely stabilises on 2 cores)")
     parser.add_argument("--no-native", action="store_true",
                         help="skip the native fp32 package (the same model through vivace quantize)")
     parser.add_argument("--json", dest="json_out", help="write the results as JSON to this file")
@@ -249,7 +259,8 @@ def _run(args) -> int:
     print(f"vivace bench http: {args.duration:g} s per point, server cpu {server_cpu}, client cpu {client_cpu}")
     results = benchmark(args.duration, concurrencies, server_cpu, client_cpu,
                         baseline=not args.no_baseline, perf_analyzer=not args.no_perf_analyzer,
-                        native=not args.no_native)
+                        native=not args.no_native,
+                        pa_concurrencies=[int(c) for c in args.pa_concurrency.split(",")])
     for line in summarize(results):
         print(line)
     if args.json_out:
