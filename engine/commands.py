@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .cli import VivaceCLIError
-from .http import ServerConfig
+from .config import ServerConfig
 
 
 def register(subparsers) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import httptools
@@ -30,20 +29,6 @@ from .runtime import (
 
 if TYPE_CHECKING:
     from .server import App
-
-
-@dataclass
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_bytes: int = 64 << 20
-    max_header_bytes: int = 64 << 10
-    max_headers: int = 100
-    max_connections: int = 10_000
-    header_timeout: float = 10.0  # first byte of a request → end of its headers
-    body_timeout: float = 30.0    # end of headers → end of body
-    idle_timeout: float = 75.0    # keep-alive connection with nothing in flight
-    drain_timeout: float = 30.0   # SIGTERM: longest wait for accepted requests
 
 
 REASONS = {

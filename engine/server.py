@@ -25,7 +25,8 @@ from vivace import __version__
 from vivace.monitor.metrics import MetricsCollector, render_metrics
 
 from . import oip
-from .http import JSON, HttpProtocol, InferCall, ServerConfig, error_body, http_response
+from .config import ServerConfig
+from .http import JSON, HttpProtocol, InferCall, error_body, http_response
 from .runtime import STATUS_INVALID, STATUS_QUEUE_FULL, STATUS_SHUTDOWN, ModelRunner
 
 log = logging.getLogger("vivace.server")

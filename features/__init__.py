@@ -5,11 +5,28 @@ Vivace home; `FeatureStore.get_historical_features` builds point-in-time correct
 sets; `materialize` writes the latest values to an LMDB online store that the C++ core
 (`vivace._core.FeatureLookup`) reads for serving.
 """
-from .definitions import Entity, FeatureService, FeatureView, Field, load_yaml, parse_ttl
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .errors import (
     FeatureDefinitionError, FeatureStoreError, OnlineStoreError, SourceValidationError, UnknownFeatureError,
 )
-from .store import FeatureStore, ServingSpec
+
+# Loaded on first use: the store pulls in pandas and pyarrow, which the CLI and the
+# server must not pay for at start-up unless a feature store is actually used.
+_LAZY = {
+    "Entity": "definitions", "FeatureService": "definitions", "FeatureView": "definitions",
+    "Field": "definitions", "load_yaml": "definitions", "parse_ttl": "definitions",
+    "FeatureStore": "store", "ServingSpec": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
 
 __all__ = [
     "Entity", "FeatureService", "FeatureView", "Field", "FeatureStore", "load_yaml", "parse_ttl",

@@ -1,0 +1,19 @@
+"""Server limits and timeouts: a dependency-free module, so the CLI can show defaults
+without importing the HTTP stack."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 64 << 20
+    max_header_bytes: int = 64 << 10
+    max_headers: int = 100
+    max_connections: int = 10_000
+    header_timeout: float = 10.0  # first byte of a request → end of its headers
+    body_timeout: float = 30.0    # end of headers → end of body
+    idle_timeout: float = 75.0    # keep-alive connection with nothing in flight
+    drain_timeout: float = 30.0   # SIGTERM: longest wait for accepted requests
