@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LABELS = ["model", "version"]
+FAILURE_REASONS = ("bad_request", "rejected", "timeout", "backend_error")
 HISTOGRAMS = {
     "request_seconds": ("vivace_request_duration_seconds", "Time from enqueue to completion of successful requests"),
     "queue_seconds": ("vivace_queue_duration_seconds", "Time requests wait in the batcher queue"),
@@ -74,7 +75,10 @@ class MetricsCollector:
             for key, family in histograms.items():
                 bounds, counts, total = s["histograms"][key]
                 family.add_metric(labels, _buckets(bounds, counts), total)
-        for (model, version, reason), count in sorted(self.source.failures.items()):
+        # Every model starts each known reason at 0, so that rate() works from the first scrape.
+        failure_counts = {(r.name, r.version, reason): 0 for r in runners for reason in FAILURE_REASONS}
+        failure_counts.update(self.source.failures)
+        for (model, version, reason), count in sorted(failure_counts.items()):
             failures.add_metric([model, version, reason], count)
         drift = GaugeMetricFamily(
             "vivace_drift_statistic",

@@ -99,3 +99,30 @@ def test_drift_endpoint_and_gauges_follow_the_traffic(profiled_package):
 def test_model_without_profile_has_no_drift_route(server):
     code, body = get(server.port, "/v2/models/mlp/drift")
     assert code == 404 and "reference profile" in json.loads(body)["error"]
+
+
+def test_grafana_dashboard_queries_name_exported_metrics(profiled_package):
+    """Every vivace_* metric a dashboard query uses is in a live server's /metrics."""
+    import re
+    from importlib.resources import files
+
+    import yaml
+
+    dashboard = json.loads(files("vivace.monitor.data").joinpath("grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"vivace_[a-z_]+", e)}
+    assert len(used) >= 10
+    scrape = yaml.safe_load(files("vivace.monitor.data").joinpath("prometheus.yml").read_text())
+    assert scrape["scrape_configs"][0]["metrics_path"] == "/metrics"
+
+    server = ServerProcess([profiled_package], "--drift-interval", "0.2", "--drift-window", "1000")
+    try:
+        post_rows(server.port, np.random.default_rng(2).standard_normal((1000, 32)).astype(np.float32))
+        wait_for(lambda: json.loads(get(server.port, "/v2/models/mlp/drift")[1])["rows"] >= 1000)
+        time.sleep(0.5)  # one more drift check after the window filled
+        text = get(server.port, "/metrics")[1].decode()
+        exported = {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(r"^(vivace_[a-z_]+)", text, re.M)}
+        missing = used - exported
+        assert not missing, f"dashboard queries metrics the server does not export: {sorted(missing)}"
+    finally:
+        assert server.stop() == 0
