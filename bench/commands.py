@@ -13,6 +13,7 @@ BENCH_MODULES = [
     "vivace.bench.scorer",
     "vivace.bench.kernels",
     "vivace.bench.features",
+    "vivace.bench.entities",
     "vivace.bench.drift",
     "vivace.bench.lifecycle",
 ]

@@ -80,9 +80,10 @@ def _latency_ms(text: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
-def run_wrk(port: int, concurrency: int, duration: float, cpu: int | None, pid: int, server: str) -> Result:
-    url = f"http://127.0.0.1:{port}/v2/models/mlp/infer"
-    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency", "-s", str(LUA), url]
+def run_wrk(port: int, concurrency: int, duration: float, cpu: int | None, pid: int, server: str,
+            path: str = "/v2/models/mlp/infer", lua: Path = LUA) -> Result:
+    url = f"http://127.0.0.1:{port}{path}"
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency", "-s", str(lua), url]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd]
     cpu_before = _cpu_seconds(pid)
