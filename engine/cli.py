@@ -7,19 +7,32 @@ import os
 import sys
 
 # Modules that contribute subcommands: each has `register(subparsers)` adding parsers
-# whose `func(args) -> int` runs the command. Imported lazily so that `vivace --help`
-# stays fast and a module's heavy imports happen only when its command runs.
-COMMAND_MODULES = [
-    "vivace.engine.commands",
-    "vivace.engine.native.cli",
-    "vivace.bench.commands",
-    "vivace.registry.cli",
-    "vivace.features.cli",
-    "vivace.monitor.cli",
-]
+# whose `func(args) -> int` runs the command. A command names its module below, so a
+# fresh `vivace score` imports only what scoring needs; `vivace --help` imports them all.
+COMMANDS = {
+    "serve": "vivace.engine.commands", "score": "vivace.engine.commands", "demo": "vivace.engine.commands",
+    "quantize": "vivace.engine.native.cli",
+    "bench": "vivace.bench.commands",
+    "data": "vivace.registry.cli", "models": "vivace.registry.cli", "runs": "vivace.registry.cli",
+    "train": "vivace.registry.cli", "audit": "vivace.registry.cli",
+    "features": "vivace.features.cli",
+    "monitor": "vivace.monitor.cli",
+}
+COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named on the command line, skipping the global --home option."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--home":
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vivace", description="Vivace ML serving engine")
     parser.add_argument(
         "--home",
@@ -27,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Vivace home: SQLite metadata, artifacts, online store (default: $VIVACE_HOME or ./.vivace)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    modules = [COMMANDS[command]] if command in COMMANDS else COMMAND_MODULES
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -39,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
