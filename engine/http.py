@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -327,5 +327,3 @@ class HttpProtocol(asyncio.Protocol):
             self.close_after = self.next_seq - 1 if not self.reading_since else self.next_seq
             self.keep_alive = False
 
-
-Handler = Callable[["HttpProtocol", int, Any, bytes], None]

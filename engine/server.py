@@ -26,7 +26,7 @@ from vivace.monitor.metrics import MetricsCollector, render_metrics
 
 from . import oip
 from .config import ServerConfig
-from .http import JSON, HttpProtocol, InferCall, error_body, http_response
+from .http import HttpProtocol, InferCall, error_body, http_response
 from .runtime import STATUS_INVALID, STATUS_QUEUE_FULL, STATUS_SHUTDOWN, ModelRunner
 
 log = logging.getLogger("vivace.server")
