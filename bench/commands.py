@@ -15,6 +15,7 @@ BENCH_MODULES = [
     "vivace.bench.features",
     "vivace.bench.entities",
     "vivace.bench.drift",
+    "vivace.bench.monitoring",
     "vivace.bench.lifecycle",
 ]
 

@@ -1,0 +1,75 @@
+"""`vivace bench monitoring`: HTTP throughput with online drift monitoring on vs off.
+
+The reference MLP is packaged with a reference profile of its inputs and predictions, so
+`vivace serve` sketches every batch natively and checks drift every second. The same
+package is then served with `--no-drift`. Each server is pinned to one core and driven by
+wrk from the other; the ratio is the cost of monitoring (issue 6's target: >= 90%).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .http import _start, _stop, run_wrk
+
+
+def build(root: Path) -> Path:
+    """The reference package plus a profile of 20,000 N(0, 1) rows and their predictions."""
+    import numpy as np
+
+    from vivace.engine import Scorer
+    from vivace.monitor.drift import build_profile
+    from vivace.registry.package import write_package
+
+    from .model import write_reference_model
+
+    plain = write_reference_model(root / "mlp")
+    rows = np.random.default_rng(0).standard_normal((20_000, 32)).astype(np.float32)
+    profile = build_profile({f"f{i}": rows[:, i] for i in range(32)}, predictions=Scorer(plain).predict(rows))
+    manifest = plain.manifest()
+    manifest["metadata"] = {"profile": "profile.json"}
+    path = root / "mlp-profiled"
+    write_package(path, manifest, {"model.pt": (plain.path / "model.pt").read_bytes(),
+                                   "profile.json": json.dumps(profile).encode()})
+    return path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("monitoring", help="HTTP throughput with drift monitoring on vs off")
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--concurrency", default="8,64")
+    parser.add_argument("--server-cpu", type=int, default=0)
+    parser.add_argument("--client-cpu", type=int, default=1)
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    cpus = os.sched_getaffinity(0)
+    server_cpu = args.server_cpu if args.server_cpu in cpus else None
+    client_cpu = args.client_cpu if args.client_cpu in cpus else None
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="vivace-bench-monitoring-") as tmp:
+        package = build(Path(tmp))
+        for label, extra in (("monitoring on", ["--drift-interval", "1"]), ("monitoring off", ["--no-drift"])):
+            port = 18200 if label == "monitoring on" else 18201
+            cmd = [sys.executable, "-m", "vivace.engine.cli", "serve", str(package), "--port", str(port),
+                   "--log-level", "WARNING", *extra]
+            proc = _start(cmd, server_cpu, port)
+            try:
+                run_wrk(port, 16, 1.0, client_cpu, proc.pid, label)  # warm-up
+                for c in concurrencies:
+                    r = run_wrk(port, c, args.duration, client_cpu, proc.pid, label)
+                    results[(label, c)] = r
+                    print(f"  c={c:<3d} {label:15s} {r.requests_per_s:9.0f} req/s  p50 {r.p50_ms:.3f} ms  "
+                          f"p99 {r.p99_ms:.3f} ms  cpu {r.cpu_us_per_request:5.1f} us/req  errors {r.errors}",
+                          flush=True)
+            finally:
+                _stop(proc)
+    for c in concurrencies:
+        on, off = results[("monitoring on", c)], results[("monitoring off", c)]
+        print(f"c={c}: throughput with monitoring = {on.requests_per_s / off.requests_per_s:.0%} of without")
+    return 0
