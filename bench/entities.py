@@ -8,13 +8,12 @@ lookup (issue 4's target: entity-id throughput >= 80% of raw features).
 """
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from .http import _start, _stop, run_wrk
+from .http import _start, _stop, add_load_options, pinned_cpus, print_result, run_wrk
 
 ENTITIES = 100_000
 FEATURES = 32
@@ -66,17 +65,12 @@ def build(root: Path) -> tuple[Path, Path, Path]:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("entities", help="serving by entity id vs raw features, same model and run")
-    parser.add_argument("--duration", type=float, default=8.0)
-    parser.add_argument("--concurrency", default="8,64")
-    parser.add_argument("--server-cpu", type=int, default=0)
-    parser.add_argument("--client-cpu", type=int, default=1)
+    add_load_options(parser, duration=8.0)
     parser.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    cpus = os.sched_getaffinity(0)
-    server_cpu = args.server_cpu if args.server_cpu in cpus else None
-    client_cpu = args.client_cpu if args.client_cpu in cpus else None
+    server_cpu, client_cpu = pinned_cpus(args)
     with tempfile.TemporaryDirectory(prefix="vivace-bench-entities-") as tmp:
         root = Path(tmp)
         home, raw, by_id = build(root)
@@ -94,8 +88,7 @@ def _run(args) -> int:
                 id_result = run_wrk(port, c, args.duration, client_cpu, proc.pid, "entity id",
                                     path="/v2/models/mlp_by_id/infer", lua=script)
                 for r in (raw_result, id_result):
-                    print(f"  c={c:<3d} {r.server:13s} {r.requests_per_s:9.0f} req/s  p50 {r.p50_ms:.3f} ms  "
-                          f"p99 {r.p99_ms:.3f} ms  cpu {r.cpu_us_per_request:5.1f} us/req  errors {r.errors}")
+                    print_result(r)
                 print(f"  c={c}: entity-id throughput = {id_result.requests_per_s / raw_result.requests_per_s:.0%} "
                       "of raw features")
         finally:

@@ -188,20 +188,20 @@ def benchmark(duration: float, concurrencies: list[int], server_cpu: int | None,
                         print(f"  {exc}", file=sys.stderr)
                         continue
                     results.append(result)
-                    _print_result(result)
+                    print_result(result)
                     if pa_env is not None and c in pa_concurrencies:
                         # The baseline only speaks JSON tensors; Vivace is measured both ways.
                         for fmt in (["json"] if name == "fastapi" else ["binary", "json"]):
                             pa = run_perf_analyzer(server_port, c, duration / 2, client_cpu, proc.pid, name, pa_env, fmt)
                             if pa:
                                 results.append(pa)
-                                _print_result(pa)
+                                print_result(pa)
             finally:
                 _stop(proc)
     return results
 
 
-def _print_result(r: Result) -> None:
+def print_result(r: Result) -> None:
     print(f"  {r.server:8s} {r.tool:20s} c={r.concurrency:<3d} {r.requests_per_s:10.0f} req/s  "
           f"p50 {r.p50_ms:7.3f} ms  p99 {r.p99_ms:7.3f} ms  cpu {r.cpu_us_per_request:6.1f} us/req  errors {r.errors}",
           flush=True)
@@ -225,12 +225,27 @@ def summarize(results: list[Result]) -> list[str]:
     return lines
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("http", help="HTTP throughput/latency: Vivace vs a FastAPI baseline")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+def add_load_options(parser, duration: float) -> None:
+    """The options every HTTP load benchmark shares: duration, concurrency, core pinning."""
+    parser.add_argument("--duration", type=float, default=duration, help="seconds per measurement")
     parser.add_argument("--concurrency", default="8,64", help="comma-separated connection counts")
     parser.add_argument("--server-cpu", type=int, default=0, help="core the server is pinned to (-1: none)")
     parser.add_argument("--client-cpu", type=int, default=1, help="core the load generator is pinned to (-1: none)")
+
+
+def pinned_cpus(args) -> tuple[int | None, int | None]:
+    """(server core, load-generator core), each None when not pinnable on this machine."""
+    cpus = os.sched_getaffinity(0)
+
+    def pick(cpu: int) -> int | None:
+        return cpu if cpu >= 0 and cpu in cpus else None
+
+    return pick(args.server_cpu), pick(args.client_cpu)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("http", help="HTTP throughput/latency: Vivace vs a FastAPI baseline")
+    add_load_options(parser, duration=10.0)
     parser.add_argument("--no-baseline", action="store_true", help="measure Vivace only")
     parser.add_argument("--no-perf-analyzer", action="store_true", help="wrk only")
     parser.add_argument("--pa-concurrency", default="8",
@@ -253,9 +268,7 @@ def _run(args) -> int:
             print("vivace bench http: the baseline needs fastapi and uvicorn (pip install 'vivace[bench]')",
                   file=sys.stderr)
             return 1
-    cpus = os.sched_getaffinity(0)
-    server_cpu = args.server_cpu if args.server_cpu >= 0 and args.server_cpu in cpus else None
-    client_cpu = args.client_cpu if args.client_cpu >= 0 and args.client_cpu in cpus else None
+    server_cpu, client_cpu = pinned_cpus(args)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     print(f"vivace bench http: {args.duration:g} s per point, server cpu {server_cpu}, client cpu {client_cpu}")
     results = benchmark(args.duration, concurrencies, server_cpu, client_cpu,

@@ -8,12 +8,11 @@ wrk from the other; the ratio is the cost of monitoring (issue 6's target: >= 90
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-from .http import _start, _stop, run_wrk
+from .http import _start, _stop, add_load_options, pinned_cpus, print_result, run_wrk
 
 
 def build(root: Path) -> Path:
@@ -39,17 +38,12 @@ def build(root: Path) -> Path:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("monitoring", help="HTTP throughput with drift monitoring on vs off")
-    parser.add_argument("--duration", type=float, default=8.0)
-    parser.add_argument("--concurrency", default="8,64")
-    parser.add_argument("--server-cpu", type=int, default=0)
-    parser.add_argument("--client-cpu", type=int, default=1)
+    add_load_options(parser, duration=8.0)
     parser.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    cpus = os.sched_getaffinity(0)
-    server_cpu = args.server_cpu if args.server_cpu in cpus else None
-    client_cpu = args.client_cpu if args.client_cpu in cpus else None
+    server_cpu, client_cpu = pinned_cpus(args)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     results = {}
     with tempfile.TemporaryDirectory(prefix="vivace-bench-monitoring-") as tmp:
@@ -64,9 +58,7 @@ def _run(args) -> int:
                 for c in concurrencies:
                     r = run_wrk(port, c, args.duration, client_cpu, proc.pid, label)
                     results[(label, c)] = r
-                    print(f"  c={c:<3d} {label:15s} {r.requests_per_s:9.0f} req/s  p50 {r.p50_ms:.3f} ms  "
-                          f"p99 {r.p99_ms:.3f} ms  cpu {r.cpu_us_per_request:5.1f} us/req  errors {r.errors}",
-                          flush=True)
+                    print_result(r)
             finally:
                 _stop(proc)
     for c in concurrencies:
