@@ -66,6 +66,9 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--body-timeout", type=float, default=defaults.body_timeout)
     serve.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout)
     serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
+    serve.add_argument("--shed-queue-wait-ms", type=float, default=defaults.shed_queue_wait_ms,
+                       help="refuse new requests (503, Retry-After) while a model's oldest queued request "
+                       "has waited longer than this; 0 disables load shedding")
     serve.add_argument("--log-level", default=os.environ.get("VIVACE_LOG_LEVEL", "INFO"))
     serve.add_argument("--drift-interval", type=float, default=10.0,
                        help="seconds between drift checks of models whose package has a reference profile")
@@ -136,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
     def build(ref: str) -> ModelRunner:
         package = resolve_package(ref, args.home)
         runner = ModelRunner(package, device=args.device, num_threads=args.threads, execution=args.execution,
-                             home=args.home)
+                             home=args.home, shed_queue_wait_ms=args.shed_queue_wait_ms)
         if runner.has_profile and not args.no_drift:
             from vivace.monitor.alerts import AlertConfig
 
@@ -160,6 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout,
         idle_timeout=args.idle_timeout,
         drain_timeout=args.drain_timeout,
+        shed_queue_wait_ms=args.shed_queue_wait_ms,
     )
     return uvloop.run(serve(runners, config, followers=followers))
 

@@ -17,3 +17,6 @@ class ServerConfig:
     body_timeout: float = 30.0    # end of headers → end of body
     idle_timeout: float = 75.0    # keep-alive connection with nothing in flight
     drain_timeout: float = 30.0   # SIGTERM: longest wait for accepted requests
+    # Overload: refuse new infer requests (503 + Retry-After) while a model's oldest queued
+    # request has waited longer than this; bounds admitted latency and memory. 0: off.
+    shed_queue_wait_ms: float = 500.0

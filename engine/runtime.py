@@ -18,6 +18,7 @@ from vivace import _core
 from vivace.registry.package import ModelPackage, TensorSpec
 
 from .backends import load_backend
+from .config import ServerConfig
 from .oip import InferDecoder, ResponseEncoder
 
 STATUS_OK = int(_core.Status.OK)
@@ -94,6 +95,7 @@ class ModelRunner:
         num_threads: int | None = None,
         execution: str | None = None,
         home: str | None = None,
+        shed_queue_wait_ms: float = ServerConfig.shed_queue_wait_ms,
     ):
         self.model_package = package  # what the backend runs
         # Serving by entity id: a package that declares a feature service is called with the
@@ -127,6 +129,7 @@ class ModelRunner:
             default_timeout_us=policy.default_timeout_microseconds,
             allow_timeout_override=policy.allow_timeout_override,
             max_queue_size=policy.max_queue_size,
+            shed_queue_wait_us=int(shed_queue_wait_ms * 1000),
             inputs=[(s.datatype, list(s.row_shape)) for s in package.inputs],
             outputs=[(s.datatype, list(s.row_shape)) for s in package.outputs],
             executors=package.instance_count,

@@ -24,7 +24,7 @@ class Harness:
         defaults = dict(
             model_name="m", max_batch_size=8, preferred_batch_sizes=[], max_queue_delay_us=0,
             priority_levels=1, default_priority=1, default_timeout_us=0, allow_timeout_override=True,
-            max_queue_size=0, inputs=[("FP32", [FEATURES])], outputs=[("FP32", [1])], executors=1,
+            max_queue_size=0, shed_queue_wait_us=0, inputs=[("FP32", [FEATURES])], outputs=[("FP32", [1])], executors=1,
         )
         defaults.update(config)
         self.inline = inline
@@ -225,6 +225,23 @@ def test_full_queue_rejects_immediately():
     h.close()
 
 
+def test_overload_sheds_new_requests_once_the_oldest_has_waited_too_long():
+    # Load shedding: while a queued request has waited longer than shed_queue_wait_us, new
+    # arrivals are refused at once; admitted ones still run, and admission resumes after.
+    h = Harness(gate=True, max_batch_size=1, shed_queue_wait_us=20_000)
+    assert h.submit(1) == int(S.OK)
+    assert h.entered.wait(5)  # token 1 holds the executor
+    assert h.submit(2) == int(S.OK)  # queued: nothing has waited yet
+    time.sleep(0.05)
+    assert h.submit(3) == int(S.QUEUE_FULL)
+    h.gate.set()
+    results = h.collect(2)
+    assert results[1][0] == int(S.OK) and results[2][0] == int(S.OK)
+    assert h.submit(4) == int(S.OK)  # the queue drained: requests are admitted again
+    assert h.collect(3)[4][0] == int(S.OK)
+    h.close()
+
+
 def test_cancelled_request_is_dropped_before_execution(mode):
     h = Harness(inline=mode, gate=not mode)
     if not mode:
@@ -331,7 +348,7 @@ def test_json_lists_convert_to_each_datatype(dtype, values, expected):
     def execute(executor, rows):
         seen["data"] = np.frombuffer(b.input_buffers(0)[0], expected.dtype)[: expected.size].copy()
 
-    b = _core.Batcher("m", 4, [], 0, 1, 1, 0, True, 0, [(dtype, [2])], [("FP32", [1])], 1, True, execute)
+    b = _core.Batcher("m", 4, [], 0, 1, 1, 0, True, 0, 0, [(dtype, [2])], [("FP32", [1])], 1, True, execute)
     assert b.submit(1, [values], 2) == int(S.OK)
     b.run_ready()
     assert b.drain()[0][1] == int(S.OK)
@@ -352,14 +369,14 @@ def test_json_lists_convert_to_each_datatype(dtype, values, expected):
     ],
 )
 def test_bad_json_data_is_refused_with_a_reason(dtype, values, message):
-    b = _core.Batcher("m", 4, [], 0, 1, 1, 0, True, 0, [(dtype, [2])], [("FP32", [1])], 1, True, lambda e, n: None)
+    b = _core.Batcher("m", 4, [], 0, 1, 1, 0, True, 0, 0, [(dtype, [2])], [("FP32", [1])], 1, True, lambda e, n: None)
     with pytest.raises(ValueError, match=message):
         b.submit(1, [values], 1)
     assert b.queued_requests == 0  # nothing half-queued
 
 
 def test_binary_data_of_the_wrong_size_is_refused():
-    b = _core.Batcher("m", 4, [], 0, 1, 1, 0, True, 0, [("FP32", [4])], [("FP32", [1])], 1, True, lambda e, n: None)
+    b = _core.Batcher("m", 4, [], 0, 1, 1, 0, True, 0, 0, [("FP32", [4])], [("FP32", [1])], 1, True, lambda e, n: None)
     with pytest.raises(ValueError, match="bytes"):
         b.submit(1, [b"\x00" * 15], 1)
     with pytest.raises(TypeError):

@@ -28,7 +28,7 @@ def make_batcher(datatype="FP32", width=3, out_datatype="FP32"):
         out = np.frombuffer(holder["out"], dtype[out_datatype]).reshape(-1, 1)
         out[:rows, 0] = x.astype(np.float64).sum(axis=1)
 
-    b = _core.Batcher("m", 16, [], 0, 1, 1, 0, True, 0, [(datatype, [width])], [(out_datatype, [1])], 1, True, execute)
+    b = _core.Batcher("m", 16, [], 0, 1, 1, 0, True, 0, 0, [(datatype, [width])], [(out_datatype, [1])], 1, True, execute)
     holder["in"] = b.input_buffers(0)[0]
     holder["out"] = b.output_buffers(0)[0]
     assert b.enable_json("m", "1", [("x", datatype, [width])], [("y", out_datatype, [1])])
@@ -148,7 +148,7 @@ def test_non_finite_outputs_are_null():
 
 
 def test_unsupported_datatypes_disable_the_fast_path():
-    b = _core.Batcher("m", 4, [], 0, 1, 1, 0, True, 0, [("FP16", [2])], [("FP32", [1])], 1, True, lambda e, n: None)
+    b = _core.Batcher("m", 4, [], 0, 1, 1, 0, True, 0, 0, [("FP16", [2])], [("FP32", [1])], 1, True, lambda e, n: None)
     assert not b.enable_json("m", "1", [("x", "FP16", [2])], [("y", "FP32", [1])])
     assert b.submit_json(1, b'{"inputs":[]}') == DECLINED
 

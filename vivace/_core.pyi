@@ -35,6 +35,7 @@ class Batcher:
         default_timeout_us: int,
         allow_timeout_override: bool,
         max_queue_size: int,
+        shed_queue_wait_us: int,
         inputs: _TensorRows,
         outputs: _TensorRows,
         executors: int,

@@ -84,7 +84,8 @@ Batcher::Batcher(BatcherConfig config, ExecuteFn execute)
     throw std::invalid_argument("default_priority must be within 1..priority_levels");
   if (config_.executors < 1) throw std::invalid_argument("executors must be >= 1");
   if (config_.inline_execution) config_.executors = 1;  // the caller's thread is the executor
-  if (config_.max_queue_delay_us < 0 || config_.default_timeout_us < 0 || config_.max_queue_size < 0)
+  if (config_.max_queue_delay_us < 0 || config_.default_timeout_us < 0 || config_.max_queue_size < 0 ||
+      config_.shed_queue_wait_us < 0)
     throw std::invalid_argument("delays, timeouts and queue sizes must be >= 0");
   if (config_.input_row_bytes.empty()) throw std::invalid_argument("a model needs at least one input");
   for (int64_t p : config_.preferred_batch_sizes)
@@ -182,6 +183,9 @@ Status Batcher::Enqueue(Request* r, uint64_t token, int priority, int64_t timeou
     if (stopping_) return Status::kShutdown;
     if (config_.max_queue_size > 0 && queued_requests_ >= config_.max_queue_size)
       return Status::kQueueFull;
+    if (config_.shed_queue_wait_us > 0 && queued_requests_ > 0 &&
+        now - OldestEnqueueTimeLocked() > std::chrono::microseconds(config_.shed_queue_wait_us))
+      return Status::kQueueFull;
     auto& q = queues_[static_cast<size_t>(r->priority)];
     r->queue_pos = q.insert(q.end(), r);
     r->deadline_pos = r->deadline == Clock::time_point::max()
@@ -244,6 +248,14 @@ void Batcher::ExpireLocked(Clock::time_point now, std::vector<Request*>* done) {
   }
 }
 
+// Arrival time of the longest-waiting queued request (max() when none is queued).
+Clock::time_point Batcher::OldestEnqueueTimeLocked() const {
+  Clock::time_point oldest = Clock::time_point::max();
+  for (const auto& q : queues_)
+    if (!q.empty()) oldest = std::min(oldest, q.front()->enqueue_time);
+  return oldest;
+}
+
 // How many rows to batch now (0: wait until *wake_at or a new arrival).
 int64_t Batcher::ReadyBatchSize(Clock::time_point now, Clock::time_point* wake_at) const {
   const int64_t avail = queued_rows_;
@@ -252,10 +264,7 @@ int64_t Batcher::ReadyBatchSize(Clock::time_point now, Clock::time_point* wake_a
   const auto& preferred = config_.preferred_batch_sizes;
   if (!preferred.empty() && avail >= preferred.back()) return preferred.back();
   if (config_.max_queue_delay_us == 0 || stopping_) return avail;  // a drain does not wait
-  Clock::time_point oldest = Clock::time_point::max();
-  for (const auto& q : queues_)
-    if (!q.empty()) oldest = std::min(oldest, q.front()->enqueue_time);
-  const auto due = oldest + std::chrono::microseconds(config_.max_queue_delay_us);
+  const auto due = OldestEnqueueTimeLocked() + std::chrono::microseconds(config_.max_queue_delay_us);
   if (now >= due) {
     // Delay spent: the largest preferred size that is queued, else everything queued.
     for (auto it = preferred.rbegin(); it != preferred.rend(); ++it)

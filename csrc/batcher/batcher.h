@@ -48,6 +48,10 @@ struct BatcherConfig {
   int64_t default_timeout_us = 0;  // 0: no timeout
   bool allow_timeout_override = true;  // a request may lower (never raise) its timeout
   int64_t max_queue_size = 0;          // queued requests; 0: unbounded
+  // Load shedding: refuse new requests at once while the oldest queued one has waited
+  // longer than this. Under overload the queue then holds about this much work, so
+  // admitted requests keep a bounded latency and refusals are immediate. 0: off.
+  int64_t shed_queue_wait_us = 0;
   std::vector<int64_t> input_row_bytes;
   std::vector<int64_t> output_row_bytes;
   int executors = 1;
@@ -168,6 +172,7 @@ class Batcher {
   void ExecutorLoop(int executor);
   void ExecuteBatch(int executor, std::vector<Slice>* slices, std::vector<Request*>* done);
   void FailAllLocked(Status status, std::vector<Request*>* done);
+  Clock::time_point OldestEnqueueTimeLocked() const;
   int64_t ReadyBatchSize(Clock::time_point now, Clock::time_point* wake_at) const;
   void TakeBatch(int64_t rows, std::vector<Slice>* slices);
   void ExpireLocked(Clock::time_point now, std::vector<Request*>* done);

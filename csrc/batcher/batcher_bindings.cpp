@@ -215,7 +215,7 @@ class PyBatcher {
   PyBatcher(const std::string& model_name, int64_t max_batch_size,
             std::vector<int64_t> preferred_batch_sizes, int64_t max_queue_delay_us,
             int priority_levels, int default_priority, int64_t default_timeout_us,
-            bool allow_timeout_override, int64_t max_queue_size,
+            bool allow_timeout_override, int64_t max_queue_size, int64_t shed_queue_wait_us,
             std::vector<std::pair<std::string, std::vector<int64_t>>> inputs,
             std::vector<std::pair<std::string, std::vector<int64_t>>> outputs, int executors,
             bool inline_execution, py::object execute)
@@ -230,6 +230,7 @@ class PyBatcher {
     c.default_timeout_us = default_timeout_us;
     c.allow_timeout_override = allow_timeout_override;
     c.max_queue_size = max_queue_size;
+    c.shed_queue_wait_us = shed_queue_wait_us;
     c.executors = executors;
     c.inline_execution = inline_execution;
     for (const auto& [dtype, row_shape] : inputs) {
@@ -551,18 +552,18 @@ class PyBatcher {
 
 void BindBatcher(py::module_& m) {
   py::class_<PyBatcher>(m, "Batcher", R"doc(
-Dynamic batcher for one model (see vivace.engine.batching for the Python wrapper).
+Dynamic batcher for one model (see vivace.engine.runtime.ModelRunner for the Python side).
 
 execute(executor, rows) is called on an executor thread, with the GIL, once per batch:
 it reads `rows` rows from input_buffers(executor) and writes output_buffers(executor).
 )doc")
       .def(py::init<const std::string&, int64_t, std::vector<int64_t>, int64_t, int, int, int64_t, bool,
-                    int64_t, std::vector<std::pair<std::string, std::vector<int64_t>>>,
+                    int64_t, int64_t, std::vector<std::pair<std::string, std::vector<int64_t>>>,
                     std::vector<std::pair<std::string, std::vector<int64_t>>>, int, bool, py::object>(),
            py::arg("model_name"), py::arg("max_batch_size"), py::arg("preferred_batch_sizes"),
            py::arg("max_queue_delay_us"), py::arg("priority_levels"), py::arg("default_priority"),
            py::arg("default_timeout_us"), py::arg("allow_timeout_override"), py::arg("max_queue_size"),
-           py::arg("inputs"), py::arg("outputs"), py::arg("executors"), py::arg("inline_execution"),
+           py::arg("shed_queue_wait_us"), py::arg("inputs"), py::arg("outputs"), py::arg("executors"), py::arg("inline_execution"),
            py::arg("execute"))
       .def("submit", &PyBatcher::Submit, py::arg("token"), py::arg("inputs"), py::arg("rows"),
            py::arg("priority") = 0, py::arg("timeout_us") = 0)
