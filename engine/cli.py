@@ -11,7 +11,7 @@ import sys
 # fresh `vivace score` imports only what scoring needs; `vivace --help` imports them all.
 COMMANDS = {
     "serve": "vivace.engine.commands", "score": "vivace.engine.commands", "demo": "vivace.engine.commands",
-    "quantize": "vivace.engine.native.cli",
+    "quantize": "vivace.engine.native.cli", "auth": "vivace.engine.auth",
     "bench": "vivace.bench.commands",
     "data": "vivace.registry.cli", "models": "vivace.registry.cli", "runs": "vivace.registry.cli",
     "train": "vivace.registry.cli", "audit": "vivace.registry.cli",

@@ -70,6 +70,9 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
                        help="refuse new requests (503, Retry-After) while a model's oldest queued request "
                        "has waited longer than this; 0 disables load shedding")
     serve.add_argument("--log-level", default=os.environ.get("VIVACE_LOG_LEVEL", "INFO"))
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes sharing the port (SO_REUSEPORT) under a supervisor that restarts "
+                       "them; /metrics shows all of them merged (default: 1, no supervisor)")
     serve.add_argument("--drift-interval", type=float, default=10.0,
                        help="seconds between drift checks of models whose package has a reference profile")
     serve.add_argument("--drift-window", type=int, default=10_000, help="rows in the sliding drift window")
@@ -78,6 +81,16 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--no-drift", action="store_true", help="do not sketch inputs and predictions")
     serve.add_argument("--follow-interval", type=float, default=1.0,
                        help="seconds between checks that a served NAME@ALIAS still points to the same version")
+    security = serve.add_argument_group("security")
+    security.add_argument("--auth", action="store_true",
+                          help="require bearer tokens (see `vivace auth create-token`); health checks stay open")
+    security.add_argument("--auth-tokens", default=None, metavar="FILE",
+                          help="token file (default with --auth: HOME/auth/tokens.json)")
+    security.add_argument("--audit-log", default=None, metavar="FILE",
+                          help="JSON lines of authentication failures and admin actions "
+                          "(default: HOME/audit/server.jsonl)")
+    security.add_argument("--tls-cert", default=None, metavar="PEM", help="serve HTTPS with this certificate chain")
+    security.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
 
 
 def is_registry_ref(ref: str) -> bool:
@@ -130,11 +143,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise VivaceCLIError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers > 1 and getattr(args, "worker_index", None) is None:
+        from .workers import supervise
+
+        return supervise(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvloop
 
+    from .auth import tokens_path
     from .runtime import ModelRunner
-    from .server import serve
+    from .server import registry_follower, serve
 
     def build(ref: str) -> ModelRunner:
         package = resolve_package(ref, args.home)
@@ -153,7 +173,7 @@ def _serve(args: argparse.Namespace) -> int:
         runner = build(ref)
         runners.append(runner)
         if is_registry_ref(ref) and "@" in ref:
-            followers.append(_follower(ref, runner, args, build))
+            followers.append(registry_follower(ref, runner, args.home, build, args.follow_interval))
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -164,23 +184,12 @@ def _serve(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         drain_timeout=args.drain_timeout,
         shed_queue_wait_ms=args.shed_queue_wait_ms,
+        auth_tokens=args.auth_tokens or (str(tokens_path(args.home)) if args.auth else None),
+        audit_log=args.audit_log or str(Path(args.home) / "audit" / "server.jsonl"),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
-    return uvloop.run(serve(runners, config, followers=followers))
-
-
-def _follower(ref: str, runner, args: argparse.Namespace, build):
-    from vivace.registry.models import get_version
-
-    from .server import AliasFollower
-
-    def current() -> str:
-        return str(get_version(args.home, ref).version)
-
-    def load(version: str):
-        name = ref.partition("@")[0]
-        return build(f"{name}/{version}")
-
-    return AliasFollower(ref, runner, current, load, interval=args.follow_interval)
+    return uvloop.run(serve(runners, config, followers=followers, loader=build, home=args.home))
 
 
 def _read_table(path: Path, columns: str | None):

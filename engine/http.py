@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
 
 REASONS = {
-    100: b"Continue", 200: b"OK", 400: b"Bad Request", 404: b"Not Found",
-    405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Payload Too Large",
+    100: b"Continue", 200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
+    404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Payload Too Large",
     431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
     503: b"Service Unavailable",
 }
@@ -129,7 +129,7 @@ class HttpProtocol(asyncio.Protocol):
         "app", "config", "transport", "parser", "url", "headers_size", "header_count",
         "header_length", "expect_continue", "body", "body_size", "keep_alive", "reading_since",
         "headers_done_at", "last_active", "next_seq", "next_write", "held", "close_after",
-        "outstanding", "closed", "rejected",
+        "outstanding", "closed", "rejected", "authorization", "auth_cache",
     )
 
     def __init__(self, app: "App"):
@@ -155,6 +155,10 @@ class HttpProtocol(asyncio.Protocol):
         self.outstanding: dict[int, Any] = {}  # token → runner, for cancellation
         self.closed = False
         self.rejected = False  # a request is being refused: ignore the rest of the stream
+        self.authorization: bytes | None = None
+        # (Authorization header, token-file generation, principal) of the last authenticated
+        # request: keep-alive clients resend the same token, which is then hashed only once.
+        self.auth_cache: tuple | None = None
 
     # -- transport callbacks ------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -200,6 +204,7 @@ class HttpProtocol(asyncio.Protocol):
         self.headers_size = 0
         self.header_count = 0
         self.header_length = None
+        self.authorization = None
         self.expect_continue = False
         self.reading_since = time.monotonic()
         self.headers_done_at = 0.0
@@ -217,11 +222,13 @@ class HttpProtocol(asyncio.Protocol):
         if self.header_count > self.config.max_headers or self.headers_size > self.config.max_header_bytes:
             self.reject(431, "too many or too large request headers")
             raise httptools.HttpParserError("header limit")
-        size = len(name)  # only three header names matter: skip lower() for the others
-        if size != 31 and size != 14 and size != 6:
+        size = len(name)  # only four header names matter: skip lower() for the others
+        if size != 31 and size != 14 and size != 13 and size != 6:
             return
         lname = name.lower()
-        if lname == b"inference-header-content-length":
+        if lname == b"authorization":
+            self.authorization = value
+        elif lname == b"inference-header-content-length":
             self.header_length = value
         elif lname == b"expect":
             self.expect_continue = value.lower() == b"100-continue"

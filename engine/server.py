@@ -10,21 +10,33 @@ Routes (KServe v2 / Open Inference Protocol REST, plus Triton's extensions):
   GET  /v2/models/{m}[/versions/{v}]/drift      drift statistics against the reference profile
   POST /v2/models/{m}[/versions/{v}]/infer      JSON or binary tensor extension
   GET  /metrics                                 Prometheus text format
+  GET  /v2/openapi.json                         OpenAPI document of this API
+  POST /v2/repository/index                     served models and their state (Triton)
+  POST /v2/repository/models/{m}/load | unload  load from the registry / stop serving (Triton)
+  POST /v2/repository/models/{m}/alias          move NAME@ALIAS in the registry (Vivace)
+
+With `--auth`, every route but the health checks needs a bearer token whose scopes allow
+it (engine/auth.py); admin actions and refused requests go to the audit log.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import signal
 import socket
+import ssl
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+import msgspec
 
 from vivace import __version__
 from vivace.monitor.metrics import MetricsCollector, render_metrics
 
 from . import oip
+from .auth import AuditLog, Authenticator, Principal
 from .config import ServerConfig
 from .http import HttpProtocol, InferCall, error_body, http_response
 from .runtime import STATUS_INVALID, STATUS_QUEUE_FULL, STATUS_SHUTDOWN, ModelRunner
@@ -40,6 +52,13 @@ TRITON_TYPES = {
 TRITON_PLATFORMS = {"torchscript": "pytorch_libtorch", "torch_export": "pytorch_libtorch"}
 
 
+class RepositoryRequest(msgspec.Struct, forbid_unknown_fields=True):
+    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+_repository_request = msgspec.json.Decoder(RepositoryRequest)
+
+
 def _ok(obj: Any) -> bytes:
     return http_response(200, oip.encode(obj))
 
@@ -47,8 +66,20 @@ def _ok(obj: Any) -> bytes:
 class App:
     """Holds the served models and answers every route."""
 
-    def __init__(self, runners: Iterable[ModelRunner], config: ServerConfig):
+    def __init__(
+        self,
+        runners: Iterable[ModelRunner],
+        config: ServerConfig,
+        loader: Callable[[str], ModelRunner] | None = None,
+        home: str | None = None,
+    ):
         self.config = config
+        self.loader = loader  # registry reference -> new runner (repository load)
+        self.home = home
+        self.auth = Authenticator(config.auth_tokens) if config.auth_tokens else None
+        self.audit_log = AuditLog(config.audit_log) if config.audit_log else None
+        self.followers: dict[str, asyncio.Task] = {}  # model name -> task following its alias
+        self._auth_checked_at = 0.0
         self.models: dict[str, dict[str, ModelRunner]] = {}
         self.latest: dict[str, ModelRunner] = {}
         for runner in runners:
@@ -99,7 +130,9 @@ class App:
                 return
             if len(self._routes) < 4096:  # only well-formed routes are cached
                 self._routes[key] = route
-        handler, runner = route
+        handler, runner, scope = route
+        if scope is not None and self.auth is not None and not self._authorized(protocol, seq, scope, method, url):
+            return
         try:
             handler(protocol, seq, runner, body)
         except oip.ProtocolError as exc:
@@ -112,20 +145,68 @@ class App:
             self.count_http_error(500)
             protocol.respond(seq, http_response(500, error_body(f"internal error: {exc}")))
 
+    def _authorized(self, protocol: HttpProtocol, seq: int, scope: str, method: bytes, url: bytes) -> bool:
+        """Check the request's bearer token against the route's scope; answer 401/403 if not."""
+        header = protocol.authorization
+        cached = protocol.auth_cache
+        if cached is not None and cached[0] == header and cached[1] == self.auth.generation:
+            principal = cached[2]
+            if principal.expires_at is not None and time.time() >= principal.expires_at:
+                principal = self.auth.authenticate(header)  # names the expiry
+        else:
+            principal = self.auth.authenticate(header)
+        if isinstance(principal, str):
+            protocol.auth_cache = None
+            self._refuse(protocol, seq, 401, principal, method, url, None,
+                         extra=b'www-authenticate: Bearer realm="vivace"\r\n')
+            return False
+        protocol.auth_cache = (header, self.auth.generation, principal)
+        if scope not in principal.scopes:
+            self._refuse(protocol, seq, 403, f"token {principal.name!r} lacks the {scope!r} scope this route needs",
+                         method, url, principal)
+            return False
+        return True
+
+    def _refuse(self, protocol: HttpProtocol, seq: int, status: int, message: str, method: bytes, url: bytes,
+                principal: Principal | None, extra: bytes = b"") -> None:
+        self.count_http_error(status)
+        self.record("auth.denied" if status == 401 else "auth.forbidden", status=status, reason=message,
+                    token=principal.name if principal else None, remote=_peer(protocol),
+                    method=method.decode("latin-1"), path=url.decode("latin-1")[:512])
+        protocol.respond(seq, http_response(status, error_body(message), extra=extra))
+
+    def record(self, event: str, **fields: Any) -> None:
+        """Append a security event (authentication failure, admin action) to the audit log."""
+        if self.audit_log is not None:
+            try:
+                self.audit_log.record(event, **fields)
+            except (OSError, ValueError) as exc:  # a full disk must not take the server down
+                log.error("audit log: cannot record %s: %s", event, exc)
+        if event.startswith("admin."):
+            log.info("audit %s %s", event, fields)
+
     def _resolve(self, method: bytes, url: bytes):
+        """(handler, runner or None, scope needed or None) for a request line."""
         path = url.split(b"?", 1)[0].decode("latin-1")
         parts = [p for p in path.split("/") if p]
         if parts == ["metrics"]:
-            return self._method(method, b"GET", self._metrics), None
+            return self._method(method, b"GET", self._metrics), None, "read"
         if not parts or parts[0] != "v2":
             raise oip.ProtocolError(f"no route for {path}", 404)
         rest = parts[1:]
         if not rest:
-            return self._method(method, b"GET", self._server_metadata), None
+            return self._method(method, b"GET", self._server_metadata), None, "read"
         if rest in (["health", "live"], ["health", "ready"]):
-            return self._method(method, b"GET", self._live if rest[1] == "live" else self._ready), None
+            return self._method(method, b"GET", self._live if rest[1] == "live" else self._ready), None, None
+        if rest == ["openapi.json"]:
+            return self._method(method, b"GET", self._openapi), None, "read"
         if rest == ["models", "stats"]:
-            return self._method(method, b"GET", self._stats), None
+            return self._method(method, b"GET", self._stats), None, "read"
+        if rest == ["repository", "index"]:
+            return self._method(method, b"POST", self._repository_index), None, "read"
+        if len(rest) == 4 and rest[:2] == ["repository", "models"] and rest[3] in ("load", "unload", "alias"):
+            action = {"load": self._load, "unload": self._unload, "alias": self._move_alias}[rest[3]]
+            return self._method(method, b"POST", functools.partial(action, rest[2])), None, "admin"
         if len(rest) < 2 or rest[0] != "models":
             raise oip.ProtocolError(f"no route for {path}", 404)
         name = rest[1]
@@ -141,17 +222,18 @@ class App:
         else:
             runner = self.latest[name]
         if not tail:
-            return self._method(method, b"GET", self._model_metadata), runner
+            return self._method(method, b"GET", self._model_metadata), runner, "read"
         if len(tail) == 1:
             action = {
-                "infer": (b"POST", self._infer),
-                "ready": (b"GET", self._model_ready),
-                "config": (b"GET", self._model_config),
-                "stats": (b"GET", self._stats),
-                "drift": (b"GET", self._drift),
+                "infer": (b"POST", self._infer, "infer"),
+                "ready": (b"GET", self._model_ready, "read"),
+                "config": (b"GET", self._model_config, "read"),
+                "stats": (b"GET", self._stats, "read"),
+                "drift": (b"GET", self._drift, "read"),
             }.get(tail[0])
             if action:
-                return self._method(method, *action), runner
+                allowed, handler, scope = action
+                return self._method(method, allowed, handler), runner, scope
         raise oip.ProtocolError(f"no route for {path}", 404)
 
     @staticmethod
@@ -249,11 +331,140 @@ class App:
         text, content_type = render_metrics(self.metrics)
         protocol.respond(seq, http_response(200, text, content_type))
 
+    def _openapi(self, protocol, seq, runner, body) -> None:
+        from .openapi import document
+
+        protocol.respond(seq, _ok(document(self)))
+
+    # -- model repository (Triton's extension, plus alias moves) --------------------------
+    def _repository_index(self, protocol, seq, runner, body) -> None:
+        protocol.respond(seq, _ok([
+            {"name": r.name, "version": r.version, "state": "READY" if r.ready else "UNAVAILABLE",
+             "reason": "" if r.ready else "draining"}
+            for r in sorted(self.runners(), key=lambda r: (r.name, _version_key(r.version)))
+        ]))
+
+    @staticmethod
+    def _parameters(body: bytes) -> dict[str, Any]:
+        if not body.strip():
+            return {}
+        try:
+            return _repository_request.decode(body).parameters
+        except msgspec.DecodeError as exc:
+            raise oip.ProtocolError(f'the body must be a JSON object like {{"parameters": {{...}}}}: {exc}') from None
+
+    def _admin_task(self, protocol: HttpProtocol, seq: int, event: str, fields: dict[str, Any], work, finish) -> None:
+        """Run `work()` (registry and disk access) off the loop, then `finish(result)` on it;
+        the outcome answers the request and goes to the audit log."""
+        fields = {**fields, "token": _actor(protocol), "remote": _peer(protocol)}
+        if self.draining:
+            raise oip.ProtocolError("the server is draining", 503)
+        loop = asyncio.get_running_loop()
+
+        def done(future: asyncio.Future) -> None:
+            try:
+                answer = finish(future.result())
+            except Exception as exc:  # noqa: BLE001 - every failure is answered and audited
+                status = 404 if isinstance(exc, LookupError) else 400 if isinstance(exc, ValueError) else 500
+                self.record(event, **fields, status=status, error=str(exc))
+                if status == 500:
+                    log.error("%s failed: %s", event, exc)
+                protocol.respond(seq, http_response(status, error_body(str(exc))))
+                return
+            self.record(event, **{**fields, **answer, "status": 200})
+            protocol.respond(seq, _ok(answer))
+
+        loop.run_in_executor(None, work).add_done_callback(done)
+
+    def _load(self, name: str, protocol, seq, runner, body) -> None:
+        """Serve `name` from the registry (parameters.ref: NAME@ALIAS or NAME/VERSION;
+        default NAME@latest). A model already served is switched without failing requests."""
+        ref = self._parameters(body).get("ref", f"{name}@latest")
+        if not isinstance(ref, str) or (ref.partition("@")[0] if "@" in ref else ref.partition("/")[0]) != name:
+            raise oip.ProtocolError(f"parameters.ref must be {name}@ALIAS or {name}/VERSION, got {ref!r}")
+        if "@" not in ref and not ref.partition("/")[2].isdigit():
+            raise oip.ProtocolError(f"parameters.ref must be {name}@ALIAS or {name}/VERSION, got {ref!r}")
+        if self.loader is None:
+            raise oip.ProtocolError("this server was started without a registry to load models from", 400)
+
+        def finish(new: ModelRunner) -> dict[str, Any]:
+            self.install(new, ref)
+            return {"name": new.name, "version": new.version, "ref": ref}
+
+        self._admin_task(protocol, seq, "admin.load", {"model": name, "ref": ref}, functools.partial(self.loader, ref),
+                         finish)
+
+    def install(self, runner: ModelRunner, ref: str | None = None) -> None:
+        """Serve `runner` under its name from now on (retiring what served that name), and
+        keep following `ref` when it is NAME@ALIAS."""
+        loop = asyncio.get_running_loop()
+        runner.attach(loop)
+        old = self.models.get(runner.name, {})
+        self.stop_following(runner.name)
+        if old:
+            self.replace_model(next(iter(old.values())), runner)
+            for previous in old.values():
+                loop.create_task(_retire(previous))
+        else:
+            self.add_model(runner)
+        if ref and "@" in ref and self.loader is not None and self.home is not None:
+            self.follow(registry_follower(ref, runner, self.home, self.loader))
+
+    def _unload(self, name: str, protocol, seq, runner, body) -> None:
+        versions = self.models.get(name)
+        if versions is None:
+            raise oip.ProtocolError(f"unknown model {name!r}", 404)
+        self.stop_following(name)
+        del self.models[name]
+        self.latest.pop(name, None)
+        self._routes = {}
+        loop = asyncio.get_running_loop()
+        for previous in versions.values():
+            loop.create_task(_retire(previous))  # queued requests finish; new ones get 404
+        self.record("admin.unload", model=name, versions=sorted(versions), token=_actor(protocol),
+                    remote=_peer(protocol), status=200)
+        protocol.respond(seq, _ok({"name": name, "unloaded": sorted(versions, key=_version_key)}))
+
+    def _move_alias(self, name: str, protocol, seq, runner, body) -> None:
+        """Point NAME@ALIAS at a version in the registry; servers following it switch."""
+        params = self._parameters(body)
+        alias, version = params.get("alias"), params.get("version")
+        if not isinstance(alias, str) or not isinstance(version, int) or isinstance(version, bool):
+            raise oip.ProtocolError('parameters must name "alias" (string) and "version" (integer)')
+        if self.home is None:
+            raise oip.ProtocolError("this server was started without a registry", 400)
+        actor = _actor(protocol) or "an unauthenticated client"
+
+        def work() -> int | None:
+            from vivace.registry.models import set_alias
+
+            return set_alias(self.home, name, version, alias, reason=f"HTTP request by {actor}")
+
+        self._admin_task(protocol, seq, "admin.alias", {"model": name, "alias": alias, "version": version}, work,
+                         lambda previous: {"name": name, "alias": alias, "version": version, "previous": previous})
+
+    # -- alias followers ----------------------------------------------------------------
+    def follow(self, follower: "AliasFollower") -> None:
+        name = follower.runner.name
+        self.stop_following(name)
+        self.followers[name] = asyncio.get_running_loop().create_task(follower.follow(self))
+
+    def stop_following(self, name: str) -> None:
+        task = self.followers.pop(name, None)
+        if task is not None:
+            task.cancel()
+
     # -- lifecycle ----------------------------------------------------------------------
     def sweep(self) -> None:
         now = time.monotonic()
         for conn in list(self.connections):
             conn.sweep(now)
+        if self.auth is not None and now - self._auth_checked_at >= 1.0:
+            self._auth_checked_at = now
+            try:
+                self.auth.reload()
+            except (OSError, ValueError) as exc:  # keep the tokens we have
+                log.error("cannot reload the token file: %s", exc)
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -262,6 +473,16 @@ class App:
 
     def in_flight(self) -> int:
         return sum(len(c.outstanding) + len(c.held) for c in self.connections)
+
+
+def _actor(protocol: HttpProtocol) -> str | None:
+    """The name of the token that authenticated the connection's current request."""
+    return protocol.auth_cache[2].name if protocol.auth_cache else None
+
+
+def _peer(protocol: HttpProtocol) -> str | None:
+    peer = protocol.transport.get_extra_info("peername") if protocol.transport else None
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
 
 
 def _version_key(version: str):
@@ -348,10 +569,35 @@ class AliasFollower:
             loop.create_task(_retire(old))
 
 
+def registry_follower(ref: str, runner: ModelRunner, home: str, loader: Callable[[str], ModelRunner],
+                      interval: float = 1.0) -> AliasFollower:
+    """An AliasFollower for NAME@ALIAS that resolves it in the registry at `home`."""
+    from vivace.registry.models import get_version
+
+    name = ref.partition("@")[0]
+    return AliasFollower(ref, runner, lambda: str(get_version(home, ref).version),
+                         lambda version: loader(f"{name}/{version}"), interval)
+
+
 async def _retire(runner: ModelRunner) -> None:
     while runner.waiting:
         await asyncio.sleep(0.01)
     runner.close(drain=True)
+
+
+def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The server's TLS context (TLS 1.2 or later) when a certificate is configured."""
+    if not config.tls_cert and not config.tls_key:
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load the TLS certificate {config.tls_cert} / key {config.tls_key}: {exc}") from None
+    return context
 
 
 async def serve(
@@ -360,17 +606,24 @@ async def serve(
     ready: asyncio.Future | None = None,
     sock: socket.socket | None = None,
     followers: list[AliasFollower] = (),
+    loader: Callable[[str], ModelRunner] | None = None,
+    home: str | None = None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT, then drain: answer accepted requests, refuse new ones."""
+    """Serve until SIGTERM/SIGINT, then drain: answer accepted requests, refuse new ones.
+
+    `loader` builds a runner for a registry reference (repository load, alias moves);
+    `home` is the registry the server may move aliases in.
+    """
     loop = asyncio.get_running_loop()
-    app = App(runners, config)
+    app = App(runners, config, loader=loader, home=home)
     for runner in runners:
         runner.attach(loop)
+    tls = tls_context(config)
     if sock is not None:
-        server = await loop.create_server(lambda: HttpProtocol(app), sock=sock, backlog=4096)
+        server = await loop.create_server(lambda: HttpProtocol(app), sock=sock, backlog=4096, ssl=tls)
     else:
         server = await loop.create_server(
-            lambda: HttpProtocol(app), config.host, config.port, backlog=4096, reuse_port=True
+            lambda: HttpProtocol(app), config.host, config.port, backlog=4096, reuse_port=True, ssl=tls
         )
     stop = loop.create_future()
 
@@ -389,21 +642,23 @@ async def serve(
             app.sweep()
 
     sweep_task = loop.create_task(sweeper())
-    follow_tasks = [loop.create_task(f.follow(app)) for f in followers]
+    for follower in followers:
+        app.follow(follower)
     # Start-up allocated a large heap (torch); freezing it keeps full collections from
     # scanning it and pausing the loop for tens of milliseconds under load.
     gc.collect()
     gc.freeze()
     port = server.sockets[0].getsockname()[1]
-    log.info("vivace serving %s on http://%s:%d", ", ".join(f"{r.name}/{r.version}" for r in runners), config.host, port)
+    log.info("vivace serving %s on %s://%s:%d", ", ".join(f"{r.name}/{r.version}" for r in runners),
+             "https" if tls else "http", config.host, port)
     if ready is not None and not ready.done():
         ready.set_result(port)
     try:
         await stop
     finally:
         server.close()  # stop accepting: new connections are refused from here on
-        for task in follow_tasks:
-            task.cancel()
+        for name in list(app.followers):
+            app.stop_following(name)
         app.begin_drain()
         deadline = time.monotonic() + config.drain_timeout
         while app.in_flight() and time.monotonic() < deadline:

@@ -29,50 +29,36 @@ def _encode_extra(obj: Any) -> Any:
     raise TypeError(f"cannot log objects of type {type(obj).__name__}")
 
 
-class PredictionLogger:
-    """Append-only, sampled, size-capped JSON-lines log of predictions. Thread-safe."""
+class RotatingFile:
+    """An append-only file capped at `max_bytes`, rotated to `.1` ... `.backups`. Thread-safe.
 
-    def __init__(self, path: str | os.PathLike, sample_rate: float = 1.0, max_bytes: int = 64 << 20,
-                 backups: int = 5):
-        if not 0.0 <= sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be within [0, 1], got {sample_rate}")
+    Each `write` is one `write()` call on the file, so records never interleave.
+    """
+
+    def __init__(self, path: str | os.PathLike, max_bytes: int = 64 << 20, backups: int = 5):
         if max_bytes < 1024:
             raise ValueError(f"max_bytes must be at least 1024, got {max_bytes}")
         if backups < 0:
             raise ValueError(f"backups must be >= 0, got {backups}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.sample_rate = sample_rate
         self.max_bytes = max_bytes
         self.backups = backups
-        self._threshold = int(sample_rate * 2**32)
-        self._encoder = msgspec.json.Encoder(enc_hook=_encode_extra)
         self._lock = threading.Lock()
-        self._file = open(self.path, "ab")  # noqa: SIM115 - held open for the logger's lifetime
+        self._file = open(self.path, "ab")  # noqa: SIM115 - held open for the writer's lifetime
         self._size = self._file.tell()
 
-    def sampled(self, request_id: str) -> bool:
-        return zlib.crc32(request_id.encode()) < self._threshold
-
-    def log(self, request_id: str, model: str, version: str, latency_s: float, inputs: Any, outputs: Any,
-            **extra: Any) -> bool:
-        """Append one record if the request is sampled; returns whether it was logged."""
-        if not self.sampled(request_id):
-            return False
-        record = {"ts": time.time(), "request_id": request_id, "model": model, "version": version,
-                  "latency_s": latency_s, "inputs": inputs, "outputs": outputs, **extra}
-        line = self._encoder.encode(record) + b"\n"
-        if len(line) > self.max_bytes:
-            raise ValueError(f"prediction record of {len(line)} bytes exceeds max_bytes={self.max_bytes}")
+    def write(self, record: bytes) -> None:
+        if len(record) > self.max_bytes:
+            raise ValueError(f"record of {len(record)} bytes exceeds max_bytes={self.max_bytes}")
         with self._lock:
             if self._file.closed:
-                raise ValueError("prediction log is closed")
-            if self._size + len(line) > self.max_bytes:
+                raise ValueError(f"{self.path} is closed")
+            if self._size + len(record) > self.max_bytes:
                 self._rotate()
-            self._file.write(line)  # one write per record: lines never interleave
+            self._file.write(record)
             self._file.flush()
-            self._size += len(line)
-        return True
+            self._size += len(record)
 
     def _rotate(self) -> None:
         self._file.close()
@@ -91,6 +77,39 @@ class PredictionLogger:
     def close(self) -> None:
         with self._lock:
             self._file.close()
+
+
+class PredictionLogger:
+    """Append-only, sampled, size-capped JSON-lines log of predictions. Thread-safe."""
+
+    def __init__(self, path: str | os.PathLike, sample_rate: float = 1.0, max_bytes: int = 64 << 20,
+                 backups: int = 5):
+        if not 0.0 <= sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be within [0, 1], got {sample_rate}")
+        self.file = RotatingFile(path, max_bytes, backups)
+        self.path = self.file.path
+        self.sample_rate = sample_rate
+        self._threshold = int(sample_rate * 2**32)
+        self._encoder = msgspec.json.Encoder(enc_hook=_encode_extra)
+
+    def sampled(self, request_id: str) -> bool:
+        return zlib.crc32(request_id.encode()) < self._threshold
+
+    def log(self, request_id: str, model: str, version: str, latency_s: float, inputs: Any, outputs: Any,
+            **extra: Any) -> bool:
+        """Append one record if the request is sampled; returns whether it was logged."""
+        if not self.sampled(request_id):
+            return False
+        record = {"ts": time.time(), "request_id": request_id, "model": model, "version": version,
+                  "latency_s": latency_s, "inputs": inputs, "outputs": outputs, **extra}
+        try:
+            self.file.write(self._encoder.encode(record) + b"\n")
+        except ValueError as exc:
+            raise ValueError(f"prediction log: {exc}") from None
+        return True
+
+    def close(self) -> None:
+        self.file.close()
 
     def __enter__(self) -> Self:
         return self

@@ -45,9 +45,10 @@ def mlp_package(tmp_path_factory) -> Path:
 class ServerProcess:
     """`vivace serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, packages: list[Path], *extra: str, env: dict | None = None):
+    def __init__(self, packages: list[Path], *extra: str, env: dict | None = None, tls=None):
+        """`tls`: an ssl.SSLContext trusting the server's certificate (the server is HTTPS)."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "vivace.engine.cli", "serve", *map(str, packages),
                "--port", str(self.port), "--log-level", "WARNING", *extra]
         self.proc = subprocess.Popen(cmd, env=dict(os.environ, **(env or {})),
@@ -57,7 +58,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
             try:
-                with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=1):
+                with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=1, context=tls):
                     break
             except OSError:
                 if time.monotonic() > deadline:
