@@ -66,6 +66,9 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--body-timeout", type=float, default=defaults.body_timeout)
     serve.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout)
     serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
+    serve.add_argument("--execution-timeout", type=float, default=defaults.execution_timeout_s,
+                       help="seconds a batch may run before its requests fail (500) and the model is "
+                       "taken out of service until it returns (execution threads only)")
     serve.add_argument("--shed-queue-wait-ms", type=float, default=defaults.shed_queue_wait_ms,
                        help="refuse new requests (503, Retry-After) while a model's oldest queued request "
                        "has waited longer than this; 0 disables load shedding")
@@ -159,7 +162,8 @@ def _serve(args: argparse.Namespace) -> int:
     def build(ref: str) -> ModelRunner:
         package = resolve_package(ref, args.home)
         runner = ModelRunner(package, device=args.device, num_threads=args.threads, execution=args.execution,
-                             home=args.home, shed_queue_wait_ms=args.shed_queue_wait_ms)
+                             home=args.home, shed_queue_wait_ms=args.shed_queue_wait_ms,
+                             execution_timeout_s=args.execution_timeout)
         if runner.has_profile and not args.no_drift:
             from vivace.monitor.alerts import AlertConfig
 
@@ -184,6 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         drain_timeout=args.drain_timeout,
         shed_queue_wait_ms=args.shed_queue_wait_ms,
+        execution_timeout_s=args.execution_timeout,
         auth_tokens=args.auth_tokens or (str(tokens_path(args.home)) if args.auth else None),
         audit_log=args.audit_log or str(Path(args.home) / "audit" / "server.jsonl"),
         tls_cert=args.tls_cert,

@@ -20,6 +20,9 @@ class ServerConfig:
     # Overload: refuse new infer requests (503 + Retry-After) while a model's oldest queued
     # request has waited longer than this; bounds admitted latency and memory. 0: off.
     shed_queue_wait_ms: float = 500.0
+    # A batch running longer than this fails its requests (500 naming the model) and takes
+    # the model out of service until the backend returns (executor threads only).
+    execution_timeout_s: float = 60.0
     auth_tokens: str | None = None  # token file: bearer authentication on (engine/auth.py)
     audit_log: str | None = None    # JSON lines of authentication failures and admin actions
     tls_cert: str | None = None     # PEM certificate chain: serve HTTPS

@@ -8,7 +8,9 @@ token to the object whose `done(status, payload)` answers it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -96,6 +98,7 @@ class ModelRunner:
         execution: str | None = None,
         home: str | None = None,
         shed_queue_wait_ms: float = ServerConfig.shed_queue_wait_ms,
+        execution_timeout_s: float = ServerConfig.execution_timeout_s,
     ):
         self.model_package = package  # what the backend runs
         # Serving by entity id: a package that declares a feature service is called with the
@@ -111,6 +114,12 @@ class ModelRunner:
         self.encoder = ResponseEncoder(package)
         self.waiting: dict[int, Waiter] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.execution_timeout_s = execution_timeout_s
+        self.last_token = 0  # newest token submitted (requests up to it are older)
+        # executor -> (start time, last_token at the start) of the batch it is running
+        self.running: dict[int, tuple[float, int]] = {}
+        self.hung = False  # a batch overran execution_timeout_s: refusing requests until it returns
+        self._token_times: collections.deque[tuple[float, int]] = collections.deque()  # (time, last_token)
         db = package.dynamic_batching
         policy = db.default_queue_policy
         self._execute = None
@@ -159,6 +168,7 @@ class ModelRunner:
             [(s.name, s.datatype, list(s.row_shape)) for s in package.outputs],
         )
         self.ready = True
+        self.closed = False
 
     @property
     def has_profile(self) -> bool:
@@ -182,7 +192,43 @@ class ModelRunner:
         self.drift.start(interval_s)
 
     def _run_batch(self, executor: int, rows: int) -> None:
-        self._execute(executor, rows)
+        self.running[executor] = (time.monotonic(), self.last_token)
+        try:
+            self._execute(executor, rows)
+        finally:
+            del self.running[executor]
+
+    def check_hung(self, now: float) -> list[int]:
+        """Watchdog, called periodically from the loop.
+
+        When a batch has run longer than execution_timeout_s, the model is taken out of
+        service (new requests get 503) and the tokens to fail are returned: the requests
+        submitted before that batch started, and those that have waited longer than the
+        timeout behind it. Not-yet-run ones are cancelled in the batcher. The model serves
+        again once the batch returns; its late results are dropped.
+
+        Batches run inline on the loop cannot be watched (the loop itself is blocked):
+        a model that may hang needs execution "threads".
+        """
+        self._token_times.append((now, self.last_token))
+        while len(self._token_times) > 2 and self._token_times[1][0] <= now - self.execution_timeout_s:
+            self._token_times.popleft()
+        overran = [token for started, token in list(self.running.values())
+                   if now - started > self.execution_timeout_s]
+        if not overran:
+            if self.hung and not self.running:
+                self.hung = False
+                self.ready = not self.closed
+            return []
+        self.hung = True
+        self.ready = False
+        # The oldest sample is the newest token submitted at least one timeout ago.
+        sampled_at, waited_long = self._token_times[0]
+        newest = max(*overran, waited_long if sampled_at <= now - self.execution_timeout_s else 0)
+        stuck = [token for token in self.waiting if token <= newest]
+        for token in stuck:
+            self.batcher.cancel(token)  # not yet run: never run it
+        return stuck
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Have `loop` run (inline mode) and answer batches; call once, from the loop's thread."""
@@ -220,6 +266,7 @@ class ModelRunner:
         status = self.batcher.submit(token, data, rows, priority, timeout_us)
         if status == STATUS_OK:
             self.waiting[token] = waiter
+            self.last_token = token
             return token
         return -status
 
@@ -230,6 +277,7 @@ class ModelRunner:
         status = self.batcher.submit_json(token, body, priority, timeout_us)
         if status == STATUS_OK:
             self.waiting[token] = waiter
+            self.last_token = token
             return token
         return 0 if status == JSON_DECLINED else -status
 
@@ -261,6 +309,7 @@ class ModelRunner:
     def close(self, drain: bool = True) -> None:
         """Stop the batcher (running queued requests when drain) and answer what is left."""
         self.ready = False
+        self.closed = True
         if self.drift is not None:
             self.drift.stop()
         if self._timer is not None:

@@ -39,7 +39,7 @@ from . import oip
 from .auth import AuditLog, Authenticator, Principal
 from .config import ServerConfig
 from .http import HttpProtocol, InferCall, error_body, http_response
-from .runtime import STATUS_INVALID, STATUS_QUEUE_FULL, STATUS_SHUTDOWN, ModelRunner
+from .runtime import STATUS_ERROR, STATUS_INVALID, STATUS_QUEUE_FULL, STATUS_SHUTDOWN, ModelRunner
 
 log = logging.getLogger("vivace.server")
 
@@ -245,7 +245,9 @@ class App:
     # -- handlers -----------------------------------------------------------------------
     def _infer(self, protocol: HttpProtocol, seq: int, runner: ModelRunner, body: bytes) -> None:
         if self.draining or not runner.ready:
-            raise oip.ProtocolError(f"model {runner.name!r} is not accepting requests (draining)", 503)
+            reason = (f"a batch has run longer than {runner.execution_timeout_s:g} s" if runner.hung
+                      else "draining")
+            raise oip.ProtocolError(f"model {runner.name!r} is not accepting requests ({reason})", 503)
         header_length = protocol.header_length
         if header_length is None and runner.json_fast:
             call = InferCall(protocol, seq, runner, None)
@@ -459,12 +461,31 @@ class App:
         now = time.monotonic()
         for conn in list(self.connections):
             conn.sweep(now)
+        for runner in self.runners():
+            self._watch(runner, now)
         if self.auth is not None and now - self._auth_checked_at >= 1.0:
             self._auth_checked_at = now
             try:
                 self.auth.reload()
             except (OSError, ValueError) as exc:  # keep the tokens we have
                 log.error("cannot reload the token file: %s", exc)
+
+    def _watch(self, runner: ModelRunner, now: float) -> None:
+        """Fail the requests of a batch that overran the execution timeout (see check_hung)."""
+        was_hung = runner.hung
+        stuck = runner.check_hung(now)
+        if runner.hung and not was_hung:
+            log.error("model %s version %s: a batch has run longer than %.1f s; failing its requests and "
+                      "refusing new ones until the backend returns", runner.name, runner.version,
+                      runner.execution_timeout_s)
+        elif was_hung and not runner.hung:
+            log.warning("model %s version %s: the overrunning batch returned; serving again",
+                        runner.name, runner.version)
+        message = f"a batch ran longer than the execution timeout of {runner.execution_timeout_s:g} s"
+        for token in stuck:
+            waiter = runner.waiting.pop(token, None)
+            if waiter is not None:
+                waiter.done(STATUS_ERROR, message)
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -634,7 +655,8 @@ async def serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    tick = max(0.05, min(config.header_timeout, config.body_timeout, config.idle_timeout) / 4)
+    tick = max(0.05, min(config.header_timeout, config.body_timeout, config.idle_timeout,
+                         config.execution_timeout_s) / 4)
 
     async def sweeper() -> None:
         while True:
