@@ -168,7 +168,8 @@ def _serve(args: argparse.Namespace) -> int:
             from vivace.monitor.alerts import AlertConfig
 
             alerts = AlertConfig(webhook_url=args.drift_webhook,
-                                 command=shlex.split(args.drift_command) if args.drift_command else None)
+                                 command=shlex.split(args.drift_command) if args.drift_command else None,
+                                 registry_home=args.home if is_registry_ref(ref) else None)
             runner.enable_drift(args.drift_interval, args.drift_window, alerts)
         return runner
 

@@ -1,6 +1,8 @@
 """Drift alerts: periodic checks of a model version's sketches against its reference
-profile, with hysteresis and a cool-down, and three actions on a new alert: a log line,
-a webhook POST and a retraining trigger (a configured command).
+profile, with hysteresis and a cool-down, and these actions on a new alert: a log line,
+a webhook POST and retraining triggers — a configured command, and a
+`model.retrain_trigger` record in the registry's audit log (`vivace audit NAME`) for a
+version served from the registry, so a scheduler can pick it up.
 
 State machine per feature: a feature enters "drift" when its statistics cross the
 thresholds (and the window holds at least ``min_rows`` rows); it leaves "drift" only
@@ -38,6 +40,7 @@ class AlertConfig:
     webhook_url: str | None = None
     webhook_timeout_s: float = 5.0
     command: Sequence[str] | None = None
+    registry_home: str | None = None  # record each alert as a retraining trigger in this registry
     cooldown_s: float = 600.0
     hysteresis: float = 0.2
     min_rows: int = 1000
@@ -163,6 +166,8 @@ class DriftMonitor:
                     resp.read()
             except (urllib.error.URLError, OSError) as exc:  # an unreachable hook must not stop monitoring
                 log.error("drift webhook %s failed: %s", self.config.webhook_url, exc)
+        if self.config.registry_home:
+            self._record_trigger(alert)
         if self.config.command:
             env = dict(os.environ, VIVACE_MODEL=alert.model, VIVACE_VERSION=alert.version,
                        VIVACE_DRIFT_FEATURES=",".join(alert.features),
@@ -173,6 +178,20 @@ class DriftMonitor:
                 log.warning("retraining trigger started: %s", " ".join(self.config.command))
             except OSError as exc:
                 log.error("retraining trigger %s failed to start: %s", self.config.command[0], exc)
+
+    def _record_trigger(self, alert: Alert) -> None:
+        from vivace.registry.store import open_home
+
+        payload = json.loads(json.dumps(alert.to_dict(), allow_nan=False, default=str))
+        if self.config.command:
+            payload["command"] = list(self.config.command)
+        try:
+            home = open_home(self.config.registry_home)
+            with home.transaction():
+                home.audit("model.retrain_trigger", f"{alert.model}/{alert.version}",
+                           f"drift in {', '.join(alert.features)}", payload)
+        except Exception as exc:  # noqa: BLE001 - a busy or broken registry must not stop monitoring
+            log.error("cannot record the retraining trigger in %s: %s", self.config.registry_home, exc)
 
     def start(self, interval_s: float) -> None:
         """Check every interval_s seconds on a daemon thread until stop()."""

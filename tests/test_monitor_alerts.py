@@ -108,6 +108,27 @@ def test_alert_webhook_command_hysteresis_and_cooldown(tmp_path, profile, webhoo
     assert samples[("f2", "ks")] > 0.1 and ("f2", "ks_pvalue") in samples
 
 
+def test_alerts_are_recorded_as_retraining_triggers_in_the_registry(tmp_path, profile, caplog):
+    from vivace.registry.store import open_home
+
+    sketch = input_sketch(profile, window=Window("rows", 5000, 1))
+    monitor = DriftMonitor("churn", "2", [sketch], config=AlertConfig(registry_home=str(tmp_path / "home"),
+                                                                      command=["true"], min_rows=10))
+    sketch.update(_batch(1.0, 1))
+    alert = monitor.check()
+    records = [r for r in open_home(tmp_path / "home").audit_log(target="churn")
+               if r["action"] == "model.retrain_trigger"]
+    assert len(records) == 1 and records[0]["target"] == "churn/2" and records[0]["reason"] == "drift in f2"
+    assert records[0]["details"]["features"] == alert.features and records[0]["details"]["command"] == ["true"]
+    monitor.processes[-1].wait(timeout=30)
+    # An unusable registry is logged; monitoring goes on.
+    (tmp_path / "file").write_text("")
+    broken = DriftMonitor("m", "1", [sketch], config=AlertConfig(registry_home=str(tmp_path / "file"), min_rows=10))
+    with caplog.at_level(logging.ERROR, logger="vivace.monitor.alerts"):
+        assert broken.check() is not None
+    assert "cannot record the retraining trigger" in caplog.text
+
+
 def test_unreachable_webhook_and_missing_command_do_not_stop_monitoring(profile, caplog):
     sketch = input_sketch(profile, window=Window("rows", 5000, 1))
     monitor = DriftMonitor("m", "1", [sketch], config=AlertConfig(
