@@ -172,20 +172,17 @@ class ModelRunner:
 
     @property
     def has_profile(self) -> bool:
-        """The package carries a reference profile of its training data (drift monitoring).
-
-        Entity-id models are not sketched yet: their batch input is the key, not the features.
-        """
-        if self.entity is not None:
-            return False
-        return (self.package.path / self.package.metadata.get("profile", "profile.json")).is_file()
+        """The package carries a reference profile of its training data (drift monitoring)."""
+        package = self.model_package
+        return (package.path / package.metadata.get("profile", "profile.json")).is_file()
 
     def enable_drift(self, interval_s: float = 5.0, window_rows: int = 10_000, alerts: Any = None) -> None:
         """Sketch every batch's inputs and predictions natively and check drift periodically."""
         from vivace.monitor.alerts import AlertConfig, DriftMonitor
         from vivace.monitor.sketch import Window, sketches_for_package
 
-        inputs, predictions = sketches_for_package(self.package, Window(kind="rows", span=window_rows))
+        # The model's own inputs are sketched: for entity-id serving, the looked-up features.
+        inputs, predictions = sketches_for_package(self.model_package, Window(kind="rows", span=window_rows))
         self.batcher.attach_sketches(inputs.native, predictions.native if predictions else None)
         self.drift = DriftMonitor(self.name, self.version, [s for s in (inputs, predictions) if s],
                                   config=alerts or AlertConfig())

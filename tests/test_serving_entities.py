@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import time
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -130,3 +131,37 @@ def test_tritonclient_binary_entity_request(entity_server):
                                rtol=1e-6)
     assert result.as_numpy("entity_found").reshape(-1).tolist() == [True, True, True]
     client.close()
+
+
+def test_entity_models_are_monitored_on_the_features_they_were_served(entity_home, tmp_path):
+    """Drift sketches of an entity-id model count the looked-up features, not the keys."""
+    from vivace.monitor.drift import build_profile
+    from vivace.registry.package import load_package, write_package
+
+    home, packages = entity_home
+    source = load_package(packages["default"])
+    # Reference: the features of entities 1..50; traffic from entities 51..100 has drifted.
+    reference = feature_values(np.arange(1, 51))
+    profile = build_profile({f"f{j}": reference[:, j] for j in range(N_FEATURES)})
+    manifest = source.manifest()
+    manifest["name"] = "monitored"
+    manifest["metadata"]["profile"] = "profile.json"
+    path = tmp_path / "monitored"
+    write_package(path, manifest, {"model.pt": (source.path / "model.pt").read_bytes(),
+                                   "profile.json": json.dumps(profile).encode()})
+    server = ServerProcess([path], "--drift-interval", "0.2", "--drift-window", "1200", env={"VIVACE_HOME": str(home)})
+    try:
+        for _ in range(30):  # 1200 rows: alerts need at least 1000
+            assert post(server.port, "monitored", list(range(51, 91)))[0] == 200
+        deadline = time.monotonic() + 20
+        while True:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            conn.request("GET", "/v2/models/monitored/drift")
+            doc = json.loads(conn.getresponse().read())
+            if doc["rows"] >= 1200 and doc["drifting"]:
+                break
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.1)
+        assert doc["drifting"] == ["f0", "f1", "f2", "f3"]
+    finally:
+        assert server.stop() == 0

@@ -359,22 +359,28 @@ class PyBatcher {
     return static_cast<int>(s);
   }
 
-  // Counts every batch's input rows (first input) and output rows (first output) into
-  // drift sketches, natively and without the GIL. Both must be FP32.
+  // Counts every batch's input rows and output rows (first output) into drift sketches,
+  // natively and without the GIL. The inputs sketched are the model's: the first input,
+  // or, when serving by entity id, the features looked up for the batch (attach the
+  // lookup first). Both must be FP32.
   void AttachSketches(py::object input_sketch, py::object output_sketch) {
     const auto& c = batcher_->config();
-    if (input_dtypes_.empty() || input_dtypes_[0]->type != DType::kF32)
+    const bool by_entity = !feature_rows_.empty();
+    if (!by_entity && (input_dtypes_.empty() || input_dtypes_[0]->type != DType::kF32))
       throw py::value_error("drift sketches need an FP32 first input");
     std::shared_ptr<DriftSketch> in, out;
     if (!input_sketch.is_none()) in = input_sketch.cast<std::shared_ptr<DriftSketch>>();
     if (!output_sketch.is_none()) out = output_sketch.cast<std::shared_ptr<DriftSketch>>();
-    const int64_t in_stride = input_row_elems_[0];
+    const int64_t in_stride = by_entity ? feature_width_ : input_row_elems_[0];
     const int64_t out_stride = c.output_row_bytes.empty() ? 0 : c.output_row_bytes[0] / 4;
     if (in && in->min_row_stride() > in_stride) throw py::value_error("input sketch reads past the input row");
     if (out && out->min_row_stride() > out_stride) throw py::value_error("prediction sketch reads past the output row");
     Batcher* b = batcher_.get();
-    batcher_->set_after_batch([b, in, out, in_stride, out_stride](int executor, int64_t rows) {
-      if (in) in->Update(reinterpret_cast<const float*>(b->input_buffer(executor, 0)), rows, in_stride);
+    batcher_->set_after_batch([b, in, out, in_stride, out_stride, features = feature_rows_](int executor,
+                                                                                           int64_t rows) {
+      const float* inputs = features.empty() ? reinterpret_cast<const float*>(b->input_buffer(executor, 0))
+                                             : features[static_cast<size_t>(executor)];
+      if (in) in->Update(inputs, rows, in_stride);
       if (out) out->Update(reinterpret_cast<const float*>(b->output_buffer(executor, 0)), rows, out_stride);
     });
   }
@@ -393,13 +399,17 @@ class PyBatcher {
     if (static_cast<size_t>(py::len(features)) != executors)
       throw py::value_error("one feature buffer per executor is needed");
     std::vector<float*> buffers;
+    int64_t width = 0;
     for (size_t e = 0; e < executors; ++e) {
       py::buffer_info info = py::cast<py::buffer>(features[e]).request(true);
-      if (info.itemsize != 4 || info.size < c.max_batch_size)
-        throw py::value_error("feature buffers must be float32 with max_batch_size rows");
+      if (info.itemsize != 4 || info.ndim != 2 || info.shape[0] < c.max_batch_size)
+        throw py::value_error("feature buffers must be float32 [max_batch_size, F] arrays");
+      width = info.shape[1];
       buffers.push_back(static_cast<float*>(info.ptr));
     }
     feature_buffers_ = features;  // keeps the arrays alive as long as the hook
+    feature_rows_ = buffers;
+    feature_width_ = width;
     Batcher* b = batcher_.get();
     const size_t found_output = c.output_row_bytes.size() - 1;
     batcher_->set_before_batch([b, shared, buffers, found_output](int executor, int64_t rows) {
@@ -540,6 +550,8 @@ class PyBatcher {
   py::object execute_;
   std::unique_ptr<OipJsonCodec> json_;
   py::object feature_buffers_;
+  std::vector<float*> feature_rows_;  // per executor: the looked-up features of its batch
+  int64_t feature_width_ = 0;
   py::object native_owner_;
   const void* native_model_ = nullptr;
   void* native_forward_ = nullptr;
