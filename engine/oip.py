@@ -16,11 +16,13 @@ from vivace.registry.package import DATATYPES, ModelPackage
 
 
 class ProtocolError(Exception):
-    """A request the server refuses; `status` is the HTTP status code to answer with."""
+    """A request the server refuses; `status` is the HTTP status code to answer with,
+    `headers` any header lines the answer needs (e.g. Allow on a 405)."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, headers: bytes = b""):
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 class RequestInput(msgspec.Struct, kw_only=True):

@@ -30,6 +30,7 @@ STATUS_CANCELLED = int(_core.Status.CANCELLED)
 STATUS_ERROR = int(_core.Status.ERROR)
 STATUS_SHUTDOWN = int(_core.Status.SHUTDOWN)
 STATUS_INVALID = int(_core.Status.INVALID)
+STATUS_OVERLOADED = int(_core.Status.OVERLOADED)
 JSON_DECLINED = 100  # submit_json: not for the fast path
 
 _tokens = itertools.count(1)  # unique across models, so a token names one request

@@ -39,7 +39,14 @@ from . import oip
 from .auth import AuditLog, Authenticator, Principal
 from .config import ServerConfig
 from .http import HttpProtocol, InferCall, error_body, http_response
-from .runtime import STATUS_ERROR, STATUS_INVALID, STATUS_QUEUE_FULL, STATUS_SHUTDOWN, ModelRunner
+from .runtime import (
+    STATUS_ERROR,
+    STATUS_INVALID,
+    STATUS_OVERLOADED,
+    STATUS_QUEUE_FULL,
+    STATUS_SHUTDOWN,
+    ModelRunner,
+)
 
 log = logging.getLogger("vivace.server")
 
@@ -126,7 +133,7 @@ class App:
                 route = self._resolve(method, url)
             except oip.ProtocolError as exc:
                 self.count_http_error(exc.status)
-                protocol.respond(seq, http_response(exc.status, error_body(str(exc))))
+                protocol.respond(seq, http_response(exc.status, error_body(str(exc)), extra=exc.headers))
                 return
             if len(self._routes) < 4096:  # only well-formed routes are cached
                 self._routes[key] = route
@@ -139,7 +146,7 @@ class App:
             self.count_http_error(exc.status)
             if runner is not None:
                 self.count_failure(runner, "bad_request")
-            protocol.respond(seq, http_response(exc.status, error_body(str(exc))))
+            protocol.respond(seq, http_response(exc.status, error_body(str(exc)), extra=exc.headers))
         except Exception as exc:  # a bug must cost one request, not the connection
             log.exception("internal error on %s %s", method, url)
             self.count_http_error(500)
@@ -239,7 +246,8 @@ class App:
     @staticmethod
     def _method(method: bytes, allowed: bytes, handler):
         if method != allowed:
-            raise oip.ProtocolError(f"method {method.decode('latin-1')} not allowed here; use {allowed.decode()}", 405)
+            raise oip.ProtocolError(f"method {method.decode('latin-1')} not allowed here; use {allowed.decode()}", 405,
+                                    b"allow: %s\r\n" % allowed)
         return handler
 
     # -- handlers -----------------------------------------------------------------------
@@ -275,9 +283,13 @@ class App:
             protocol.outstanding[token] = runner
             return
         status = -token
-        self.count_failure(runner, "rejected" if status == STATUS_QUEUE_FULL else "bad_request")
+        self.count_failure(runner, "rejected" if status in (STATUS_QUEUE_FULL, STATUS_OVERLOADED) else "bad_request")
         if status == STATUS_QUEUE_FULL:
             message, code = f"queue of model {runner.name!r} is full", 503
+        elif status == STATUS_OVERLOADED:
+            message = (f"model {runner.name!r} is overloaded: its queue holds more than "
+                       f"{self.config.shed_queue_wait_ms:g} ms of work; retry later")
+            code = 503
         elif status == STATUS_SHUTDOWN:
             message, code = f"model {runner.name!r} is shutting down", 503
         elif status == STATUS_INVALID:
@@ -663,7 +675,16 @@ async def serve(
             await asyncio.sleep(tick)
             app.sweep()
 
+    async def expirer() -> None:
+        # Request deadlines are honoured even while every executor runs a long batch.
+        while True:
+            await asyncio.sleep(0.02)
+            for runner in app.runners():
+                if runner.execution == "threads":
+                    runner.batcher.expire_due()
+
     sweep_task = loop.create_task(sweeper())
+    expire_task = loop.create_task(expirer())
     for follower in followers:
         app.follow(follower)
     # Start-up allocated a large heap (torch); freezing it keeps full collections from
@@ -691,6 +712,7 @@ async def serve(
         for conn in list(app.connections):
             conn.transport.close()
         sweep_task.cancel()
+        expire_task.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     return 0

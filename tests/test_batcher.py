@@ -35,6 +35,7 @@ class Harness:
             self.gate.set()
         self.entered = threading.Event()
         self.fail_with: Exception | None = None
+        self.delay_s = 0.0  # simulated compute time per batch
         self.batcher = _core.Batcher(**defaults, inline_execution=inline, execute=self._execute)
         executors = 1 if inline else defaults["executors"]
         mbs = defaults["max_batch_size"]
@@ -47,6 +48,7 @@ class Harness:
     def _execute(self, executor: int, rows: int) -> None:
         self.entered.set()
         self.gate.wait(10)
+        time.sleep(self.delay_s)
         if self.fail_with is not None:
             raise self.fail_with
         self.batches.append(rows)
@@ -233,12 +235,42 @@ def test_overload_sheds_new_requests_once_the_oldest_has_waited_too_long():
     assert h.entered.wait(5)  # token 1 holds the executor
     assert h.submit(2) == int(S.OK)  # queued: nothing has waited yet
     time.sleep(0.05)
-    assert h.submit(3) == int(S.QUEUE_FULL)
+    assert h.submit(3) == int(S.OVERLOADED)
     h.gate.set()
     results = h.collect(2)
     assert results[1][0] == int(S.OK) and results[2][0] == int(S.OK)
     assert h.submit(4) == int(S.OK)  # the queue drained: requests are admitted again
     assert h.collect(3)[4][0] == int(S.OK)
+    h.close()
+
+
+def test_overload_sheds_when_the_queued_work_would_take_too_long():
+    # Batches take >= 10 ms per row here: with a 50 ms budget, the queue is refused new rows
+    # once it holds more than 50 ms of work, before anything has waited that long.
+    h = Harness(max_batch_size=1, shed_queue_wait_us=50_000)
+    h.delay_s = 0.01
+    assert h.submit(1) == int(S.OK)
+    h.collect(1)  # one batch measured the time per row
+    h.gate.clear()
+    h.entered.clear()
+    assert h.submit(2) == int(S.OK)
+    assert h.entered.wait(5)  # token 2 holds the executor
+    statuses = [h.submit(token) for token in range(3, 13)]
+    assert statuses[:2] == [int(S.OK)] * 2 and statuses[-1] == int(S.OVERLOADED)
+    h.gate.set()
+    h.close()
+
+
+def test_deadline_is_honoured_while_the_executor_runs_a_long_batch():
+    h = Harness(gate=True, max_batch_size=1)
+    assert h.submit(1) == int(S.OK)
+    assert h.entered.wait(5)  # token 1's batch runs until the gate opens
+    assert h.submit(2, timeout_us=1000) == int(S.OK)
+    time.sleep(0.01)
+    h.batcher.expire_due()
+    assert h.collect(1)[2][0] == int(S.TIMEOUT)  # answered while token 1 still runs
+    h.gate.set()
+    assert h.collect(2)[1][0] == int(S.OK)
     h.close()
 
 
@@ -359,7 +391,7 @@ def test_json_lists_convert_to_each_datatype(dtype, values, expected):
     "dtype,values,message",
     [
         ("FP32", [1.0, "x"], "non-numeric"),
-        ("FP32", [1.0, 2.0, 3.0], "more elements"),
+        ("FP32", [1.0, 2.0, 3.0], "3 elements, its shape needs 1 x 2"),
         ("FP32", [1.0], "1 elements"),
         ("INT8", [1, 300], "out of range"),
         ("UINT16", [1, -1], "out of range"),

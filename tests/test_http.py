@@ -80,8 +80,8 @@ def test_unknown_model_version_and_route_are_404(server):
         status, body, _ = request(server, "GET" if not path.endswith("infer") else "POST", path, body="{}")
         assert status == 404, path
         assert "error" in json.loads(body)
-    status, body, _ = request(server, "GET", "/v2/models/mlp/infer")
-    assert status == 405 and "POST" in json.loads(body)["error"]
+    status, body, response = request(server, "GET", "/v2/models/mlp/infer")
+    assert status == 405 and "POST" in json.loads(body)["error"] and response.getheader("allow") == "POST"
 
 
 # -- inference -----------------------------------------------------------------------------

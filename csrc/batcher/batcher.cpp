@@ -24,6 +24,7 @@ const char* StatusName(Status s) {
     case Status::kError: return "backend_error";
     case Status::kShutdown: return "shutdown";
     case Status::kInvalid: return "invalid";
+    case Status::kOverloaded: return "overloaded";
   }
   return "unknown";
 }
@@ -152,6 +153,11 @@ Request* Batcher::Acquire(int64_t rows) {
 }
 
 void Batcher::Release(Request* r) {
+  // Pooled requests keep their buffers for reuse, except unusually large ones: one big
+  // request must not pin its memory for the life of the process.
+  constexpr size_t kKeepBytes = 1 << 20;
+  if (r->input.capacity() > kKeepBytes) std::vector<uint8_t>().swap(r->input);
+  if (r->output.capacity() > kKeepBytes) std::vector<uint8_t>().swap(r->output);
   r->error.clear();
   r->json_response = false;
   r->has_id = false;
@@ -183,9 +189,12 @@ Status Batcher::Enqueue(Request* r, uint64_t token, int priority, int64_t timeou
     if (stopping_) return Status::kShutdown;
     if (config_.max_queue_size > 0 && queued_requests_ >= config_.max_queue_size)
       return Status::kQueueFull;
-    if (config_.shed_queue_wait_us > 0 && queued_requests_ > 0 &&
-        now - OldestEnqueueTimeLocked() > std::chrono::microseconds(config_.shed_queue_wait_us))
-      return Status::kQueueFull;
+    if (config_.shed_queue_wait_us > 0 && queued_requests_ > 0) {
+      const int64_t backlog_ns = queued_rows_ * ns_per_row_.load(std::memory_order_relaxed) / config_.executors;
+      if (backlog_ns > config_.shed_queue_wait_us * 1000 ||
+          now - OldestEnqueueTimeLocked() > std::chrono::microseconds(config_.shed_queue_wait_us))
+        return Status::kOverloaded;
+    }
     auto& q = queues_[static_cast<size_t>(r->priority)];
     r->queue_pos = q.insert(q.end(), r);
     r->deadline_pos = r->deadline == Clock::time_point::max()
@@ -246,6 +255,15 @@ void Batcher::ExpireLocked(Clock::time_point now, std::vector<Request*>* done) {
     r->status.store(Status::kTimeout);
     FinishRows(r, unscheduled, done);
   }
+}
+
+void Batcher::ExpireDue() {
+  std::vector<Request*> done;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    ExpireLocked(Clock::now(), &done);
+  }
+  Complete(&done);
 }
 
 // Arrival time of the longest-waiting queued request (max() when none is queued).
@@ -437,6 +455,10 @@ void Batcher::ExecuteBatch(int executor, std::vector<Slice>* slices_in, std::vec
     FinishRows(r, s.rows, done);
   }
   const auto t_scattered = Clock::now();
+  // Racy read-modify-write between executors is fine: this is an estimate.
+  const int64_t per_row = static_cast<int64_t>(Nanos(t_scattered - t_start)) / batch_rows;
+  const int64_t average = ns_per_row_.load(std::memory_order_relaxed);
+  ns_per_row_.store(average == 0 ? per_row : average + (per_row - average) / 8, std::memory_order_relaxed);
   stats_.execution_count.fetch_add(1, std::memory_order_relaxed);
   stats_.inference_count.fetch_add(static_cast<uint64_t>(batch_rows), std::memory_order_relaxed);
   stats_.compute_input_ns.fetch_add(Nanos(t_gathered - t_start), std::memory_order_relaxed);

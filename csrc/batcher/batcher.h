@@ -34,6 +34,7 @@ enum class Status : int {
   kError = 4,       // the backend failed for this batch
   kShutdown = 5,    // the batcher stopped before the request ran
   kInvalid = 6,     // bad arguments (rows, priority)
+  kOverloaded = 7,  // load shedding: the queue already holds more than shed_queue_wait_us of work
 };
 
 const char* StatusName(Status s);
@@ -48,9 +49,10 @@ struct BatcherConfig {
   int64_t default_timeout_us = 0;  // 0: no timeout
   bool allow_timeout_override = true;  // a request may lower (never raise) its timeout
   int64_t max_queue_size = 0;          // queued requests; 0: unbounded
-  // Load shedding: refuse new requests at once while the oldest queued one has waited
-  // longer than this. Under overload the queue then holds about this much work, so
-  // admitted requests keep a bounded latency and refusals are immediate. 0: off.
+  // Load shedding: refuse new requests at once (kOverloaded) when the queued work would
+  // take longer than this to run (queued rows x recent compute time per row), or the
+  // oldest queued request has already waited longer. Admitted requests then keep a
+  // bounded latency, refusals are immediate, and queue memory stays bounded. 0: off.
   int64_t shed_queue_wait_us = 0;
   std::vector<int64_t> input_row_bytes;
   std::vector<int64_t> output_row_bytes;
@@ -84,7 +86,7 @@ class Histogram {
 struct Stats {
   explicit Stats(int64_t max_batch_size);
   std::atomic<uint64_t> success{0};
-  std::array<std::atomic<uint64_t>, 7> failures{};  // indexed by Status
+  std::array<std::atomic<uint64_t>, 8> failures{};  // indexed by Status
   std::atomic<uint64_t> inference_count{0};         // rows executed
   std::atomic<uint64_t> execution_count{0};         // batches executed
   std::atomic<uint64_t> queue_ns{0}, compute_input_ns{0}, compute_infer_ns{0},
@@ -137,6 +139,10 @@ class Batcher {
   // Inline mode: run every batch that is ready now on the calling thread. Returns the
   // microseconds until a waiting batch is due (max_queue_delay), or -1 if none waits.
   int64_t RunReady();
+  // Answers queued requests whose deadline has passed. Executors do this whenever they
+  // look for work; the owner calls it periodically so that a deadline is honoured
+  // while every executor is busy with a long batch.
+  void ExpireDue();
   int notify_fd() const { return notify_fd_; }
 
   // Called after the rows are gathered and before the backend runs, on the same thread
@@ -207,6 +213,8 @@ class Batcher {
   std::mutex join_mu_;
   std::vector<std::thread> executors_;
   Stats stats_;  // declared after config_: built from its max_batch_size
+  // Recent compute time per row (exponential moving average over batches), for shedding.
+  std::atomic<int64_t> ns_per_row_{0};
 };
 
 }  // namespace vivace

@@ -74,6 +74,17 @@ uint16_t FloatToHalf(float f) {
 }
 
 // Writes JSON numbers (possibly nested lists) into `out` as `dtype`.
+// Elements in a (nested) list, counted without converting them.
+int64_t CountElements(PyObject* list) {
+  int64_t n = 0;
+  const Py_ssize_t size = PyList_GET_SIZE(list);
+  for (Py_ssize_t i = 0; i < size; ++i) {
+    PyObject* item = PyList_GET_ITEM(list, i);
+    n += PyList_Check(item) ? CountElements(item) : 1;
+  }
+  return n;
+}
+
 class ListWriter {
  public:
   ListWriter(const DTypeInfo& dtype, uint8_t* out, int64_t capacity, const std::string& name)
@@ -320,6 +331,33 @@ class PyBatcher {
     if (static_cast<size_t>(PyList_GET_SIZE(inputs.ptr())) != n_inputs)
       throw py::value_error("expected " + std::to_string(n_inputs) + " inputs");
     if (rows < 1) throw py::value_error("a request needs at least one row");
+    // The data must match the shape before any memory is sized from the shape: a small
+    // request claiming billions of rows must not allocate them.
+    for (size_t i = 0; i < n_inputs; ++i) {
+      PyObject* obj = PyList_GET_ITEM(inputs.ptr(), static_cast<Py_ssize_t>(i));
+      const int64_t row_elems = input_row_elems_[i];
+      int64_t elems;
+      if (PyList_Check(obj)) {
+        elems = CountElements(obj);
+      } else {
+        Py_buffer view;
+        if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS) != 0) {
+          PyErr_Clear();
+          throw py::type_error("input data must be a list of numbers or a contiguous buffer");
+        }
+        elems = view.len / input_dtypes_[i]->size;
+        const bool whole = view.len % input_dtypes_[i]->size == 0;
+        PyBuffer_Release(&view);
+        if (!whole)
+          throw py::value_error("input #" + std::to_string(i) + " has " + std::to_string(view.len) +
+                                " bytes, not a whole number of " + std::to_string(input_dtypes_[i]->size) +
+                                "-byte elements");
+      }
+      if (row_elems > 0 && (rows > elems / row_elems || elems != rows * row_elems))
+        throw py::value_error("input #" + std::to_string(i) + " has " + std::to_string(elems) +
+                              " elements, its shape needs " + std::to_string(rows) + " x " +
+                              std::to_string(row_elems));
+    }
     Request* r = batcher_->Acquire(rows);
     try {
       for (size_t i = 0; i < n_inputs; ++i) {
@@ -431,6 +469,8 @@ class PyBatcher {
     };
     auto codec = std::make_unique<OipJsonCodec>(model_name, model_version, convert(inputs), convert(outputs));
     if (codec->usable()) json_ = std::move(codec);
+    json_row_elems_ = 0;
+    for (int64_t elems : input_row_elems_) json_row_elems_ += elems;
     return json_ != nullptr;
   }
 
@@ -450,7 +490,9 @@ class PyBatcher {
     bool has_id = false;
     const int64_t rows = json_->Parse(data, static_cast<size_t>(view.len), &spans, &id, &has_id);
     int result = kDeclined;
-    if (rows > 0) {
+    // Every element takes at least one byte of the body: a shape claiming more rows than
+    // that is declined before its memory is sized (the general decoder explains why).
+    if (rows > 0 && rows <= view.len / std::max<int64_t>(json_row_elems_, 1)) {
       Request* r = batcher_->Acquire(rows);
       if (json_->Fill(spans, rows, r->input.data())) {
         r->json_response = true;
@@ -497,6 +539,7 @@ class PyBatcher {
 
   bool Cancel(uint64_t token) { return batcher_->Cancel(token); }
   int64_t RunReady() { return batcher_->RunReady(); }
+  void ExpireDue() { batcher_->ExpireDue(); }
   int fileno() const { return batcher_->notify_fd(); }
 
   void Shutdown(bool drain) {
@@ -550,6 +593,7 @@ class PyBatcher {
   py::object execute_;
   std::unique_ptr<OipJsonCodec> json_;
   py::object feature_buffers_;
+  int64_t json_row_elems_ = 0;  // elements per row over all inputs
   std::vector<float*> feature_rows_;  // per executor: the looked-up features of its batch
   int64_t feature_width_ = 0;
   py::object native_owner_;
@@ -594,6 +638,8 @@ it reads `rows` rows from input_buffers(executor) and writes output_buffers(exec
            "Queue a JSON infer body; returns a Status code, or 100 when the general path must decode it")
       .def("run_ready", &PyBatcher::RunReady,
            "Inline mode: run the batches ready now; returns microseconds until the next is due, or -1")
+      .def("expire_due", &PyBatcher::ExpireDue,
+           "Answer queued requests whose deadline passed (while executors are busy)")
       .def("cancel", &PyBatcher::Cancel, py::arg("token"))
       .def("fileno", &PyBatcher::fileno)
       .def("shutdown", &PyBatcher::Shutdown, py::arg("drain") = true)
@@ -609,7 +655,8 @@ it reads `rows` rows from input_buffers(executor) and writes output_buffers(exec
       .value("CANCELLED", Status::kCancelled)
       .value("ERROR", Status::kError)
       .value("SHUTDOWN", Status::kShutdown)
-      .value("INVALID", Status::kInvalid);
+      .value("INVALID", Status::kInvalid)
+      .value("OVERLOADED", Status::kOverloaded);
 }
 
 }  // namespace vivace
