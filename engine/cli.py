@@ -76,4 +76,8 @@ class VivaceCLIError(Exception):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's module, not this __main__ copy: commands raise the
+    # VivaceCLIError of vivace.engine.cli, which main() must catch.
+    from vivace.engine.cli import main as package_main
+
+    sys.exit(package_main())

@@ -8,14 +8,28 @@ histograms with relaxed atomics, and this collector turns them into metric famil
 The collector reads a duck-typed source so that `monitor` never imports `engine`: the
 source has `runners()` (objects with `name`, `version`, `ready`, `stats()`), `failures`
 ({(model, version, reason): count}) and `http_errors` ({status: count}).
+
+In a worker of `vivace serve --workers N` (after `share_across_workers`), the collector
+also publishes its families to the run directory and answers with every worker's metrics
+merged; see `vivace.monitor.multiproc` for the merge rules. GPU gauges come from
+`vivace.monitor.gpu` while a model runs on CUDA.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
+from pathlib import Path
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+
+from .gpu import GpuCollector, runs_on_cuda
+from .multiproc import WireFamily, WorkerMetrics, to_wire, with_worker_label
+
+log = logging.getLogger("vivace.monitor.metrics")
 
 LABELS = ["model", "version"]
 FAILURE_REASONS = ("bad_request", "rejected", "timeout", "backend_error")
@@ -41,16 +55,60 @@ def _buckets(bounds: list[float], counts: list[int]) -> list[tuple[str, float]]:
     return out
 
 
+_worker_metrics: WorkerMetrics | None = None
+
+
+def share_across_workers(run_dir: str | Path, worker: int, interval_s: float = 1.0) -> None:
+    """Make this process worker `worker` of a multi-process server sharing `run_dir`.
+
+    Collectors created afterwards (from within the running event loop) publish a snapshot
+    every `interval_s` and on every scrape, and scrapes show all workers' metrics merged.
+    """
+    global _worker_metrics
+    _worker_metrics = WorkerMetrics(run_dir, worker, interval_s)
+
+
 class MetricsCollector:
     """prometheus-client collector over a server's models."""
 
-    def __init__(self, source: Any):
+    def __init__(self, source: Any, workers: WorkerMetrics | None = None):
         self.source = source
+        self.workers = workers if workers is not None else _worker_metrics
+        self.process = ProcessCollector(namespace="vivace", registry=None)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
-        self.registry.register(ProcessCollector(namespace="vivace", registry=None))
+        # Device-level gauges: the same for every worker, so always read live, never merged.
+        self.registry.register(GpuCollector(lambda: any(runs_on_cuda(r) for r in self.source.runners())))
+        if self.workers is not None:
+            self._loop = asyncio.get_running_loop()
+            self._publish_periodically()
 
-    def collect(self) -> Iterator[Any]:
+    def _publish_periodically(self) -> None:
+        self._publish(to_wire(self._own_families()))
+        self._loop.call_later(self.workers.interval_s, self._publish_periodically)
+
+    def _publish(self, wire: list[WireFamily]) -> None:
+        try:
+            self.workers.publish(wire)
+        except OSError as exc:  # a full disk must not stop the server or fail a scrape; retried next time
+            log.warning("cannot publish worker metrics: %s", exc)
+
+    def collect(self) -> Iterator[Metric]:
+        own = self._own_families()
+        if self.workers is None:
+            yield from own
+            return
+        wire = to_wire(own)
+        self._publish(wire)  # what this scrape shows is on disk before it is answered
+        yield from self.workers.merged(wire)
+
+    def _own_families(self) -> list[Metric]:
+        process = self.process.collect()
+        if self.workers is not None:
+            process = with_worker_label(process, self.workers.worker)
+        return [*self._server_families(), *process]
+
+    def _server_families(self) -> Iterator[Metric]:
         runners = self.source.runners()
         success = CounterMetricFamily("vivace_request_success", "Successful inference requests", labels=LABELS)
         failures = CounterMetricFamily(
