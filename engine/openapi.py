@@ -1,0 +1,593 @@
+"""The OpenAPI 3.1 document of the HTTP API, built from what an App serves.
+
+`document(app)` describes every route `App._resolve` answers (KServe v2 / Open Inference
+Protocol REST, Triton's binary tensor, configuration, statistics and model repository
+extensions, drift, Prometheus metrics). It is generated per server, not written once: the
+served model names and versions are the enums of the path parameters, and each model's
+signature (input names, datatypes, row shapes) constrains the infer request, so that
+clients and property-based testers (schemathesis) see exactly what the server accepts.
+
+OpenAPI 3.1 because its schemas are JSON Schema 2020-12: `const` and `prefixItems` describe
+a tensor shape such as [batch, 32] exactly, which 3.0 cannot.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vivace import __version__
+from vivace.registry.package import DATATYPES, ModelPackage, TensorSpec
+
+if TYPE_CHECKING:
+    from .server import App
+
+OPENAPI_VERSION = "3.1.0"
+SCHEMAS = "#/components/schemas/"
+RESPONSES = "#/components/responses/"
+# Registry names and aliases (registry/package.py and registry/data.py `_NAME_RE`).
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"
+MODEL_NAME_PATTERN = f"^{_NAME}$"
+MODEL_REF_PATTERN = f"^{_NAME}(@{_NAME}|/[0-9]+)$"
+
+_INT_RANGES = {
+    "UINT8": (0, 2**8 - 1), "UINT16": (0, 2**16 - 1), "UINT32": (0, 2**32 - 1), "UINT64": (0, 2**64 - 1),
+    "INT8": (-(2**7), 2**7 - 1), "INT16": (-(2**15), 2**15 - 1),
+    "INT32": (-(2**31), 2**31 - 1), "INT64": (-(2**63), 2**63 - 1),
+}
+_FLOAT_LIMITS = {"FP16": 65504.0, "BF16": 3.3895313892515355e38, "FP32": 3.4028234663852886e38}
+
+# Failures any request can meet before it reaches a route: framing, limits, load, bugs.
+_TRANSPORT_ERRORS = {
+    "400": "BadRequest",
+    "408": "RequestTimeout",
+    "413": "PayloadTooLarge",
+    "431": "HeadersTooLarge",
+    "500": "InternalError",
+    "503": "Unavailable",
+}
+
+
+def document(app: App) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of `app`'s HTTP API (a JSON-ready dict)."""
+    from .server import _version_key  # imported here: the server imports this module
+
+    packages = {name: runner.package for name, runner in sorted(app.latest.items())}
+    versions = {name: sorted(app.models[name], key=_version_key) for name in packages}
+    all_versions = sorted({v for vs in versions.values() for v in vs}, key=_version_key)
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "Vivace inference server",
+            "version": __version__,
+            "description": (
+                "KServe v2 / Open Inference Protocol REST API with Triton's binary tensor data, "
+                "model configuration, statistics and model repository extensions. Errors are "
+                '`{"error": "..."}`. A method a route does not serve is answered 405, an unknown '
+                "route or model 404. Bearer tokens are optional: when the server has "
+                "authentication enabled, every route except health needs a token with the "
+                "scope the operation names (infer, read or admin)."
+            ),
+        },
+        "servers": [{"url": "/"}],
+        "paths": _paths(packages, versions),
+        "components": {
+            "parameters": _path_parameters(packages, all_versions),
+            "schemas": {**_common_schemas(), **_model_schemas(packages, versions, app.config.max_body_bytes)},
+            "responses": _error_responses(),
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Optional; scopes infer, read (metadata, statistics, repository "
+                    "index) and admin (repository load and unload, alias moves).",
+                },
+            },
+        },
+    }
+
+
+# -- paths -------------------------------------------------------------------------------
+
+def _paths(packages: dict[str, ModelPackage], versions_of: dict[str, list[str]]) -> dict[str, Any]:
+    paths: dict[str, Any] = {
+        "/v2/health/live": {"get": _health("health_live", "The server is live.", "Live")},
+        "/v2/health/ready": {"get": _health(
+            "health_ready", "The server and all its models are ready (503 while draining).", "Ready",
+            not_ready=True)},
+        "/v2": {"get": _get("server_metadata", "Server name, version and extensions.", "ServerMetadata")},
+        "/v2/models/stats": {"get": _get("stats_all", "Statistics of every served model version.", "Statistics")},
+        "/metrics": {"get": {
+            "operationId": "metrics",
+            "summary": "Prometheus metrics (text exposition format).",
+            "security": [{}, {"bearer": ["read"]}],
+            "responses": {
+                "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                **_auth_errors(),
+                **_transport_errors(),
+            },
+        }},
+        "/v2/openapi.json": {"get": _get(
+            "openapi", "This document.", {"type": "object", "required": ["openapi", "paths"]})},
+    }
+    model_routes = {
+        "": ("model_metadata", "Model metadata: signature and versions.", "ModelMetadata"),
+        "/ready": ("model_ready", "Whether the model accepts requests (503 when not).", "Ready"),
+        "/config": ("model_config", "The model configuration as Triton returns it.", "ModelConfig"),
+        "/stats": ("model_stats", "Statistics of the model (Triton statistics extension).", "Statistics"),
+        "/drift": ("model_drift", "Drift statistics against the reference profile (404 without one).",
+                   "DriftStatus"),
+    }
+    for prefix, suffix_id, params in (
+        ("/v2/models/{model_name}", "", ["ModelName"]),
+        ("/v2/models/{model_name}/versions/{model_version}", "_version", ["ModelName", "ModelVersion"]),
+    ):
+        refs = [{"$ref": f"#/components/parameters/{p}"} for p in params]
+        for tail, (op_id, summary, schema) in model_routes.items():
+            operation = _get(op_id + suffix_id, summary, schema, model=True, not_ready=tail == "/ready")
+            paths[prefix + tail] = {"parameters": refs, "get": operation}
+    # Infer has one path per model: a request body cannot depend on a path parameter, and
+    # each model's signature is what makes its request schema exact.
+    for name, package in packages.items():
+        version_param = {"name": "model_version", "in": "path", "required": True,
+                         "schema": {"type": "string", "enum": versions_of[name]}}
+        paths[f"/v2/models/{name}/infer"] = {"post": _infer_operation(f"infer.{name}", package)}
+        paths[f"/v2/models/{name}/versions/{{model_version}}/infer"] = {
+            "parameters": [version_param], "post": _infer_operation(f"infer_version.{name}", package)}
+    paths.update(_repository_paths())
+    return paths
+
+
+def _get(op_id: str, summary: str, schema: str | dict[str, Any], *, model: bool = False,
+         not_ready: bool = False) -> dict[str, Any]:
+    body = {"$ref": SCHEMAS + schema} if isinstance(schema, str) else schema
+    responses: dict[str, Any] = {"200": {"description": summary, "content": {"application/json": {"schema": body}}}}
+    if model:
+        responses["404"] = {"$ref": RESPONSES + "NotFound"}
+    responses.update(_auth_errors())
+    responses.update(_transport_errors())
+    if not_ready:
+        responses["503"] = {"description": "Not ready", "content": {"application/json": {"schema": {
+            "anyOf": [{"$ref": SCHEMAS + "Ready"}, {"$ref": SCHEMAS + "Error"}]}}}}
+    return {"operationId": op_id, "summary": summary, "security": [{}, {"bearer": ["read"]}],
+            "responses": responses}
+
+
+def _health(op_id: str, summary: str, schema: str, *, not_ready: bool = False) -> dict[str, Any]:
+    """A health route: never behind authentication."""
+    operation = _get(op_id, summary, schema, not_ready=not_ready)
+    operation["security"] = []
+    for code in ("401", "403"):
+        del operation["responses"][code]
+    return operation
+
+
+def _infer_operation(op_id: str, package: ModelPackage) -> dict[str, Any]:
+    return {
+        "operationId": op_id,
+        "summary": f"Run inference with {package.name} (JSON, or Triton's binary tensor extension).",
+        "security": [{}, {"bearer": ["infer"]}],
+        "parameters": [{
+            "name": "Inference-Header-Content-Length",
+            "in": "header",
+            "required": False,
+            "description": "Binary tensor extension: the body is this many bytes of JSON request "
+            "header, followed by the raw tensors of the inputs that declare binary_data_size.",
+            "schema": {"type": "integer", "minimum": 0},
+        }],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": SCHEMAS + _schema_name("InferRequest", package.name)},
+                    "examples": {"one_row": {"summary": "one row of zeros", "value": _example_request(package)}},
+                },
+                "application/octet-stream": {"schema": {
+                    "type": "string", "format": "binary",
+                    "description": "Binary tensor extension (needs Inference-Header-Content-Length).",
+                }},
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "Outputs. With binary outputs the body is application/octet-stream: the "
+                "JSON response header (Inference-Header-Content-Length bytes), then the raw tensors.",
+                "headers": {"Inference-Header-Content-Length": {
+                    "description": "Length of the JSON header in a binary response.",
+                    "schema": {"type": "integer", "minimum": 0},
+                }},
+                "content": {
+                    "application/json": {"schema": {"$ref": SCHEMAS + _schema_name("InferResponse", package.name)}},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+            "404": {"description": "Unknown model or version, or unknown entity ids (entity-id models)",
+                    "content": {"application/json": {"schema": {"$ref": SCHEMAS + "Error"}}}},
+            **_auth_errors(),
+            **_transport_errors(),
+            "500": {"description": "The model failed on this request's batch (the message names the model)",
+                    "content": {"application/json": {"schema": {"$ref": SCHEMAS + "Error"}}}},
+            "503": {"$ref": RESPONSES + "Unavailable"},
+        },
+    }
+
+
+def _repository_paths() -> dict[str, Any]:
+    """Triton's model repository extension, plus Vivace's alias move."""
+    name_param = {"$ref": "#/components/parameters/RepositoryModelName"}
+
+    def operation(op_id: str, summary: str, scope: str, request: str | None, response: dict[str, Any],
+                  errors: tuple[str, ...]) -> dict[str, Any]:
+        responses: dict[str, Any] = {"200": {"description": summary, "content": {"application/json": {
+            "schema": response}}}}
+        responses.update(_auth_errors())
+        responses.update(_transport_errors())
+        for code in errors:
+            responses[code] = {"$ref": RESPONSES + {"404": "NotFound", "503": "Unavailable"}[code]}
+        body = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
+            "$ref": SCHEMAS + request}}}}} if request else {}
+        return {"operationId": op_id, "summary": summary, "security": [{}, {"bearer": [scope]}], **body,
+                "responses": responses}
+
+    return {
+        "/v2/repository/index": {"post": operation(
+            "repository_index", "The served model versions and their state.", "read", None,
+            {"type": "array", "items": {"$ref": SCHEMAS + "RepositoryModel"}}, ())},
+        "/v2/repository/models/{model_name}/load": {"parameters": [name_param], "post": operation(
+            "repository_load", "Serve a model from the registry (parameters.ref: NAME@ALIAS or "
+            "NAME/VERSION, default NAME@latest); a served model is switched without failing requests.",
+            "admin", "LoadRequest", {"$ref": SCHEMAS + "Loaded"}, ("404", "503"))},
+        "/v2/repository/models/{model_name}/unload": {"parameters": [name_param], "post": operation(
+            "repository_unload", "Stop serving a model; its queued requests finish first.", "admin", None,
+            {"$ref": SCHEMAS + "Unloaded"}, ("404",))},
+        "/v2/repository/models/{model_name}/alias": {"parameters": [name_param], "post": operation(
+            "repository_alias", "Point NAME@ALIAS at a version in the registry; servers following "
+            "the alias switch to it.", "admin", "AliasRequest", {"$ref": SCHEMAS + "AliasMoved"},
+            ("404", "503"))},
+    }
+
+
+def _auth_errors() -> dict[str, Any]:
+    return {"401": {"$ref": RESPONSES + "Unauthorized"}, "403": {"$ref": RESPONSES + "Forbidden"}}
+
+
+def _transport_errors() -> dict[str, Any]:
+    return {code: {"$ref": RESPONSES + name} for code, name in _TRANSPORT_ERRORS.items()}
+
+
+def _path_parameters(packages: dict[str, ModelPackage], versions: list[str]) -> dict[str, Any]:
+    return {
+        "ModelName": {"name": "model_name", "in": "path", "required": True,
+                      "description": "A served model.", "schema": {"type": "string", "enum": list(packages)}},
+        "ModelVersion": {"name": "model_version", "in": "path", "required": True,
+                         "description": "A served version (of any model: another model's version is 404).",
+                         "schema": {"type": "string", "enum": versions}},
+        "RepositoryModelName": {"name": "model_name", "in": "path", "required": True,
+                                "description": "A model of the repository, served or not.",
+                                "schema": {"type": "string", "pattern": MODEL_NAME_PATTERN},
+                                "examples": {name: {"value": name} for name in packages}},
+    }
+
+
+def _error_responses() -> dict[str, Any]:
+    error = {"application/json": {"schema": {"$ref": SCHEMAS + "Error"}}}
+    retry = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+    return {
+        "BadRequest": {"description": "Malformed HTTP, JSON, or a request that does not fit the signature",
+                       "content": error},
+        "Unauthorized": {"description": "Authentication is enabled and no valid bearer token was given",
+                         "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}, "content": error},
+        "Forbidden": {"description": "The token lacks the scope this operation needs", "content": error},
+        "NotFound": {"description": "Unknown model, version or route", "content": error},
+        "MethodNotAllowed": {"description": "The route exists but not for this method", "content": error},
+        "RequestTimeout": {"description": "The client was too slow sending headers or body", "content": error},
+        "PayloadTooLarge": {"description": "The body exceeds the server's limit", "content": error},
+        "HeadersTooLarge": {"description": "Too many or too large request headers", "content": error},
+        "InternalError": {"description": "A server bug (the request failed alone)", "content": error},
+        "Unavailable": {"description": "Draining, overloaded, queue full or deadline missed",
+                        "headers": retry, "content": error},
+    }
+
+
+# -- schemas -----------------------------------------------------------------------------
+
+def _common_schemas() -> dict[str, Any]:
+    counter = {"type": "object", "required": ["count", "ns"],
+               "properties": {"count": {"type": "integer"}, "ns": {"type": "integer"}}}
+    tensor_metadata = {
+        "type": "object", "required": ["name", "datatype", "shape"],
+        "properties": {"name": {"type": "string"}, "datatype": {"enum": sorted(DATATYPES)},
+                       "shape": {"type": "array", "items": {"type": "integer"}}},
+    }
+    config_tensor = {
+        "type": "object", "required": ["name", "data_type", "dims"],
+        "properties": {"name": {"type": "string"}, "data_type": {"type": "string", "pattern": "^TYPE_"},
+                       "dims": {"type": "array", "items": {"type": "integer", "minimum": 1}}},
+    }
+    return {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+        "Live": {"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}},
+        "Ready": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}},
+        "ServerMetadata": {
+            "type": "object", "required": ["name", "version", "extensions"],
+            "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                           "extensions": {"type": "array", "items": {"type": "string"}}},
+        },
+        "TensorMetadata": tensor_metadata,
+        "ModelMetadata": {
+            "type": "object", "required": ["name", "versions", "platform", "inputs", "outputs"],
+            "properties": {
+                "name": {"type": "string"},
+                "versions": {"type": "array", "items": {"type": "string"}},
+                "platform": {"type": "string"},
+                "inputs": {"type": "array", "items": {"$ref": SCHEMAS + "TensorMetadata"}},
+                "outputs": {"type": "array", "items": {"$ref": SCHEMAS + "TensorMetadata"}},
+            },
+        },
+        "ModelConfig": {
+            "type": "object",
+            "required": ["name", "platform", "max_batch_size", "input", "output", "dynamic_batching"],
+            "properties": {
+                "name": {"type": "string"},
+                "platform": {"type": "string"},
+                "backend": {"type": "string"},
+                "max_batch_size": {"type": "integer", "minimum": 1},
+                "input": {"type": "array", "items": config_tensor},
+                "output": {"type": "array", "items": config_tensor},
+                "dynamic_batching": {"type": "object"},
+                "instance_group": {"type": "array", "items": {"type": "object"}},
+                "version_policy": {"type": "object"},
+                "parameters": {"type": "object", "additionalProperties": {
+                    "type": "object", "required": ["string_value"],
+                    "properties": {"string_value": {"type": "string"}}}},
+            },
+        },
+        "Statistics": {
+            "type": "object", "required": ["model_stats"],
+            "properties": {"model_stats": {"type": "array", "items": {
+                "type": "object",
+                "required": ["name", "version", "inference_count", "execution_count", "inference_stats"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "version": {"type": "string"},
+                    "last_inference": {"type": "integer"},
+                    "inference_count": {"type": "integer", "minimum": 0},
+                    "execution_count": {"type": "integer", "minimum": 0},
+                    "inference_stats": {
+                        "type": "object",
+                        "properties": {k: counter for k in (
+                            "success", "fail", "queue", "compute_input", "compute_infer", "compute_output")},
+                    },
+                    "batch_stats": {"type": "array"},
+                },
+            }}},
+        },
+        "DriftStatus": {
+            "type": "object", "required": ["model", "version", "rows", "drifting", "features"],
+            "properties": {
+                "model": {"type": "string"},
+                "version": {"type": "string"},
+                "rows": {"type": "integer", "minimum": 0},
+                "drifting": {"type": "array", "items": {"type": "string"}},
+                "features": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "kind", "drifted", "stats"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "kind": {"enum": ["numeric", "categorical"]},
+                        "drifted": {"type": "boolean"},
+                        "crossed": {"type": "array", "items": {"type": "string"}},
+                        # Non-finite statistics are null: strict JSON has no NaN.
+                        "stats": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
+                    },
+                }},
+                "last_alert_at": {"type": ["number", "null"]},
+            },
+        },
+        "InferParameters": {
+            "type": "object",
+            "description": "Request parameters; others are ignored.",
+            "properties": {
+                "priority": {"type": "integer", "minimum": 0,
+                             "description": "1 (highest) .. the model's priority levels; 0: the default"},
+                "timeout": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1,
+                            "description": "Queue timeout in microseconds; 0: the model's default"},
+                "binary_data_output": {"type": "boolean",
+                                       "description": "Return every output in binary form by default"},
+            },
+        },
+        "OutputParameters": {
+            "type": "object",
+            "properties": {"binary_data": {"type": "boolean"}},
+            "not": {"required": ["classification"]},
+        },
+        "RepositoryModel": {
+            "type": "object", "required": ["name", "version", "state", "reason"],
+            "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                           "state": {"enum": ["READY", "UNAVAILABLE"]}, "reason": {"type": "string"}},
+        },
+        "LoadRequest": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"parameters": {"type": "object", "properties": {
+                "ref": {"type": "string", "pattern": MODEL_REF_PATTERN,
+                        "description": "NAME@ALIAS or NAME/VERSION, NAME being this model"}}}},
+        },
+        "Loaded": {
+            "type": "object", "required": ["name", "version", "ref"],
+            "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "ref": {"type": "string"}},
+        },
+        "Unloaded": {
+            "type": "object", "required": ["name", "unloaded"],
+            "properties": {"name": {"type": "string"}, "unloaded": {"type": "array", "items": {"type": "string"}}},
+        },
+        "AliasRequest": {
+            "type": "object", "additionalProperties": False, "required": ["parameters"],
+            "properties": {"parameters": {
+                "type": "object", "required": ["alias", "version"],
+                "properties": {
+                    # "latest" and numbers are reserved: they name versions.
+                    "alias": {"type": "string", "pattern": MODEL_NAME_PATTERN,
+                              "not": {"anyOf": [{"const": "latest"}, {"pattern": "^[0-9]+$"}]}},
+                    "version": {"type": "integer", "minimum": 1},
+                },
+            }},
+        },
+        "AliasMoved": {
+            "type": "object", "required": ["name", "alias", "version"],
+            "properties": {"name": {"type": "string"}, "alias": {"type": "string"}, "version": {"type": "integer"},
+                           "previous": {"type": ["integer", "null"]}},
+        },
+    }
+
+
+def _model_schemas(packages: dict[str, ModelPackage], versions: dict[str, list[str]],
+                   max_body_bytes: int) -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    for name, package in packages.items():
+        schemas[_schema_name("InferRequest", name)] = _infer_request(package, max_body_bytes)
+        schemas[_schema_name("InferResponse", name)] = _infer_response(package, versions[name])
+    return schemas
+
+
+def _schema_name(kind: str, model: str) -> str:
+    # Component names allow [A-Za-z0-9._-], which model names already are.
+    return f"{kind}.{model}"
+
+
+def _infer_request(package: ModelPackage, max_body_bytes: int) -> dict[str, Any]:
+    specs = package.inputs
+    # Each JSON value takes at least two bytes ("0,"), so a body within the server's limit
+    # holds at most this many rows of the widest input.
+    max_rows = max(1, max_body_bytes // (2 * max(s.row_elements for s in specs)))
+    if len(specs) == 1:
+        inputs = {"type": "array", "minItems": 1, "maxItems": 1, "items": _input_tensor(specs[0], max_rows)}
+    else:
+        # Every input exactly once, in any order.
+        inputs = {
+            "type": "array", "minItems": len(specs), "maxItems": len(specs),
+            "items": {"anyOf": [_input_tensor(s, max_rows) for s in specs]},
+            "allOf": [{"contains": {"type": "object", "properties": {"name": {"const": s.name}}, "required": ["name"]},
+                       "minContains": 1, "maxContains": 1} for s in specs],
+        }
+    parameters = {"allOf": [{"$ref": SCHEMAS + "InferParameters"}, {"properties": {
+        "priority": {"maximum": package.dynamic_batching.priority_levels}}}]}
+    return {
+        "type": "object",
+        "title": f"Inference request for {package.name}",
+        "required": ["inputs"],
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": parameters,
+            "inputs": inputs,
+            "outputs": {"type": "array", "items": {
+                "type": "object", "required": ["name"],
+                "properties": {"name": {"enum": [s.name for s in package.outputs]},
+                               "parameters": {"$ref": SCHEMAS + "OutputParameters"}},
+            }},
+        },
+    }
+
+
+def _input_tensor(spec: TensorSpec, max_rows: int) -> dict[str, Any]:
+    """One input: JSON Schema cannot tie `data`'s length to shape[0], so a single row is
+    described exactly and a batch by its row shape (data: flat, or nested rows)."""
+    element = _element(spec.datatype)
+    row = _nested(element, spec.row_shape)
+    one_row = {
+        "properties": {
+            "shape": _shape([{"const": 1}], spec.row_shape),
+            "data": {"type": "array", "items": element, "minItems": spec.row_elements,
+                     "maxItems": spec.row_elements},
+        },
+    }
+    batch = {
+        "properties": {
+            "shape": _shape([{"type": "integer", "minimum": 1, "maximum": max_rows}], spec.row_shape),
+            "data": {"anyOf": [
+                {"type": "array", "items": element, "minItems": spec.row_elements,
+                 "description": "flat, row-major: shape[0] x the row's elements"},
+                {"type": "array", "items": row, "minItems": 1, "description": "one nested array per row"},
+            ]},
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["name", "shape", "datatype", "data"],
+        "properties": {
+            "name": {"const": spec.name},
+            "datatype": {"const": spec.datatype},
+            # binary_data_size belongs to the binary extension (application/octet-stream).
+            "parameters": {"type": "object", "not": {"required": ["binary_data_size"]}},
+        },
+        "anyOf": [one_row, batch],
+    }
+
+
+def _shape(batch_dim: list[dict[str, Any]], row_shape: tuple[int, ...]) -> dict[str, Any]:
+    return {
+        "type": "array",
+        "prefixItems": [*batch_dim, *({"const": d} for d in row_shape)],
+        "items": False,
+        "minItems": 1 + len(row_shape),
+    }
+
+
+def _nested(element: dict[str, Any], dims: tuple[int, ...]) -> dict[str, Any]:
+    schema = element
+    for d in reversed(dims):
+        schema = {"type": "array", "items": schema, "minItems": d, "maxItems": d}
+    return schema
+
+
+def _element(datatype: str) -> dict[str, Any]:
+    if datatype == "BOOL":
+        return {"type": "boolean"}
+    if datatype in _INT_RANGES:
+        low, high = _INT_RANGES[datatype]
+        return {"type": "integer", "minimum": low, "maximum": high}
+    limit = _FLOAT_LIMITS.get(datatype)
+    return {"type": "number", "minimum": -limit, "maximum": limit} if limit else {"type": "number"}
+
+
+def _output_element(datatype: str) -> dict[str, Any]:
+    """An output value: floats are unbounded, and a non-finite one is null (strict JSON)."""
+    if datatype == "BOOL" or datatype in _INT_RANGES:
+        return _element(datatype)
+    return {"type": ["number", "null"]}
+
+
+def _infer_response(package: ModelPackage, versions: list[str]) -> dict[str, Any]:
+    outputs = []
+    for spec in package.outputs:
+        outputs.append({
+            "type": "object",
+            "required": ["name", "datatype", "shape"],
+            "properties": {
+                "name": {"const": spec.name},
+                "datatype": {"const": spec.datatype},
+                # Without prefixItems: schemathesis 4.32 rejects them in response schemas.
+                "shape": {"type": "array", "items": {"type": "integer", "minimum": 1},
+                          "minItems": len(spec.shape), "maxItems": len(spec.shape)},
+                "data": {"type": "array", "items": _output_element(spec.datatype)},
+                "parameters": {"type": "object", "properties": {
+                    "binary_data_size": {"type": "integer", "minimum": 0}}},
+            },
+        })
+    return {
+        "type": "object",
+        "title": f"Inference response of {package.name}",
+        "required": ["model_name", "model_version", "outputs"],
+        "properties": {
+            "model_name": {"const": package.name},
+            "model_version": {"enum": versions},
+            "id": {"type": "string"},
+            "outputs": {"type": "array", "minItems": 1, "maxItems": len(outputs),
+                        "items": {"anyOf": outputs} if len(outputs) > 1 else outputs[0]},
+        },
+    }
+
+
+def _example_request(package: ModelPackage) -> dict[str, Any]:
+    """A valid one-row request of zeros (false for BOOL)."""
+    return {"inputs": [
+        {"name": s.name, "shape": [1, *s.row_shape], "datatype": s.datatype,
+         "data": [False if s.datatype == "BOOL" else 0] * s.row_elements}
+        for s in package.inputs
+    ]}
