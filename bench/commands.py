@@ -17,6 +17,8 @@ BENCH_MODULES = [
     "vivace.bench.drift",
     "vivace.bench.monitoring",
     "vivace.bench.lifecycle",
+    "vivace.bench.overload",
+    "vivace.bench.chaos",
 ]
 
 
