@@ -196,6 +196,10 @@ class OnlineWriter:
                 raise OnlineStoreError(
                     f"online store {self.path} has schema version {version.decode(errors='replace')}, this "
                     f"Vivace writes version {SCHEMA_VERSION.decode()}: run `vivace features materialize --rebuild`")
+            if version is None:
+                # Stamp a new store now: a writer killed before its first materialization
+                # commits then leaves an empty version-1 store, not one of unknown version.
+                txn.put(b"schema_version", SCHEMA_VERSION, db=self._dbs[META_DB])
             for name in view_dbs:
                 self._dbs[name] = self.env.open_db(name, txn=txn, integerkey=True)
             for name, _ in txn.cursor():
@@ -284,6 +288,9 @@ def read_generation(home: str | Path) -> int:
         return 0
     env = environment(path, INITIAL_MAP_SIZE)
     with env.begin() as txn:
-        meta = env.open_db(META_DB, txn=txn, create=False)
+        try:
+            meta = env.open_db(META_DB, txn=txn, create=False)
+        except lmdb.NotFoundError:  # a first materialization killed before it created the meta DB
+            return 0
         gen = txn.get(b"generation", db=meta)
         return struct.unpack("<Q", gen)[0] if gen else 0
