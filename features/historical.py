@@ -6,13 +6,15 @@ inclusive; ttl 0 means no lower bound); ties on e go to the latest created times
 Every entity row yields exactly one output row, in input order; no match gives nulls.
 
 How: per view, the feature rows are sorted once by the int64 composite
-(key code, event time) with the created time breaking ties — the sort is cached until the
-source file changes. Each entity row's composite is then found with one `searchsorted`,
-and the TTL is checked on the matched row. Timezone-naive timestamps are taken as UTC.
+(key code, event time) with the created time breaking ties, and the feature columns are
+stored in that order (a `ViewIndex`, persisted next to the registry by features/pit_index.py
+so that a new process need not sort again). Each entity row's composite is then found with
+one `searchsorted`; the matched composite itself tells the row's key and event time, so
+the key and the TTL are checked without touching anything else. Timezone-naive timestamps
+are taken as UTC.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Union
 
@@ -30,30 +32,24 @@ EntityFrame = Union[pd.DataFrame, pa.Table]
 
 
 @dataclass(frozen=True)
-class _ViewIndex:
-    """Feature rows of one view sorted for as-of lookups."""
+class ViewIndex:
+    """One view's feature rows in (key code, event time, created time) order, for as-of lookups."""
 
-    uniques: pd.Index | None     # distinct keys (a key's code is its position), or None for
-    key_base: int                # dense int keys, whose code is key - key_base
+    sorted_composite: np.ndarray  # int64, ascending: code * span + (event - t_min + 1)
+    features: pa.Table            # the declared feature columns, rows in the composite's order
+    uniques: pd.Index | None      # distinct keys (a key's code is its position), or None for
+    key_base: int                 # dense int keys, whose code is key - key_base
     n_codes: int
-    order: np.ndarray            # row numbers of the source in (code, event, created) order
-    sorted_composite: np.ndarray
-    sorted_codes: np.ndarray
-    sorted_event_us: np.ndarray
     t_min: int
-    span: int                    # composite = code * span + (event - t_min + 1)
+    span: int                     # event offsets run 1..span-1; offset 0 is the slot below t_min
 
 
-_index_cache: dict[int, tuple[SourceData, _ViewIndex]] = {}
-_index_lock = threading.Lock()
-
-
-def _view_index(data: SourceData) -> _ViewIndex:
-    with _index_lock:
-        hit = _index_cache.get(id(data))
-        if hit is not None and hit[0] is data:
-            return hit[1]
+def build_index(data: SourceData) -> ViewIndex:
+    """Sort a view's source rows for as-of lookups (the one expensive step of a join)."""
     keys = data.keys
+    if keys.size == 0:  # every row lacked a key or an event time: nothing can match
+        return ViewIndex(sorted_composite=np.empty(0, np.int64), features=data.features, uniques=None,
+                         key_base=0, n_codes=0, t_min=0, span=2)
     uniques, key_base = None, 0
     if keys.dtype.kind == "i" and keys.size and int(keys.max()) - int(keys.min()) < 4 * keys.size + 1024:
         key_base = int(keys.min())  # dense ids (the common case): the key is its own code
@@ -70,17 +66,15 @@ def _view_index(data: SourceData) -> _ViewIndex:
         raise FeatureStoreError(
             f"feature rows span {span} µs over {n_codes} keys: too wide for the int64 composite sort")
     composite = codes * span + (event - t_min + 1)
-    order = np.argsort(composite, kind="stable")
+    # Stable argsort in two passes: a radix sort on the top bits, then a stable sort of the
+    # nearly sorted result, which timsort finishes about twice as fast as unsorted input.
+    # Both passes are stable, so equal composites keep their file order.
+    coarse = _nearly_sorted_order(composite)
+    order = coarse[np.argsort(composite[coarse], kind="stable")]
     if data.created_us is not None:
         _order_ties_by_created(order, composite[order], data.created_us)
-    index = _ViewIndex(
-        uniques=uniques, key_base=key_base, n_codes=n_codes, order=order, sorted_composite=composite[order],
-        sorted_codes=codes[order], sorted_event_us=event[order], t_min=t_min, span=span,
-    )
-    with _index_lock:
-        _index_cache.clear()  # keep only the latest few: an index is as large as its source
-        _index_cache[id(data)] = (data, index)
-    return index
+    return ViewIndex(sorted_composite=composite[order], features=data.features.take(order), uniques=uniques,
+                     key_base=key_base, n_codes=n_codes, t_min=t_min, span=span)
 
 
 def _order_ties_by_created(order: np.ndarray, sorted_composite: np.ndarray, created_us: np.ndarray) -> None:
@@ -101,9 +95,21 @@ def _order_ties_by_created(order: np.ndarray, sorted_composite: np.ndarray, crea
     order[at] = rows[np.lexsort((created_us[rows], sorted_composite[at]))]
 
 
-def asof_rows(data: SourceData, keys: np.ndarray, ts_us: np.ndarray, ttl_us: int) -> np.ndarray:
-    """Row number in `data` joined to each (key, ts) entity row, or -1 where nothing matches."""
-    ix = _view_index(data)
+@dataclass(frozen=True)
+class Matches:
+    """The result of an as-of lookup: which index row each entity row joins to."""
+
+    rows: np.ndarray          # per entity row, its position in the index, or -1 where nothing matches
+    visit: np.ndarray         # entity rows ordered so that their index positions nearly ascend
+    visited_rows: np.ndarray  # rows[visit] with -1 as 0: gathers in this order read the index almost
+                              # sequentially, about twice as fast as gathering in entity order
+
+
+def asof_match(ix: ViewIndex, keys: np.ndarray, ts_us: np.ndarray, ttl_us: int) -> Matches:
+    """The index row joined to each (key, ts) entity row (see the module docstring for the rules)."""
+    if ix.sorted_composite.size == 0:  # no source row had a key and an event time
+        visit = np.arange(len(ts_us))
+        return Matches(rows=np.full(len(ts_us), -1, np.int64), visit=visit, visited_rows=np.zeros_like(visit))
     if ix.uniques is not None:
         codes = ix.uniques.get_indexer(keys).astype(np.int64)  # -1: key has no feature rows
     else:
@@ -114,15 +120,30 @@ def asof_rows(data: SourceData, keys: np.ndarray, ts_us: np.ndarray, ttl_us: int
     # key's latest row; below it, the slot under t_min that no feature row occupies.
     clamped = np.clip(ts_us, ix.t_min - 1, t_max)
     probe = codes * ix.span + (clamped - ix.t_min + 1)
-    # searchsorted is about twice as fast on sorted probes (each search starts from the last).
-    probe_order = np.argsort(probe)
+    visit = _nearly_sorted_order(probe)
     pos = np.empty(probe.size, dtype=np.int64)
-    pos[probe_order] = np.searchsorted(ix.sorted_composite, probe[probe_order], side="right") - 1
-    safe = np.maximum(pos, 0)
-    ok = (pos >= 0) & (codes >= 0) & (ts_us != INT64_MIN) & (ix.sorted_codes[safe] == codes)
+    # searchsorted is several times faster on ascending probes (each search starts near the last).
+    pos[visit] = np.searchsorted(ix.sorted_composite, probe[visit], side="right") - 1
+    matched = ix.sorted_composite[np.maximum(pos, 0)]
+    ok = (pos >= 0) & (codes >= 0) & (ts_us != INT64_MIN) & (matched // ix.span == codes)
     if ttl_us > 0:
-        ok &= (ts_us - ix.sorted_event_us[safe]) <= ttl_us
-    return np.where(ok, ix.order[safe], -1)
+        matched_event_us = matched % ix.span + (ix.t_min - 1)
+        ok &= (ts_us - matched_event_us) <= ttl_us
+    rows = np.where(ok, pos, -1)
+    return Matches(rows=rows, visit=visit, visited_rows=np.maximum(rows[visit], 0))
+
+
+def _nearly_sorted_order(values: np.ndarray) -> np.ndarray:
+    """A stable permutation that sorts int64 `values` by their top 16 significant bits.
+
+    Sorting 16-bit buckets is a radix sort in numpy (about 20x faster than a full argsort),
+    and near order is all that the searches and gathers that follow need.
+    """
+    if values.size == 0:
+        return np.empty(0, dtype=np.int64)
+    low, high = int(values.min()), int(values.max())
+    shift = max(0, (high - low).bit_length() - 16)
+    return np.argsort(((values - low) >> shift).astype(np.uint16), kind="stable")
 
 
 def entity_columns(entity_df: EntityFrame, entity: Entity, timestamp_column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +188,8 @@ def join(entity_df: EntityFrame, columns: list[tuple[str, pa.Array | pa.ChunkedA
     if isinstance(entity_df, pd.DataFrame):
         out = entity_df.copy()
         for name, arr in columns:
-            out[name] = arr.to_pandas().to_numpy()
+            # The values pandas would hold (nulls as NaN or None), without building a Series.
+            out[name] = arr.to_numpy() if isinstance(arr, pa.ChunkedArray) else arr.to_numpy(zero_copy_only=False)
         return out
     table = entity_df
     for name, arr in columns:
@@ -175,7 +197,14 @@ def join(entity_df: EntityFrame, columns: list[tuple[str, pa.Array | pa.ChunkedA
     return table
 
 
-def take_rows(table: pa.Table, feature: str, rows: np.ndarray) -> pa.Array | pa.ChunkedArray:
-    """The feature's values at `rows`, null where the row number is -1."""
-    indices = pa.array(rows, mask=rows < 0)
-    return table[feature].take(indices)
+def take_rows(table: pa.Table, feature: str, matches: Matches) -> pa.Array | pa.ChunkedArray:
+    """The feature's values for each entity row, null where nothing matched."""
+    column = table[feature]
+    missing = matches.rows < 0
+    if column.num_chunks == 1 and column.null_count == 0 and (
+            pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+        # Plain numeric columns: a numpy gather in index order, scattered back to entity order.
+        values = np.empty(matches.rows.size, dtype=column.type.to_pandas_dtype())
+        values[matches.visit] = np.take(column.chunk(0).to_numpy(), matches.visited_rows)
+        return pa.array(values, type=column.type, mask=missing if missing.any() else None)
+    return column.take(pa.array(matches.rows, mask=missing))

@@ -5,6 +5,7 @@ timestamps (in sources and in entity frames) are taken as UTC, as Feast does.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -92,6 +93,26 @@ def timestamps_us(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return ints.to_numpy()
 
 
+def source_stamp(path: str | Path) -> str:
+    """Identity of a source file's content: its size, mtime and the SHA-256 of its parquet footer.
+
+    The footer holds every column chunk's offsets, sizes and min/max statistics, so a
+    rewrite that keeps size and mtime still changes the stamp in practice, at the cost of
+    one small read instead of hashing the whole file. Raises OSError if it cannot be read.
+    """
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        footer = b""
+        if st.st_size >= 12:
+            f.seek(st.st_size - 8)
+            tail = f.read(8)
+            footer_len = int.from_bytes(tail[:4], "little")
+            if tail[4:] == b"PAR1" and footer_len <= st.st_size - 12:
+                f.seek(st.st_size - 8 - footer_len)
+                footer = f.read(footer_len)
+    return f"{st.st_size}:{st.st_mtime_ns}:{hashlib.sha256(footer).hexdigest()}"
+
+
 @dataclass(frozen=True)
 class SourceData:
     """One view's source as arrays: keys, event/created times (µs UTC) and the feature table."""
@@ -102,12 +123,12 @@ class SourceData:
     features: pa.Table          # the declared feature columns, cast to their declared types
 
 
-_ARROW_TYPES = {
+ARROW_TYPES = {
     "float32": pa.float32(), "float64": pa.float64(), "int32": pa.int32(), "int64": pa.int64(),
     "bool": pa.bool_(), "string": pa.string(),
 }
 
-_cache: dict[tuple[str, str], tuple[tuple[int, int], SourceData]] = {}
+_cache: dict[tuple[str, str], tuple[str, SourceData]] = {}
 _cache_lock = threading.Lock()
 
 
@@ -118,20 +139,28 @@ def clear_source_cache() -> None:
 
 
 def load_source(view: FeatureView, entity: Entity) -> SourceData:
-    """Read and validate a view's source. Kept in memory until the file changes (mtime, size)."""
+    """Read and validate a view's source. Kept in memory until the file changes (see source_stamp)."""
     validate_source(view, entity)
-    path = Path(view.source)
-    st = os.stat(path)
-    stamp = (st.st_mtime_ns, st.st_size)
-    cache_key = (str(path), repr((view, entity)))
+    stamp = source_stamp(view.source)
+    cache_key = (str(view.source), repr((view, entity)))
     with _cache_lock:
         hit = _cache.get(cache_key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
+    data = read_source(view, entity, validated=True)
+    with _cache_lock:
+        _cache[cache_key] = (stamp, data)
+    return data
+
+
+def read_source(view: FeatureView, entity: Entity, *, validated: bool = False) -> SourceData:
+    """Read a view's source into arrays, validating it first unless the caller just did; not cached."""
+    if not validated:
+        validate_source(view, entity)
     columns = [entity.join_key, view.timestamp_field, *view.feature_names]
     if view.created_timestamp_field:
         columns.append(view.created_timestamp_field)
-    table = pq.read_table(path, columns=columns)
+    table = pq.read_table(view.source, columns=columns)
     valid = pc.and_(pc.is_valid(table[entity.join_key]), pc.is_valid(table[view.timestamp_field]))
     if not pc.all(valid).as_py():
         table = table.filter(valid)  # a row without a key or event time can never match
@@ -146,9 +175,6 @@ def load_source(view: FeatureView, entity: Entity) -> SourceData:
         created_us = timestamps_us(table[view.created_timestamp_field])
     # One chunk per column: later takes and numpy views then need no concatenation.
     feats = pa.table({
-        f.name: table[f.name].cast(_ARROW_TYPES[f.dtype]) for f in view.schema
+        f.name: table[f.name].cast(ARROW_TYPES[f.dtype]) for f in view.schema
     }).combine_chunks()
-    data = SourceData(keys=keys, event_us=event_us, created_us=created_us, features=feats)
-    with _cache_lock:
-        _cache[cache_key] = (stamp, data)
-    return data
+    return SourceData(keys=keys, event_us=event_us, created_us=created_us, features=feats)

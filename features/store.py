@@ -1,6 +1,7 @@
 """FeatureStore: the one object users hold — definitions, training sets, materialization, online reads."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -13,9 +14,9 @@ import pyarrow as pa
 from .catalog import Catalog
 from .definitions import Definition, Entity, FeatureService, FeatureView, load_yaml
 from .errors import FeatureStoreError, OnlineStoreError
-from .historical import EntityFrame, asof_rows, entity_columns, join, take_rows
+from .historical import EntityFrame, asof_match, entity_columns, join, take_rows
 from .online import OnlineWriter, ProgressFn, ViewResult, online_dir, online_features, to_us
-from .sources import load_source
+from .pit_index import load_view_index
 
 FeatureRefs = Union[str, FeatureService, Sequence[str]]
 
@@ -39,14 +40,26 @@ class FeatureStore:
         self.online_cache_capacity = online_cache_capacity
         self._lookups: dict[str | tuple[str, ...], object] = {}
         self._cache: object | None = None
+        self.pit_index_dir = self.catalog.dir / "pit_index"  # sorted sources for historical joins
 
     # ---- definitions -----------------------------------------------------------------
 
     def apply(self, definitions: Iterable[Definition] | str | Path) -> list[str]:
-        """Register definitions (objects, or a YAML file path) after validating them against their sources."""
+        """Register definitions (objects, or a YAML file path) after validating them against their sources.
+
+        Each applied view's source is also sorted into its point-in-time index now, so that
+        the first historical join of a later process does not pay for it.
+        """
         defs = load_yaml(definitions) if isinstance(definitions, (str, Path)) else list(definitions)
         applied = self.catalog.apply(defs)
         self._lookups.clear()  # a service may now name other features
+        for view in (d for d in defs if isinstance(d, FeatureView)):
+            try:
+                load_view_index(view, self.catalog.entity(view.entity), self.pit_index_dir)
+            except (FeatureStoreError, pa.ArrowException) as exc:
+                # The definitions are registered (and valid); each historical join of this
+                # view will raise the same error, so say it now without failing apply.
+                warnings.warn(f"feature view {view.name!r}: point-in-time index not built: {exc}", stacklevel=2)
         return applied
 
     def list_entities(self) -> list[Entity]:
@@ -91,8 +104,8 @@ class FeatureStore:
         for view, feats in by_view.values():
             entity = self.catalog.entity(view.entity)
             keys, ts_us = entity_columns(entity_df, entity, timestamp_column)
-            data = load_source(view, entity)
-            rows = asof_rows(data, keys, ts_us, int(view.ttl.total_seconds() * 1_000_000))
+            index = load_view_index(view, entity, self.pit_index_dir)
+            matches = asof_match(index, keys, ts_us, int(view.ttl.total_seconds() * 1_000_000))
             for f in feats:
                 name = f"{view.name}__{f}" if full_feature_names else f
                 if name in existing:
@@ -100,7 +113,7 @@ class FeatureStore:
                         f"output column {name!r} already exists (in entity_df or from another view): "
                         "use full_feature_names=True")
                 existing.add(name)
-                columns.append((name, take_rows(data.features, f, rows)))
+                columns.append((name, take_rows(index.features, f, matches)))
         return join(entity_df, columns)
 
     # ---- online ----------------------------------------------------------------------
