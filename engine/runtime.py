@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -33,6 +34,7 @@ STATUS_INVALID = int(_core.Status.INVALID)
 STATUS_OVERLOADED = int(_core.Status.OVERLOADED)
 JSON_DECLINED = 100  # submit_json: not for the fast path
 
+log = logging.getLogger("vivace.runtime")
 _tokens = itertools.count(1)  # unique across models, so a token names one request
 FOUND_OUTPUT = "entity_found"
 UNKNOWN_ENTITY_POLICIES = ("error", "default")
@@ -150,11 +152,12 @@ class ModelRunner:
         inputs = [self.batcher.input_buffers(e) for e in executors]
         outputs = [self.batcher.output_buffers(e) for e in executors]
         if self.entity is not None:
-            features = [np.empty((package.max_batch_size, self.entity.width), np.float32) for _ in executors]
+            features = [np.zeros((package.max_batch_size, self.entity.width), np.float32) for _ in executors]
             self.batcher.attach_feature_lookup(self.entity.spec.lookup, features)
             inputs = [[memoryview(f).cast("B")] for f in features]
             outputs = [o[:-1] for o in outputs]  # the last output is the found flags
         self._execute = self.backend.batch_executor(inputs, outputs)
+        self._warm_up(executors)
         native = getattr(self.backend, "native_handle", None)
         if native is not None and self.entity is None:
             # The kernel runs straight from the batch buffers: no Python, no GIL per batch.
@@ -170,6 +173,22 @@ class ModelRunner:
         )
         self.ready = True
         self.closed = False
+
+    def _warm_up(self, executors: range) -> None:
+        """Run each executor's smallest and largest batch twice on zeros before serving.
+
+        The first calls of a TorchScript module profile and re-optimise it (2-3x slower),
+        and a CUDA backend captures a graph per batch size: paying that here keeps it off
+        the first requests, including the first after an alias switch to a new version.
+        """
+        for executor in executors:
+            for rows in sorted({1, self.package.max_batch_size}):
+                for _ in range(2):
+                    try:
+                        self._execute(executor, rows)
+                    except Exception as exc:  # noqa: BLE001 - zeros may be outside the model's domain
+                        log.warning("%s/%s: warm-up batch of %d rows failed: %s", self.name, self.version, rows, exc)
+                        return
 
     @property
     def has_profile(self) -> bool:
