@@ -8,6 +8,9 @@ connections) to hold the port, which is how `--port 0` gives every worker the sa
 
 The supervisor
 - restarts a worker that exits (crash, SIGKILL, OOM) after a backoff, with a log line;
+- kills (then restarts) a worker whose event loop stopped turning: it publishes a metrics
+  snapshot every second from the loop, and one older than --execution-timeout means a
+  batch run inline, or anything else, has blocked it;
 - gives up when a worker fails `MAX_FAST_FAILURES` times in a row soon after its start (a
   crash loop: a broken package, a port in use), stops the others and exits 1;
 - forwards SIGTERM/SIGINT to the workers, which drain, and exits 0 when all exit 0.
@@ -32,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vivace.monitor.multiproc import SnapshotError, retire_worker
+from vivace.monitor.multiproc import SnapshotError, retire_worker, snapshot_path
 
 log = logging.getLogger("vivace.workers")
 
@@ -49,6 +52,7 @@ class Worker:
     index: int
     process: subprocess.Popen | None = None
     started_at: float = 0.0
+    started_wall: float = 0.0  # time.time() at the start, to compare with snapshot mtimes
     fast_failures: int = 0
     restart_at: float | None = None
 
@@ -133,6 +137,7 @@ class Supervisor:
         cmd = [sys.executable, "-m", "vivace.engine.workers", str(self.run_dir), str(worker.index), str(os.getpid())]
         worker.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         worker.started_at = time.monotonic()
+        worker.started_wall = time.time()
         worker.restart_at = None
         log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
 
@@ -142,9 +147,27 @@ class Supervisor:
             for worker in self.workers:
                 if worker.process is not None and worker.process.poll() is not None:
                     self._exited(worker, now)
+                elif worker.process is not None and self._blocked(worker):
+                    worker.process.kill()  # reaped and restarted on a later round
                 elif worker.restart_at is not None and now >= worker.restart_at:
                     self._start(worker)
             time.sleep(0.05)  # a signal interrupts the sleep; the loop then sees `stopping`
+
+    def _blocked(self, worker: Worker) -> bool:
+        """The worker served (published a snapshot since its start) but its event loop has
+        not published for longer than the execution timeout."""
+        try:
+            beat = snapshot_path(self.run_dir, worker.index).stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if beat < worker.started_wall:  # still loading its models: the file is its predecessor's
+            return False
+        silent = time.time() - beat
+        if silent <= self.args.execution_timeout:
+            return False
+        log.error("worker %d (pid %d): its event loop has been blocked for %.1f s (--execution-timeout %g); "
+                  "killing it", worker.index, worker.process.pid, silent, self.args.execution_timeout)
+        return True
 
     def _exited(self, worker: Worker, now: float) -> None:
         process, worker.process = worker.process, None

@@ -139,3 +139,28 @@ def test_requests_queued_behind_a_hung_batch_are_answered(server, spin):
     while post(server, "faulty", body(HEALTHY))[0] != 200:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_a_worker_whose_loop_is_blocked_is_killed_and_restarted(faulty_package, spin):
+    """Inline execution runs batches on the event loop: a hanging backend blocks the whole
+    worker. With --workers, the supervisor sees its heartbeat stop and restarts it."""
+    server = ServerProcess([faulty_package], "--workers", "2", "--execution", "inline", "--execution-timeout", "1",
+                           "--threads", "1")
+    try:
+        try:
+            status = post(server, "faulty", body(HANGS, spin * 4))[0]
+        except (ConnectionError, http.client.HTTPException):
+            status = None  # the worker was killed under the request
+        assert status is None
+        deadline = time.monotonic() + 60
+        answered = 0
+        while answered < 10:  # every new request is answered again (by a healthy or restarted worker)
+            assert time.monotonic() < deadline, "the server did not recover from a blocked worker"
+            try:
+                answered += post(server, "faulty", body(HEALTHY))[0] == 200
+            except (ConnectionError, http.client.HTTPException):
+                time.sleep(0.1)
+    finally:
+        assert server.stop() == 0
+    log = server.proc.stderr.read().decode()
+    assert "event loop has been blocked" in log and "restarting" in log
