@@ -157,7 +157,7 @@ def run_perf_analyzer(port: int, concurrency: int, duration: float, cpu: int | N
 
 def benchmark(duration: float, concurrencies: list[int], server_cpu: int | None, client_cpu: int | None,
               baseline: bool, perf_analyzer: bool, native: bool, pa_concurrencies: list[int] = (8,),
-              port: int = 18000) -> list[Result]:
+              port: int = 18000, auth: bool = False) -> list[Result]:
     from .model import write_reference_model
 
     results: list[Result] = []
@@ -165,25 +165,35 @@ def benchmark(duration: float, concurrencies: list[int], server_cpu: int | None,
         package = Path(tmp) / "mlp"
         write_reference_model(package)
         serve = [sys.executable, "-m", "vivace.engine.cli", "serve", "--log-level", "WARNING"]
-        servers = [("vivace", [*serve, str(package), "--port", str(port)])]
+        servers = [("vivace", [*serve, str(package), "--port", str(port)], LUA)]
+        if auth:
+            # The same server with bearer authentication on: every request carries a token.
+            from vivace.engine.auth import TokenStore
+
+            tokens = Path(tmp) / "tokens.json"
+            token = TokenStore(tokens).create("bench", ["infer"])
+            lua = Path(tmp) / "infer_auth.lua"
+            lua.write_text(LUA.read_text() + f'wrk.headers["Authorization"] = "Bearer {token}"\n')
+            servers.append(("vivace-auth", [*serve, str(package), "--port", str(port + 3), "--auth-tokens",
+                                            str(tokens)], lua))
         if native:
             # The same model converted with `vivace quantize` (fp32: no accuracy change).
             native_package = Path(tmp) / "mlp-native"
             subprocess.run([sys.executable, "-m", "vivace.engine.cli", "quantize", str(package),
                             "--out", str(native_package)], check=True, capture_output=True)
-            servers.append(("vivace-native", [*serve, str(native_package), "--port", str(port + 2)]))
+            servers.append(("vivace-native", [*serve, str(native_package), "--port", str(port + 2)], LUA))
         if baseline:
             servers.append(("fastapi", [sys.executable, "-m", "vivace.bench.baselines.fastapi_server",
-                                        str(package), "--port", str(port + 1)]))
+                                        str(package), "--port", str(port + 1)], LUA))
         pa_env = _perf_analyzer_env() if perf_analyzer else None
-        for name, cmd in servers:
+        for name, cmd, lua in servers:
             server_port = int(cmd[cmd.index("--port") + 1])
             proc = _start(cmd, server_cpu, server_port)
             try:
-                run_wrk(server_port, 16, 1.0, client_cpu, proc.pid, name)  # warm-up
+                run_wrk(server_port, 16, 1.0, client_cpu, proc.pid, name, lua=lua)  # warm-up
                 for c in concurrencies:
                     try:
-                        result = run_wrk(server_port, c, duration, client_cpu, proc.pid, name)
+                        result = run_wrk(server_port, c, duration, client_cpu, proc.pid, name, lua=lua)
                     except RuntimeError as exc:
                         print(f"  {exc}", file=sys.stderr)
                         continue
@@ -222,6 +232,13 @@ def summarize(results: list[Result]) -> list[str]:
             f"throughput x{r.requests_per_s / base.requests_per_s:.1f}, "
             f"CPU per request x{base.cpu_us_per_request / r.cpu_us_per_request:.1f} less"
         )
+    for (server, tool, c), r in sorted(by_key.items()):
+        plain = by_key.get(("vivace", tool, c))
+        if server == "vivace-auth" and plain is not None:
+            lines.append(
+                f"{tool} c={c}: bearer auth on / off: throughput x{r.requests_per_s / plain.requests_per_s:.2f}, "
+                f"CPU per request {r.cpu_us_per_request - plain.cpu_us_per_request:+.1f} us"
+            )
     return lines
 
 
@@ -252,6 +269,8 @@ def register(subparsers) -> None:
                         help="concurrencies perf_analyzer measures too (at 64 it rarely stabilises on 2 cores)")
     parser.add_argument("--no-native", action="store_true",
                         help="skip the native fp32 package (the same model through vivace quantize)")
+    parser.add_argument("--auth", action="store_true",
+                        help="also measure Vivace with bearer-token authentication on (vivace-auth)")
     parser.add_argument("--json", dest="json_out", help="write the results as JSON to this file")
     parser.set_defaults(func=_run)
 
@@ -273,7 +292,7 @@ def _run(args) -> int:
     print(f"vivace bench http: {args.duration:g} s per point, server cpu {server_cpu}, client cpu {client_cpu}")
     results = benchmark(args.duration, concurrencies, server_cpu, client_cpu,
                         baseline=not args.no_baseline, perf_analyzer=not args.no_perf_analyzer,
-                        native=not args.no_native,
+                        native=not args.no_native, auth=args.auth,
                         pa_concurrencies=[int(c) for c in args.pa_concurrency.split(",")])
     for line in summarize(results):
         print(line)
