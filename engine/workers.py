@@ -148,7 +148,9 @@ class Supervisor:
                 if worker.process is not None and worker.process.poll() is not None:
                     self._exited(worker, now)
                 elif worker.process is not None and self._blocked(worker):
-                    worker.process.kill()  # reaped and restarted on a later round
+                    worker.process.kill()
+                    worker.process.wait()  # SIGKILL cannot be ignored: this returns at once
+                    self._exited(worker, now)
                 elif worker.restart_at is not None and now >= worker.restart_at:
                     self._start(worker)
             time.sleep(0.05)  # a signal interrupts the sleep; the loop then sees `stopping`

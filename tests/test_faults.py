@@ -161,6 +161,7 @@ def test_a_worker_whose_loop_is_blocked_is_killed_and_restarted(faulty_package, 
             except (ConnectionError, http.client.HTTPException):
                 time.sleep(0.1)
     finally:
-        assert server.stop() == 0
+        code = server.stop()
     log = server.proc.stderr.read().decode()
+    assert code == 0, log[-3000:]
     assert "event loop has been blocked" in log and "restarting" in log
