@@ -138,6 +138,10 @@ class InferDecoder:
             raise ProtocolError(f"invalid inference request: {exc}") from None
         except msgspec.DecodeError as exc:
             raise ProtocolError(f"malformed JSON in inference request: {exc}") from None
+        except UnicodeDecodeError:  # msgspec's error for invalid UTF-8 in a string
+            raise ProtocolError("malformed JSON in inference request: invalid UTF-8") from None
+        except RecursionError:
+            raise ProtocolError("malformed JSON in inference request: nested too deeply") from None
 
         package = self.package
         expect = self.expect

@@ -543,6 +543,12 @@ class PyBatcher {
   int fileno() const { return batcher_->notify_fd(); }
 
   void Shutdown(bool drain) {
+    if (batcher_->config().inline_execution) {
+      // A drain runs the queued batches on this thread, through the Python execute:
+      // keep the GIL (there are no executor threads to join).
+      batcher_->Shutdown(drain);
+      return;
+    }
     py::gil_scoped_release nogil;
     batcher_->Shutdown(drain);
   }

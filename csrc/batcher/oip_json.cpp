@@ -52,13 +52,14 @@ class Cursor {
     SkipSpace();
     return p_ == end_;
   }
-  // A string without escapes or control characters (anything else declines).
+  // An ASCII string without escapes or control characters (anything else declines: the
+  // general decoder validates UTF-8, and an echoed id must stay valid JSON).
   bool String(const char** begin, const char** stop) {
     if (!Eat('"')) return false;
     *begin = p_;
     while (p_ < end_ && *p_ != '"') {
       const auto c = static_cast<unsigned char>(*p_);
-      if (c == '\\' || c < 0x20) return false;
+      if (c == '\\' || c < 0x20 || c >= 0x80) return false;
       ++p_;
     }
     if (p_ == end_) return false;
