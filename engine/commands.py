@@ -61,6 +61,9 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     )
     defaults = ServerConfig()
     serve.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    serve.add_argument("--max-header-bytes", type=int, default=defaults.max_header_bytes,
+                       help="request line and headers together")
+    serve.add_argument("--max-headers", type=int, default=defaults.max_headers)
     serve.add_argument("--max-connections", type=int, default=defaults.max_connections)
     serve.add_argument("--header-timeout", type=float, default=defaults.header_timeout)
     serve.add_argument("--body-timeout", type=float, default=defaults.body_timeout)
@@ -167,9 +170,12 @@ def _serve(args: argparse.Namespace) -> int:
         if runner.has_profile and not args.no_drift:
             from vivace.monitor.alerts import AlertConfig
 
-            alerts = AlertConfig(webhook_url=args.drift_webhook,
-                                 command=shlex.split(args.drift_command) if args.drift_command else None,
-                                 registry_home=args.home if is_registry_ref(ref) else None)
+            # With --workers, each worker sketches its share of the traffic (a random sample
+            # of it) but only worker 0 acts on alerts: one event, one webhook, one trigger.
+            acts = getattr(args, "worker_index", None) in (None, 0)
+            alerts = AlertConfig(webhook_url=args.drift_webhook if acts else None,
+                                 command=shlex.split(args.drift_command) if args.drift_command and acts else None,
+                                 registry_home=args.home if is_registry_ref(ref) and acts else None)
             runner.enable_drift(args.drift_interval, args.drift_window, alerts)
         return runner
 
@@ -183,6 +189,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         max_body_bytes=args.max_body_bytes,
+        max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers,
         max_connections=args.max_connections,
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,

@@ -380,3 +380,17 @@ def _slow_model_bytes() -> bytes:
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(Slow()), buffer)
     return buffer.getvalue()
+
+
+def test_header_limits_are_configurable(mlp_package):
+    server = ServerProcess([mlp_package], "--max-headers", "4", "--max-header-bytes", "300")
+    try:
+        few = b"".join(b"X-%d: v\r\n" % i for i in range(2))
+        reply = raw_exchange(server, b"GET /v2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + few + b"\r\n")
+        assert reply.startswith(b"HTTP/1.1 200")
+        many = b"".join(b"X-%d: v\r\n" % i for i in range(5))
+        assert raw_exchange(server, b"GET /v2 HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n").startswith(b"HTTP/1.1 431")
+        long = b"X-Long: " + b"v" * 400 + b"\r\n"
+        assert raw_exchange(server, b"GET /v2 HTTP/1.1\r\nHost: x\r\n" + long + b"\r\n").startswith(b"HTTP/1.1 431")
+    finally:
+        assert server.stop() == 0
