@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_features_historical import entity_df, make_store, random_case, ts
+from test_features_historical import brute_force, entity_df, make_store, random_case, ts
 from vivace.features import Entity, FeatureStore, FeatureStoreError, FeatureView, Field, SourceValidationError
 from vivace.features.historical import Matches, asof_match, build_index, entity_columns, take_rows
 from vivace.features.pit_index import clear_index_cache, index_path
@@ -53,13 +53,7 @@ def test_index_file_matches_brute_force_with_nulls_and_duplicates(tmp_path: Path
     edf = pd.concat([edf, edf.iloc[:50]], ignore_index=True)
     clear_index_cache()  # read the file apply wrote, as a new process would
     from_file = store.get_historical_features(edf, ["stats:value"])["value"].to_numpy()
-    ttl = pd.Timedelta(minutes=30)
-    expected = []
-    for key, t in zip(edf["driver_id"], edf["event_timestamp"], strict=True):
-        cand = src[(src.driver_id == key) & (src.event_timestamp <= t) & (src.event_timestamp >= t - ttl)]
-        cand = cand.sort_values(["event_timestamp", "created"], kind="stable")
-        expected.append(cand["value"].iloc[-1] if len(cand) else np.nan)
-    np.testing.assert_array_equal(from_file, np.array(expected))
+    np.testing.assert_array_equal(from_file, brute_force(src, edf, pd.Timedelta(minutes=30)))
     np.testing.assert_array_equal(from_file, in_memory_join(store, edf))
     assert np.isnan(from_file).any() and not np.isnan(from_file).all()
 
