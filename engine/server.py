@@ -332,7 +332,8 @@ class App:
 
     def _stats(self, protocol, seq, runner: ModelRunner | None, body) -> None:
         runners = [runner] if runner is not None else self.runners()
-        protocol.respond(seq, _ok({"model_stats": [triton_stats(r) for r in runners]}))
+        samples = model_samples(self.metrics.collect())
+        protocol.respond(seq, _ok({"model_stats": [triton_stats(r, samples) for r in runners]}))
 
     def _drift(self, protocol, seq, runner: ModelRunner, body) -> None:
         if runner.drift is None:
@@ -545,23 +546,39 @@ def triton_config(runner: ModelRunner) -> dict[str, Any]:
     }
 
 
-def triton_stats(runner: ModelRunner) -> dict[str, Any]:
-    s = runner.stats()
-    failures = sum(s["failures"].values())
-    request_hist = s["histograms"]["request_seconds"]
+def model_samples(families: Iterable[Any]) -> dict[tuple[str, str, str], float]:
+    """{(sample name, model, version): value summed over the other labels} of metric families."""
+    totals: dict[tuple[str, str, str], float] = {}
+    for family in families:
+        for sample in family.samples:
+            model, version = sample.labels.get("model"), sample.labels.get("version")
+            if model is not None and version is not None:
+                key = (sample.name, model, version)
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def triton_stats(runner: ModelRunner, samples: dict[tuple[str, str, str], float]) -> dict[str, Any]:
+    """Triton's statistics of a model version, from the server's metrics (`model_samples`):
+    with --workers these are merged across the worker processes."""
+
+    def value(name: str, scale: float = 1.0) -> int:
+        return int(round(samples.get((name, runner.name, runner.version), 0.0) * scale))
+
+    success, executions = value("vivace_request_success_total"), value("vivace_execution_count_total")
     return {
         "name": runner.name,
         "version": runner.version,
         "last_inference": 0,
-        "inference_count": s["inference_count"],
-        "execution_count": s["execution_count"],
+        "inference_count": value("vivace_inference_count_total"),
+        "execution_count": executions,
         "inference_stats": {
-            "success": {"count": s["success"], "ns": int(request_hist[2] * 1e9)},
-            "fail": {"count": failures, "ns": 0},
-            "queue": {"count": s["success"], "ns": s["queue_ns"]},
-            "compute_input": {"count": s["execution_count"], "ns": s["compute_input_ns"]},
-            "compute_infer": {"count": s["execution_count"], "ns": s["compute_infer_ns"]},
-            "compute_output": {"count": s["execution_count"], "ns": s["compute_output_ns"]},
+            "success": {"count": success, "ns": value("vivace_request_duration_seconds_sum", 1e9)},
+            "fail": {"count": value("vivace_request_failure_total"), "ns": 0},
+            "queue": {"count": success, "ns": value("vivace_queue_duration_seconds_sum", 1e9)},
+            "compute_input": {"count": executions, "ns": value("vivace_compute_input_seconds_total", 1e9)},
+            "compute_infer": {"count": executions, "ns": value("vivace_compute_infer_seconds_total", 1e9)},
+            "compute_output": {"count": executions, "ns": value("vivace_compute_output_seconds_total", 1e9)},
         },
         "batch_stats": [],
     }

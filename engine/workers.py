@@ -118,7 +118,8 @@ class Supervisor:
                 signal.signal(signum, self._on_signal)
             for worker in self.workers:
                 self._start(worker)
-            print(f"vivace: {len(self.workers)} workers serving on http://{self.args.host}:{self.args.port} "
+            scheme = "https" if self.args.tls_cert else "http"
+            print(f"vivace: {len(self.workers)} workers serving on {scheme}://{self.args.host}:{self.args.port} "
                   f"(supervisor pid {os.getpid()})", flush=True)
             try:
                 self._watch()

@@ -147,6 +147,11 @@ def test_requests_spread_across_workers_and_metrics_sum_them(supervised):
         'vivace_execution_count_total{model="mlp",version="1"}']
     assert metrics['vivace_model_ready{model="mlp",version="1"}'] == 1
     assert all('vivace_process_resident_memory_bytes{worker="%d"}' % i in metrics for i in (0, 1))
+    # Triton's statistics extension answers for the whole server too.
+    status, body = supervised.request("GET", "/v2/models/mlp/stats")
+    stats = json.loads(body)["model_stats"][0]
+    assert status == 200 and stats["inference_stats"]["success"]["count"] == 40
+    assert stats["inference_count"] == 40 and stats["inference_stats"]["queue"]["ns"] > 0
 
 
 def test_sigkilled_worker_is_restarted_and_new_connections_succeed(supervised):
