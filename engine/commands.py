@@ -85,6 +85,13 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--drift-webhook", default=None, help="POST drift alerts to this URL")
     serve.add_argument("--drift-command", default=None, help="command run on a drift alert (retraining trigger)")
     serve.add_argument("--no-drift", action="store_true", help="do not sketch inputs and predictions")
+    serve.add_argument("--prediction-log", default=None, metavar="FILE",
+                       help="append sampled requests and responses (JSON lines: request id, model, version, "
+                       "latency) to FILE, size-capped with rotation; with --workers, one file per worker")
+    serve.add_argument("--prediction-log-sample", type=float, default=0.01,
+                       help="share of requests logged (default 0.01)")
+    serve.add_argument("--prediction-log-max-mb", type=float, default=64.0,
+                       help="size at which the log rotates (6 files are kept)")
     serve.add_argument("--follow-interval", type=float, default=1.0,
                        help="seconds between checks that a served NAME@ALIAS still points to the same version")
     security = serve.add_argument_group("security")
@@ -177,8 +184,19 @@ def _serve(args: argparse.Namespace) -> int:
                                  command=shlex.split(args.drift_command) if args.drift_command and acts else None,
                                  registry_home=args.home if is_registry_ref(ref) and acts else None)
             runner.enable_drift(args.drift_interval, args.drift_window, alerts)
+        runner.prediction_log = prediction_log
         return runner
 
+    prediction_log = None
+    if args.prediction_log:
+        from vivace.monitor.predlog import PredictionLogger
+
+        path = Path(args.prediction_log)
+        worker = getattr(args, "worker_index", None)
+        if worker is not None:  # rotation renames the file: one writer per file
+            path = path.with_name(f"{path.stem}.worker{worker}{path.suffix}")
+        prediction_log = PredictionLogger(path, sample_rate=args.prediction_log_sample,
+                                          max_bytes=int(args.prediction_log_max_mb * (1 << 20)))
     runners, followers = [], []
     for ref in args.models:
         runner = build(ref)

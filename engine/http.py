@@ -70,7 +70,7 @@ FAILURES = {
 class InferCall:
     """One infer request waiting for its batch; `done` is called from the loop."""
 
-    __slots__ = ("protocol", "seq", "runner", "decoded", "token")
+    __slots__ = ("protocol", "seq", "runner", "decoded", "token", "logged")
 
     def __init__(self, protocol: "HttpProtocol", seq: int, runner, decoded: oip.DecodedInfer | None):
         self.protocol = protocol
@@ -78,6 +78,7 @@ class InferCall:
         self.runner = runner
         self.decoded = decoded
         self.token = 0
+        self.logged: tuple | None = None  # sampled for the prediction log: (start, body, JSON length)
 
     def done(self, status: int, payload: Any) -> None:
         protocol = self.protocol
@@ -97,6 +98,8 @@ class InferCall:
                 body, header_length = payload, None
             else:
                 body, header_length = runner.encoder.encode(self.decoded, payload)
+            if self.logged is not None:
+                runner.log_prediction(self.token, *self.logged, body, header_length)
             if header_length is None:
                 protocol.respond(
                     self.seq,

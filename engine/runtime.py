@@ -11,10 +11,12 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 
 from vivace import _core
@@ -131,6 +133,7 @@ class ModelRunner:
             raise ValueError(f"execution must be 'inline' or 'threads', got {self.execution!r}")
         self._timer: asyncio.TimerHandle | None = None
         self.drift = None  # a DriftMonitor once enable_drift() ran
+        self.prediction_log = None  # a monitor.predlog.PredictionLogger: sampled requests are logged
         self.batcher = _core.Batcher(
             model_name=package.name,
             max_batch_size=package.max_batch_size,
@@ -297,6 +300,20 @@ class ModelRunner:
             self.last_token = token
             return token
         return 0 if status == JSON_DECLINED else -status
+
+    def log_prediction(self, token: int, started: float, request: bytes, request_json: int | None,
+                       response: bytes, response_json: int | None) -> None:
+        """Append a sampled request and its answer to the prediction log: the JSON parts of
+        both (binary tensor contents are not logged), with the request id and latency."""
+        latency = time.monotonic() - started
+        try:
+            sent = msgspec.json.decode(request[:request_json] if request_json is not None else request)
+            answered = msgspec.json.decode(response[:response_json] if response_json is not None else response)
+            request_id = sent.get("id") or f"{os.getpid()}-{token}"
+            self.prediction_log.append(str(request_id), self.name, self.version, latency,
+                                       sent.get("inputs"), answered.get("outputs"))
+        except (OSError, ValueError) as exc:  # the audit trail must not fail the request it records
+            log.error("%s/%s: cannot log a prediction: %s", self.name, self.version, exc)
 
     def unknown_entities(self, decoded: Any, payload: bytes) -> list[int]:
         """Entity ids of a finished request that the online store did not have (fresh)."""

@@ -24,6 +24,7 @@ import asyncio
 import functools
 import gc
 import logging
+import random
 import signal
 import socket
 import ssl
@@ -257,8 +258,13 @@ class App:
                       else "draining")
             raise oip.ProtocolError(f"model {runner.name!r} is not accepting requests ({reason})", 503)
         header_length = protocol.header_length
+        # Sampled for the prediction log: its start time (0.0: not sampled).
+        sampled_at = (time.monotonic() if runner.prediction_log is not None
+                      and random.random() < runner.prediction_log.sample_rate else 0.0)
         if header_length is None and runner.json_fast:
             call = InferCall(protocol, seq, runner, None)
+            if sampled_at:
+                call.logged = (sampled_at, body, None)
             token = runner.submit_json(call, body)
             if token:
                 self._queued(protocol, seq, runner, call, token)
@@ -270,6 +276,8 @@ class App:
                 raise oip.ProtocolError("Inference-Header-Content-Length must be an integer") from None
         decoded = runner.decoder.decode(body, header_length)
         call = InferCall(protocol, seq, runner, decoded)
+        if sampled_at:
+            call.logged = (sampled_at, body, header_length)
         try:
             token = runner.submit(call, decoded.data, decoded.rows, decoded.priority, decoded.timeout_us)
         except (ValueError, TypeError) as exc:

@@ -100,13 +100,18 @@ class PredictionLogger:
         """Append one record if the request is sampled; returns whether it was logged."""
         if not self.sampled(request_id):
             return False
+        self.append(request_id, model, version, latency_s, inputs, outputs, **extra)
+        return True
+
+    def append(self, request_id: str, model: str, version: str, latency_s: float, inputs: Any, outputs: Any,
+               **extra: Any) -> None:
+        """Append one record, for a caller that sampled the request itself."""
         record = {"ts": time.time(), "request_id": request_id, "model": model, "version": version,
                   "latency_s": latency_s, "inputs": inputs, "outputs": outputs, **extra}
         try:
             self.file.write(self._encoder.encode(record) + b"\n")
         except ValueError as exc:
             raise ValueError(f"prediction log: {exc}") from None
-        return True
 
     def close(self) -> None:
         self.file.close()

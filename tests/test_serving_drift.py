@@ -126,3 +126,30 @@ def test_grafana_dashboard_queries_name_exported_metrics(profiled_package):
         assert not missing, f"dashboard queries metrics the server does not export: {sorted(missing)}"
     finally:
         assert server.stop() == 0
+
+
+def test_prediction_log_records_sampled_requests_and_responses(mlp_package, tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    server = ServerProcess([mlp_package], "--prediction-log", str(path), "--prediction-log-sample", "1")
+    try:
+        row = [0.25] * 32
+        bodies = [
+            {"id": "req-1", "inputs": [{"name": "input__0", "shape": [1, 32], "datatype": "FP32", "data": row}]},
+            {"inputs": [{"name": "input__0", "shape": [2, 32], "datatype": "FP32", "data": row * 2}],
+             "parameters": {"priority": 1}},  # the general decoder's path
+        ]
+        answers = []
+        for body in bodies:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            conn.request("POST", "/v2/models/mlp/infer", json.dumps(body))
+            answers.append(json.loads(conn.getresponse().read()))
+            conn.close()
+    finally:
+        assert server.stop() == 0
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 2
+    first, second = sorted(records, key=lambda r: r["request_id"] != "req-1")
+    assert first["request_id"] == "req-1" and second["request_id"]  # a server id when the client sent none
+    for record, body, answer in [(first, bodies[0], answers[0]), (second, bodies[1], answers[1])]:
+        assert (record["model"], record["version"]) == ("mlp", "1") and record["latency_s"] > 0
+        assert record["inputs"] == body["inputs"] and record["outputs"] == answer["outputs"]
