@@ -102,6 +102,9 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     security.add_argument("--audit-log", default=None, metavar="FILE",
                           help="JSON lines of authentication failures and admin actions "
                           "(default: HOME/audit/server.jsonl)")
+    security.add_argument("--repository-control", action="store_true",
+                          help="allow POST /v2/repository/models/{m}/load|unload|alias (off by default, as "
+                          "Triton's explicit model control; with --auth they also need the admin scope)")
     security.add_argument("--tls-cert", default=None, metavar="PEM", help="serve HTTPS with this certificate chain")
     security.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
 
@@ -125,9 +128,18 @@ def resolve_package(ref: str, home: str):
         if not Path(ref).is_dir():
             raise VivaceCLIError(f"{ref}: not a package directory (and not NAME@ALIAS)")
         return load_package(ref)
+    return registered_package(ref, home)
+
+
+def registered_package(ref: str, home: str):
+    """NAME@ALIAS or NAME/VERSION from the registry only (never a directory: what HTTP
+    clients and alias followers load)."""
+    from vivace.registry.data import check_name
     from vivace.registry.models import get_version, package_path
+    from vivace.registry.package import load_package
     from vivace.registry.store import open_home
 
+    check_name(ref.partition("@")[0] if "@" in ref else ref.partition("/")[0], "model name")
     registry = open_home(home)
     version = get_version(registry, ref)
     package = load_package(package_path(registry, version.package_sha), verify=False)  # package_path verified it
@@ -158,6 +170,11 @@ def _demo(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise VivaceCLIError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers > 1 and args.repository_control:
+        raise VivaceCLIError("--repository-control needs a single process: a load or unload would change one "
+                             "worker only; move aliases in the registry (vivace models alias) instead")
+    if args.execution_timeout <= 0:
+        raise VivaceCLIError(f"--execution-timeout must be positive, got {args.execution_timeout:g}")
     if args.workers > 1 and getattr(args, "worker_index", None) is None:
         from .workers import supervise
 
@@ -169,8 +186,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .runtime import ModelRunner
     from .server import registry_follower, serve
 
-    def build(ref: str) -> ModelRunner:
-        package = resolve_package(ref, args.home)
+    def build(ref: str, package=None) -> ModelRunner:
+        package = package or resolve_package(ref, args.home)
         runner = ModelRunner(package, device=args.device, num_threads=args.threads, execution=args.execution,
                              home=args.home, shed_queue_wait_ms=args.shed_queue_wait_ms,
                              execution_timeout_s=args.execution_timeout)
@@ -197,12 +214,15 @@ def _serve(args: argparse.Namespace) -> int:
             path = path.with_name(f"{path.stem}.worker{worker}{path.suffix}")
         prediction_log = PredictionLogger(path, sample_rate=args.prediction_log_sample,
                                           max_bytes=int(args.prediction_log_max_mb * (1 << 20)))
+    def build_registered(ref: str) -> ModelRunner:
+        return build(ref, registered_package(ref, args.home))
+
     runners, followers = [], []
     for ref in args.models:
         runner = build(ref)
         runners.append(runner)
         if is_registry_ref(ref) and "@" in ref:
-            followers.append(registry_follower(ref, runner, args.home, build, args.follow_interval))
+            followers.append(registry_follower(ref, runner, args.home, build_registered, args.follow_interval))
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -220,8 +240,9 @@ def _serve(args: argparse.Namespace) -> int:
         audit_log=args.audit_log or str(Path(args.home) / "audit" / "server.jsonl"),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        repository_control=args.repository_control,
     )
-    return uvloop.run(serve(runners, config, followers=followers, loader=build, home=args.home))
+    return uvloop.run(serve(runners, config, followers=followers, loader=build_registered, home=args.home))
 
 
 def _read_table(path: Path, columns: str | None):

@@ -27,3 +27,6 @@ class ServerConfig:
     audit_log: str | None = None    # JSON lines of authentication failures and admin actions
     tls_cert: str | None = None     # PEM certificate chain: serve HTTPS
     tls_key: str | None = None      # PEM private key of tls_cert
+    # POST /v2/repository/models/{m}/load|unload|alias: off unless asked for (Triton's
+    # explicit model control); with auth on they also need the admin scope.
+    repository_control: bool = False

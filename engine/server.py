@@ -67,6 +67,9 @@ class RepositoryRequest(msgspec.Struct, forbid_unknown_fields=True):
 _repository_request = msgspec.json.Decoder(RepositoryRequest)
 
 
+HEALTH_PATHS = (b"/v2/health/live", b"/v2/health/ready")
+
+
 def _ok(obj: Any) -> bytes:
     return http_response(200, oip.encode(obj))
 
@@ -130,13 +133,18 @@ class App:
         key = (method, url)
         route = self._routes.get(key)
         if route is None:
+            # With auth on, who may ask comes before what exists: an unauthenticated client
+            # learns nothing about the served models from 404s.
+            if (self.auth is not None and url.split(b"?", 1)[0] not in HEALTH_PATHS
+                    and self._authenticate(protocol, seq, method, url) is None):
+                return
             try:
                 route = self._resolve(method, url)
             except oip.ProtocolError as exc:
                 self.count_http_error(exc.status)
                 protocol.respond(seq, http_response(exc.status, error_body(str(exc)), extra=exc.headers))
                 return
-            if len(self._routes) < 4096:  # only well-formed routes are cached
+            if len(self._routes) < 4096 and route[2] != "admin":  # well-formed model routes only
                 self._routes[key] = route
         handler, runner, scope = route
         if scope is not None and self.auth is not None and not self._authorized(protocol, seq, scope, method, url):
@@ -153,8 +161,8 @@ class App:
             self.count_http_error(500)
             protocol.respond(seq, http_response(500, error_body(f"internal error: {exc}")))
 
-    def _authorized(self, protocol: HttpProtocol, seq: int, scope: str, method: bytes, url: bytes) -> bool:
-        """Check the request's bearer token against the route's scope; answer 401/403 if not."""
+    def _authenticate(self, protocol: HttpProtocol, seq: int, method: bytes, url: bytes) -> Principal | None:
+        """The principal of the request's bearer token, or None after answering 401."""
         header = protocol.authorization
         cached = protocol.auth_cache
         if cached is not None and cached[0] == header and cached[1] == self.auth.generation:
@@ -167,8 +175,15 @@ class App:
             protocol.auth_cache = None
             self._refuse(protocol, seq, 401, principal, method, url, None,
                          extra=b'www-authenticate: Bearer realm="vivace"\r\n')
-            return False
+            return None
         protocol.auth_cache = (header, self.auth.generation, principal)
+        return principal
+
+    def _authorized(self, protocol: HttpProtocol, seq: int, scope: str, method: bytes, url: bytes) -> bool:
+        """Check the request's bearer token against the route's scope; answer 401/403 if not."""
+        principal = self._authenticate(protocol, seq, method, url)
+        if principal is None:
+            return False
         if scope not in principal.scopes:
             self._refuse(protocol, seq, 403, f"token {principal.name!r} lacks the {scope!r} scope this route needs",
                          method, url, principal)
@@ -213,8 +228,12 @@ class App:
         if rest == ["repository", "index"]:
             return self._method(method, b"POST", self._repository_index), None, "read"
         if len(rest) == 4 and rest[:2] == ["repository", "models"] and rest[3] in ("load", "unload", "alias"):
-            action = {"load": self._load, "unload": self._unload, "alias": self._move_alias}[rest[3]]
-            return self._method(method, b"POST", functools.partial(action, rest[2])), None, "admin"
+            handler = self._method(method, b"POST", functools.partial(
+                {"load": self._load, "unload": self._unload, "alias": self._move_alias}[rest[3]], rest[2]))
+            if not self.config.repository_control:
+                raise oip.ProtocolError("model control is off: start vivace serve with --repository-control "
+                                        "to load, unload or move aliases over HTTP", 403)
+            return handler, None, "admin"
         if len(rest) < 2 or rest[0] != "models":
             raise oip.ProtocolError(f"no route for {path}", 404)
         name = rest[1]
@@ -407,6 +426,7 @@ class App:
             raise oip.ProtocolError(f"parameters.ref must be {name}@ALIAS or {name}/VERSION, got {ref!r}")
         if "@" not in ref and not ref.partition("/")[2].isdigit():
             raise oip.ProtocolError(f"parameters.ref must be {name}@ALIAS or {name}/VERSION, got {ref!r}")
+        # The loader resolves registry references only (never a path), and checks the name.
         if self.loader is None:
             raise oip.ProtocolError("this server was started without a registry to load models from", 400)
 

@@ -92,7 +92,7 @@ def app(packages):
     from vivace.registry.package import load_package
 
     runners = [ModelRunner(load_package(p)) for p in packages]
-    yield App(runners, ServerConfig(max_body_bytes=MAX_BODY_BYTES))
+    yield App(runners, ServerConfig(max_body_bytes=MAX_BODY_BYTES, repository_control=True))
     for runner in runners:
         runner.close(drain=False)
 
@@ -109,7 +109,7 @@ def live(packages, tmp_path_factory):
     # An empty registry of its own: fuzzed load and alias requests must not touch ./.vivace.
     home = tmp_path_factory.mktemp("home")
     server = ServerProcess(packages, "--max-body-bytes", str(MAX_BODY_BYTES), "--drift-interval", "0.2",
-                           env={"VIVACE_HOME": str(home)})
+                           "--repository-control", env={"VIVACE_HOME": str(home)})
     size_kib = int(re.search(r"VmSize:\s+(\d+)", Path(f"/proc/{server.proc.pid}/status").read_text()).group(1))
     cap = size_kib * 1024 + ADDRESS_SPACE_HEADROOM
     resource.prlimit(server.proc.pid, resource.RLIMIT_AS, (cap, cap))

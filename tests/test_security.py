@@ -67,7 +67,7 @@ def tokens(home):
 
 @pytest.fixture(scope="module")
 def secured(home, tokens, mlp_package):
-    server = ServerProcess(["churn@production", mlp_package], "--auth", "--follow-interval", "0.1",
+    server = ServerProcess(["churn@production", mlp_package], "--auth", "--follow-interval", "0.1", "--repository-control",
                            env={"VIVACE_HOME": str(home)})
     yield server
     assert server.stop() == 0
@@ -268,3 +268,32 @@ def test_tls_misconfiguration_is_a_clear_error(tls_files, mlp_package, extra, me
         [sys.executable, "-m", "vivace.engine.cli", "serve", str(mlp_package), "--port", str(free_port()), *args],
         capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert result.returncode == 1 and message in result.stderr
+
+
+def test_unknown_models_are_not_revealed_before_authentication(secured, tokens):
+    status, _, data = request(secured, "GET", "/v2/models/secret-model")
+    assert status == 401  # not 404: the name's existence is not disclosed
+    assert request(secured, "GET", "/v2/models/secret-model", token=tokens["viewer"])[0] == 404
+
+
+def test_model_control_is_off_unless_asked_for(mlp_package, tmp_path):
+    server = ServerProcess([mlp_package], env={"VIVACE_HOME": str(tmp_path)})
+    try:
+        for action in ("load", "unload", "alias"):
+            status, _, data = request(server, "POST", f"/v2/repository/models/mlp/{action}")
+            assert status == 403 and "--repository-control" in json.loads(data)["error"]
+        assert request(server, "POST", "/v2/repository/index")[0] == 200  # reading the index is fine
+    finally:
+        assert server.stop() == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "vivace.engine.cli", "serve", str(mlp_package), "--workers", "2",
+         "--repository-control", "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "single process" in result.stderr
+
+
+@pytest.mark.parametrize("name, ref", [(".", "./1"), ("..", "../1"), ("m", "m/1")])
+def test_loads_never_reach_the_file_system(secured, tokens, tmp_path, name, ref):
+    """A directory named like the reference must not be loaded as a package."""
+    status, _, data = request(secured, "POST", f"/v2/repository/models/{name}/load",
+                              json.dumps({"parameters": {"ref": ref}}), tokens["ops"])
+    assert status in (400, 404) and "error" in json.loads(data)
