@@ -208,11 +208,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.prediction_log:
         from vivace.monitor.predlog import PredictionLogger
 
-        path = Path(args.prediction_log)
-        worker = getattr(args, "worker_index", None)
-        if worker is not None:  # rotation renames the file: one writer per file
-            path = path.with_name(f"{path.stem}.worker{worker}{path.suffix}")
-        prediction_log = PredictionLogger(path, sample_rate=args.prediction_log_sample,
+        prediction_log = PredictionLogger(_own_file(args.prediction_log, args), sample_rate=args.prediction_log_sample,
                                           max_bytes=int(args.prediction_log_max_mb * (1 << 20)))
     def build_registered(ref: str) -> ModelRunner:
         return build(ref, registered_package(ref, args.home))
@@ -237,12 +233,19 @@ def _serve(args: argparse.Namespace) -> int:
         shed_queue_wait_ms=args.shed_queue_wait_ms,
         execution_timeout_s=args.execution_timeout,
         auth_tokens=args.auth_tokens or (str(tokens_path(args.home)) if args.auth else None),
-        audit_log=args.audit_log or str(Path(args.home) / "audit" / "server.jsonl"),
+        audit_log=str(_own_file(args.audit_log or Path(args.home) / "audit" / "server.jsonl", args)),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         repository_control=args.repository_control,
     )
     return uvloop.run(serve(runners, config, followers=followers, loader=build_registered, home=args.home))
+
+
+def _own_file(path: str | Path, args: argparse.Namespace) -> Path:
+    """A log file of this process: with --workers, one per worker (rotation renames files,
+    so a file must have a single writer)."""
+    path, worker = Path(path), getattr(args, "worker_index", None)
+    return path if worker is None else path.with_name(f"{path.stem}.worker{worker}{path.suffix}")
 
 
 def _read_table(path: Path, columns: str | None):

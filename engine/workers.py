@@ -8,9 +8,10 @@ connections) to hold the port, which is how `--port 0` gives every worker the sa
 
 The supervisor
 - restarts a worker that exits (crash, SIGKILL, OOM) after a backoff, with a log line;
-- kills (then restarts) a worker whose event loop stopped turning: it publishes a metrics
-  snapshot every second from the loop, and one older than --execution-timeout means a
-  batch run inline, or anything else, has blocked it;
+- kills (then restarts) a worker whose event loop stopped turning: the loop touches a
+  heartbeat file every second, and one unchanged for longer than --execution-timeout
+  (at least 3 s) on the supervisor's monotonic clock means a batch run inline, or
+  anything else, has blocked it;
 - gives up when a worker fails `MAX_FAST_FAILURES` times in a row soon after its start (a
   crash loop: a broken package, a port in use), stops the others and exits 1;
 - forwards SIGTERM/SIGINT to the workers, which drain, and exits 0 when all exit 0.
@@ -35,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vivace.monitor.multiproc import SnapshotError, retire_worker, snapshot_path
+from vivace.monitor.multiproc import SnapshotError, heartbeat_path, retire_worker
 
 log = logging.getLogger("vivace.workers")
 
@@ -45,6 +46,7 @@ BACKOFF_S = (0.25, 8.0)      # first restart delay, doubling up to the cap
 STOP_GRACE_S = 10.0          # beyond --drain-timeout, before stragglers get SIGKILL
 ARGS_FILE = "args.json"
 PR_SET_PDEATHSIG = 1
+HEARTBEAT_GRACE_S = 3.0      # the least silence that counts as blocked: 3 missed beats
 
 
 @dataclass
@@ -52,7 +54,9 @@ class Worker:
     index: int
     process: subprocess.Popen | None = None
     started_at: float = 0.0
-    started_wall: float = 0.0  # time.time() at the start, to compare with snapshot mtimes
+    beat_mtime: float = 0.0  # the heartbeat file's mtime when last seen to change
+    beat_seen_at: float = 0.0  # time.monotonic() then: wall-clock steps cannot fake silence
+    serving: bool = False  # its loop has beaten since this start
     fast_failures: int = 0
     restart_at: float | None = None
 
@@ -138,7 +142,7 @@ class Supervisor:
         cmd = [sys.executable, "-m", "vivace.engine.workers", str(self.run_dir), str(worker.index), str(os.getpid())]
         worker.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         worker.started_at = time.monotonic()
-        worker.started_wall = time.time()
+        worker.beat_mtime, worker.beat_seen_at, worker.serving = self._beat_mtime(worker), worker.started_at, False
         worker.restart_at = None
         log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
 
@@ -156,17 +160,23 @@ class Supervisor:
                     self._start(worker)
             time.sleep(0.05)  # a signal interrupts the sleep; the loop then sees `stopping`
 
-    def _blocked(self, worker: Worker) -> bool:
-        """The worker served (published a snapshot since its start) but its event loop has
-        not published for longer than the execution timeout."""
+    def _beat_mtime(self, worker: Worker) -> float:
         try:
-            beat = snapshot_path(self.run_dir, worker.index).stat().st_mtime
+            return heartbeat_path(self.run_dir, worker.index).stat().st_mtime
         except FileNotFoundError:
+            return 0.0
+
+    def _blocked(self, worker: Worker) -> bool:
+        """The worker has served (its heartbeat changed since its start) but its event loop
+        has not touched the heartbeat for longer than the execution timeout."""
+        now, mtime = time.monotonic(), self._beat_mtime(worker)
+        if mtime != worker.beat_mtime:  # a beat since the last look (the first: it serves)
+            worker.beat_mtime, worker.beat_seen_at, worker.serving = mtime, now, True
             return False
-        if beat < worker.started_wall:  # still loading its models: the file is its predecessor's
+        if not worker.serving:  # still loading its models
             return False
-        silent = time.time() - beat
-        if silent <= self.args.execution_timeout:
+        silent = now - worker.beat_seen_at
+        if silent <= max(self.args.execution_timeout, HEARTBEAT_GRACE_S):
             return False
         log.error("worker %d (pid %d): its event loop has been blocked for %.1f s (--execution-timeout %g); "
                   "killing it", worker.index, worker.process.pid, silent, self.args.execution_timeout)

@@ -84,8 +84,13 @@ class MetricsCollector:
             self._publish_periodically()
 
     def _publish_periodically(self) -> None:
-        self._publish(to_wire(self._own_families()))
-        self._loop.call_later(self.workers.interval_s, self._publish_periodically)
+        try:
+            self.workers.beat()  # the supervisor's sign that this worker's loop turns
+            self._publish(to_wire(self._own_families()))
+        except Exception:  # noqa: BLE001 - a failed round must not end the heartbeat
+            log.exception("worker metrics round failed")
+        finally:
+            self._loop.call_later(self.workers.interval_s, self._publish_periodically)
 
     def _publish(self, wire: list[WireFamily]) -> None:
         try:

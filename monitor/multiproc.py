@@ -79,6 +79,11 @@ class SnapshotError(ValueError):
     """A snapshot file that cannot be decoded (names the file and the problem)."""
 
 
+def heartbeat_path(run_dir: Path, worker: int) -> Path:
+    """Touched by the worker's event loop every interval: its mtime changing means the loop turns."""
+    return run_dir / f"worker-{worker}.alive"
+
+
 def snapshot_path(run_dir: Path, worker: int) -> Path:
     return run_dir / f"worker-{worker}.msgpack"
 
@@ -194,6 +199,14 @@ class WorkerMetrics:
 
     def publish(self, own: list[WireFamily]) -> None:
         write_snapshot(self.run_dir, self.worker, own)
+
+    def beat(self) -> None:
+        """Touch this worker's heartbeat file (no data written: works on a full disk)."""
+        path = heartbeat_path(self.run_dir, self.worker)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            path.touch()
 
     def merged(self, own: list[WireFamily]) -> list[Metric]:
         """This worker's live families merged with the other workers' latest snapshots."""
