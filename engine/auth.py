@@ -19,6 +19,8 @@ appended to the audit log (JSON lines, size-capped with rotation).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import os
@@ -81,8 +83,21 @@ class TokenStore:
         except msgspec.DecodeError as exc:
             raise ValueError(f"{self.path}: not a valid token file: {exc}") from None
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """Serialise read-modify-write of the token file between processes (a create running
+        next to a revoke must not write the revoked token back)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(f".{self.path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def create(self, name: str, scopes: list[str], expires_in_s: float | None = None) -> str:
         """Add a token and return it (the only time it is ever shown)."""
+        with self._locked():
+            return self._create(name, scopes, expires_in_s)
+
+    def _create(self, name: str, scopes: list[str], expires_in_s: float | None) -> str:
         if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ValueError(f"token name must be letters, digits, '-', '_' or '.', got {name!r}")
         unknown = sorted(set(scopes) - set(SCOPES))
@@ -101,6 +116,10 @@ class TokenStore:
         return token
 
     def revoke(self, name: str) -> None:
+        with self._locked():
+            self._revoke(name)
+
+    def _revoke(self, name: str) -> None:
         records = self.records()
         kept = [r for r in records if r.name != name]
         if len(kept) == len(records):
@@ -126,7 +145,7 @@ class Authenticator:
 
     def __init__(self, path: str | os.PathLike):
         self.store = TokenStore(path)
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._by_digest: dict[str, tuple[TokenRecord, Principal]] = {}
         self.generation = 0  # bumped on every reload: connections drop cached principals
         self.reload()
@@ -138,9 +157,9 @@ class Authenticator:
         """Re-read the token file when it changed (revocations apply without a restart)."""
         try:
             st = self.store.path.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # every write replaces the file: a new inode
         except FileNotFoundError:
-            stamp = (0, 0)
+            stamp = (0, 0, 0)
         if stamp == self._stamp:
             return
         records = self.store.records()

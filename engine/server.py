@@ -330,7 +330,9 @@ class App:
         protocol.respond(seq, http_response(200, b'{"live":true}'))
 
     def _ready(self, protocol, seq, runner, body) -> None:
-        ready = not self.draining and all(r.ready for r in self.runners())
+        # A model out of service because its backend hangs does not take the others down
+        # with it: its own /ready says 503, the server's stays 200.
+        ready = not self.draining and all(r.ready or r.hung for r in self.runners())
         protocol.respond(seq, http_response(200 if ready else 503, b'{"ready":%s}' % (b"true" if ready else b"false")))
 
     def _server_metadata(self, protocol, seq, runner, body) -> None:

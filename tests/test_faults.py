@@ -113,6 +113,7 @@ def test_a_hung_backend_is_failed_by_the_watchdog_and_others_keep_serving(server
     assert status == 503 and "longer than" in data["error"]
     assert post(server, "mlp", body(HEALTHY))[0] == 200
     assert get_status(server, "/v2/health/live") == 200
+    assert get_status(server, "/v2/health/ready") == 200  # the server still serves its other models
     deadline = time.monotonic() + 60
     while get_status(server, "/v2/models/faulty/ready") != 200:  # back once the batch returned
         assert time.monotonic() < deadline, "model never came back after the overrunning batch"

@@ -440,8 +440,9 @@ class PyBatcher {
     int64_t width = 0;
     for (size_t e = 0; e < executors; ++e) {
       py::buffer_info info = py::cast<py::buffer>(features[e]).request(true);
-      if (info.itemsize != 4 || info.ndim != 2 || info.shape[0] < c.max_batch_size)
-        throw py::value_error("feature buffers must be float32 [max_batch_size, F] arrays");
+      if (info.itemsize != 4 || info.ndim != 2 || info.shape[0] < c.max_batch_size ||
+          info.strides[1] != 4 || info.strides[0] != 4 * info.shape[1])
+        throw py::value_error("feature buffers must be C-contiguous float32 [max_batch_size, F] arrays");
       width = info.shape[1];
       buffers.push_back(static_cast<float*>(info.ptr));
     }
