@@ -90,6 +90,7 @@ class App:
         self.auth = Authenticator(config.auth_tokens) if config.auth_tokens else None
         self.audit_log = AuditLog(config.audit_log) if config.audit_log else None
         self.followers: dict[str, asyncio.Task] = {}  # model name -> task following its alias
+        self.retiring: set[ModelRunner] = set()  # replaced or unloaded, finishing their queues
         self._auth_checked_at = 0.0
         self.models: dict[str, dict[str, ModelRunner]] = {}
         self.latest: dict[str, ModelRunner] = {}
@@ -409,7 +410,8 @@ class App:
             try:
                 answer = finish(future.result())
             except Exception as exc:  # noqa: BLE001 - every failure is answered and audited
-                status = 404 if isinstance(exc, LookupError) else 400 if isinstance(exc, ValueError) else 500
+                status = (exc.status if isinstance(exc, oip.ProtocolError) else 404 if isinstance(exc, LookupError)
+                          else 400 if isinstance(exc, ValueError) else 500)
                 self.record(event, **fields, status=status, error=str(exc))
                 if status == 500:
                     log.error("%s failed: %s", event, exc)
@@ -433,6 +435,9 @@ class App:
             raise oip.ProtocolError("this server was started without a registry to load models from", 400)
 
         def finish(new: ModelRunner) -> dict[str, Any]:
+            if self.draining:  # the load finished after SIGTERM: serve nothing new
+                new.close(drain=False)
+                raise oip.ProtocolError("the server is draining", 503)
             self.install(new, ref)
             return {"name": new.name, "version": new.version, "ref": ref}
 
@@ -449,7 +454,7 @@ class App:
         if old:
             self.replace_model(next(iter(old.values())), runner)
             for previous in old.values():
-                loop.create_task(_retire(previous))
+                self.retire(previous)
         else:
             self.add_model(runner)
         if ref and "@" in ref and self.loader is not None and self.home is not None:
@@ -463,9 +468,8 @@ class App:
         del self.models[name]
         self.latest.pop(name, None)
         self._routes = {}
-        loop = asyncio.get_running_loop()
         for previous in versions.values():
-            loop.create_task(_retire(previous))  # queued requests finish; new ones get 404
+            self.retire(previous)  # queued requests finish; new ones get 404
         self.record("admin.unload", model=name, versions=sorted(versions), token=_actor(protocol),
                     remote=_peer(protocol), status=200)
         protocol.respond(seq, _ok({"name": name, "unloaded": sorted(versions, key=_version_key)}))
@@ -494,6 +498,26 @@ class App:
         self.stop_following(name)
         self.followers[name] = asyncio.get_running_loop().create_task(follower.follow(self))
 
+    def retire(self, runner: ModelRunner) -> None:
+        """Stop routing to `runner`: it finishes what it queued (still watched by the sweep,
+        so a hung batch's requests fail and deadlines hold), then closes."""
+        self.retiring.add(runner)
+        asyncio.get_running_loop().create_task(self._retire(runner))
+
+    async def _retire(self, runner: ModelRunner) -> None:
+        try:
+            # Closing joins the executor threads: wait for no batch to run, so that a hung
+            # backend never blocks the loop.
+            while runner.waiting or runner.running:
+                await asyncio.sleep(0.01)
+            runner.close(drain=True)
+        finally:
+            self.retiring.discard(runner)
+
+    def watched(self) -> list[ModelRunner]:
+        """Served and retiring runners: what the watchdog and the deadline expirer cover."""
+        return [*self.runners(), *self.retiring]
+
     def stop_following(self, name: str) -> None:
         task = self.followers.pop(name, None)
         if task is not None:
@@ -504,7 +528,7 @@ class App:
         now = time.monotonic()
         for conn in list(self.connections):
             conn.sweep(now)
-        for runner in self.runners():
+        for runner in self.watched():
             self._watch(runner, now)
         if self.auth is not None and now - self._auth_checked_at >= 1.0:
             self._auth_checked_at = now
@@ -638,7 +662,12 @@ class AliasFollower:
                 version = await loop.run_in_executor(None, self.current)
                 if version == self.runner.version:
                     continue
-                new = await loop.run_in_executor(None, self.load, version)
+                loading = loop.run_in_executor(None, self.load, version)
+                try:
+                    new = await asyncio.shield(loading)
+                except asyncio.CancelledError:  # unfollowed while loading: free what the load builds
+                    loading.add_done_callback(_close_unused)
+                    raise
             except Exception as exc:  # the registry or the new package failed: keep serving
                 log.error("%s: cannot follow to the new version: %s", self.ref, exc)
                 continue
@@ -646,7 +675,7 @@ class AliasFollower:
             new.attach(loop)
             app.replace_model(old, new)
             log.info("%s moved: serving %s version %s (was %s)", self.ref, new.name, new.version, old.version)
-            loop.create_task(_retire(old))
+            app.retire(old)
 
 
 def registry_follower(ref: str, runner: ModelRunner, home: str, loader: Callable[[str], ModelRunner],
@@ -659,10 +688,9 @@ def registry_follower(ref: str, runner: ModelRunner, home: str, loader: Callable
                          lambda version: loader(f"{name}/{version}"), interval)
 
 
-async def _retire(runner: ModelRunner) -> None:
-    while runner.waiting:
-        await asyncio.sleep(0.01)
-    runner.close(drain=True)
+def _close_unused(loading: asyncio.Future) -> None:
+    if not loading.cancelled() and loading.exception() is None:
+        loading.result().close(drain=False)
 
 
 def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
@@ -726,7 +754,7 @@ async def serve(
         # Request deadlines are honoured even while every executor runs a long batch.
         while True:
             await asyncio.sleep(0.02)
-            for runner in app.runners():
+            for runner in app.watched():
                 if runner.execution == "threads":
                     runner.batcher.expire_due()
 
