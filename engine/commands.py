@@ -73,8 +73,9 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
                        help="seconds a batch may run before its requests fail (500) and the model is "
                        "taken out of service until it returns (execution threads only)")
     serve.add_argument("--shed-queue-wait-ms", type=float, default=defaults.shed_queue_wait_ms,
-                       help="refuse new requests (503, Retry-After) while a model's oldest queued request "
-                       "has waited longer than this; 0 disables load shedding")
+                       help="refuse new requests (503, Retry-After) while a model's queue holds more than "
+                       "this much work (queued batches x recent batch time), or its oldest request has "
+                       "waited longer; 0 disables load shedding")
     serve.add_argument("--log-level", default=os.environ.get("VIVACE_LOG_LEVEL", "INFO"))
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes sharing the port (SO_REUSEPORT) under a supervisor that restarts "

@@ -244,6 +244,20 @@ def test_overload_sheds_new_requests_once_the_oldest_has_waited_too_long():
     h.close()
 
 
+def test_shedding_looks_only_at_requests_at_least_as_urgent():
+    # An old low-priority request does not shed urgent traffic; it does shed its own level.
+    h = Harness(gate=True, max_batch_size=1, priority_levels=2, shed_queue_wait_us=20_000)
+    assert h.submit(1) == int(S.OK)
+    assert h.entered.wait(5)
+    assert h.submit(2, priority=2) == int(S.OK)
+    time.sleep(0.05)
+    assert h.submit(3, priority=1) == int(S.OK)
+    assert h.submit(4, priority=2) == int(S.OVERLOADED)
+    h.gate.set()
+    assert all(status == int(S.OK) for status, _ in h.collect(3).values())
+    h.close()
+
+
 def test_overload_sheds_when_the_queued_work_would_take_too_long():
     # Batches take >= 10 ms per row here: with a 50 ms budget, the queue is refused new rows
     # once it holds more than 50 ms of work, before anything has waited that long.

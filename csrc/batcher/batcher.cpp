@@ -190,9 +190,12 @@ Status Batcher::Enqueue(Request* r, uint64_t token, int priority, int64_t timeou
     if (config_.max_queue_size > 0 && queued_requests_ >= config_.max_queue_size)
       return Status::kQueueFull;
     if (config_.shed_queue_wait_us > 0 && queued_requests_ > 0) {
-      const int64_t backlog_ns = queued_rows_ * ns_per_row_.load(std::memory_order_relaxed) / config_.executors;
+      // The queue drains in full batches: per-batch cost is not charged to every row.
+      const int64_t batches = (queued_rows_ + config_.max_batch_size - 1) / config_.max_batch_size;
+      const int64_t backlog_ns = batches * batch_ns_.load(std::memory_order_relaxed) / config_.executors;
+      // Only requests at least as urgent as this one delay it.
       if (backlog_ns > config_.shed_queue_wait_us * 1000 ||
-          now - OldestEnqueueTimeLocked() > std::chrono::microseconds(config_.shed_queue_wait_us))
+          now - OldestEnqueueTimeLocked(r->priority) > std::chrono::microseconds(config_.shed_queue_wait_us))
         return Status::kOverloaded;
     }
     auto& q = queues_[static_cast<size_t>(r->priority)];
@@ -266,11 +269,12 @@ void Batcher::ExpireDue() {
   Complete(&done);
 }
 
-// Arrival time of the longest-waiting queued request (max() when none is queued).
-Clock::time_point Batcher::OldestEnqueueTimeLocked() const {
+// Arrival time of the longest-waiting request queued at priority index <= `priority`
+// (0 is the most urgent); max() when none is.
+Clock::time_point Batcher::OldestEnqueueTimeLocked(int priority) const {
   Clock::time_point oldest = Clock::time_point::max();
-  for (const auto& q : queues_)
-    if (!q.empty()) oldest = std::min(oldest, q.front()->enqueue_time);
+  for (size_t p = 0; p < queues_.size() && static_cast<int>(p) <= priority; ++p)
+    if (!queues_[p].empty()) oldest = std::min(oldest, queues_[p].front()->enqueue_time);
   return oldest;
 }
 
@@ -282,7 +286,8 @@ int64_t Batcher::ReadyBatchSize(Clock::time_point now, Clock::time_point* wake_a
   const auto& preferred = config_.preferred_batch_sizes;
   if (!preferred.empty() && avail >= preferred.back()) return preferred.back();
   if (config_.max_queue_delay_us == 0 || stopping_) return avail;  // a drain does not wait
-  const auto due = OldestEnqueueTimeLocked() + std::chrono::microseconds(config_.max_queue_delay_us);
+  const auto due = OldestEnqueueTimeLocked(static_cast<int>(queues_.size())) +
+                   std::chrono::microseconds(config_.max_queue_delay_us);
   if (now >= due) {
     // Delay spent: the largest preferred size that is queued, else everything queued.
     for (auto it = preferred.rbegin(); it != preferred.rend(); ++it)
@@ -456,9 +461,9 @@ void Batcher::ExecuteBatch(int executor, std::vector<Slice>* slices_in, std::vec
   }
   const auto t_scattered = Clock::now();
   // Racy read-modify-write between executors is fine: this is an estimate.
-  const int64_t per_row = static_cast<int64_t>(Nanos(t_scattered - t_start)) / batch_rows;
-  const int64_t average = ns_per_row_.load(std::memory_order_relaxed);
-  ns_per_row_.store(average == 0 ? per_row : average + (per_row - average) / 8, std::memory_order_relaxed);
+  const int64_t took = static_cast<int64_t>(Nanos(t_scattered - t_start));
+  const int64_t average = batch_ns_.load(std::memory_order_relaxed);
+  batch_ns_.store(average == 0 ? took : average + (took - average) / 8, std::memory_order_relaxed);
   stats_.execution_count.fetch_add(1, std::memory_order_relaxed);
   stats_.inference_count.fetch_add(static_cast<uint64_t>(batch_rows), std::memory_order_relaxed);
   stats_.compute_input_ns.fetch_add(Nanos(t_gathered - t_start), std::memory_order_relaxed);

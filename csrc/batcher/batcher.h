@@ -50,8 +50,8 @@ struct BatcherConfig {
   bool allow_timeout_override = true;  // a request may lower (never raise) its timeout
   int64_t max_queue_size = 0;          // queued requests; 0: unbounded
   // Load shedding: refuse new requests at once (kOverloaded) when the queued work would
-  // take longer than this to run (queued rows x recent compute time per row), or the
-  // oldest queued request has already waited longer. Admitted requests then keep a
+  // take longer than this to run (full batches of the queued rows x recent time per
+  // batch), or the oldest request at least as urgent has already waited longer. Admitted requests then keep a
   // bounded latency, refusals are immediate, and queue memory stays bounded. 0: off.
   int64_t shed_queue_wait_us = 0;
   std::vector<int64_t> input_row_bytes;
@@ -178,7 +178,7 @@ class Batcher {
   void ExecutorLoop(int executor);
   void ExecuteBatch(int executor, std::vector<Slice>* slices, std::vector<Request*>* done);
   void FailAllLocked(Status status, std::vector<Request*>* done);
-  Clock::time_point OldestEnqueueTimeLocked() const;
+  Clock::time_point OldestEnqueueTimeLocked(int priority) const;
   int64_t ReadyBatchSize(Clock::time_point now, Clock::time_point* wake_at) const;
   void TakeBatch(int64_t rows, std::vector<Slice>* slices);
   void ExpireLocked(Clock::time_point now, std::vector<Request*>* done);
@@ -213,8 +213,8 @@ class Batcher {
   std::mutex join_mu_;
   std::vector<std::thread> executors_;
   Stats stats_;  // declared after config_: built from its max_batch_size
-  // Recent compute time per row (exponential moving average over batches), for shedding.
-  std::atomic<int64_t> ns_per_row_{0};
+  // Recent time per batch (exponential moving average), for shedding.
+  std::atomic<int64_t> batch_ns_{0};
 };
 
 }  // namespace vivace
