@@ -248,6 +248,11 @@ class HttpProtocol(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done_at = time.monotonic()
         if self.expect_continue:
+            auth = self.app.auth
+            refused = auth.authenticate(self.authorization) if auth is not None else None
+            if isinstance(refused, str):  # refuse before the client sends the body it announced
+                self.reject(401, refused, b'www-authenticate: Bearer realm="vivace"\r\n')
+                raise httptools.HttpParserError("unauthenticated")
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -301,8 +306,8 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 transport.close()
 
-    def reject(self, status: int, message: str) -> None:
-        """Answer a request we stop reading (bad framing, limits) and close after it."""
+    def reject(self, status: int, message: str, extra: bytes = b"") -> None:
+        """Answer a request we stop reading (bad framing, limits, auth) and close after it."""
         if self.rejected and self.close_after >= 0:
             return
         seq = self.next_seq
@@ -310,7 +315,7 @@ class HttpProtocol(asyncio.Protocol):
         self.rejected = True
         self.close_after = seq
         self.app.count_http_error(status)
-        self.respond(seq, http_response(status, error_body(message), close=True))
+        self.respond(seq, http_response(status, error_body(message), extra=extra, close=True))
 
     def sweep(self, now: float) -> None:
         """Close slow or idle connections (called periodically by the app)."""

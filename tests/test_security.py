@@ -297,3 +297,17 @@ def test_loads_never_reach_the_file_system(secured, tokens, tmp_path, name, ref)
     status, _, data = request(secured, "POST", f"/v2/repository/models/{name}/load",
                               json.dumps({"parameters": {"ref": ref}}), tokens["ops"])
     assert status in (400, 404) and "error" in json.loads(data)
+
+
+def test_expect_continue_without_a_token_is_refused_before_the_body(secured, tokens):
+    head = (b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nExpect: 100-continue\r\n" % len(BODY))
+    with socket.create_connection(("127.0.0.1", secured.port), timeout=5) as sock:
+        sock.sendall(head + b"\r\n")  # the body is never sent
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 401") and b"www-authenticate: Bearer" in reply
+    with socket.create_connection(("127.0.0.1", secured.port), timeout=5) as sock:
+        sock.sendall(head + b"Authorization: Bearer %s\r\n\r\n" % tokens["client"].encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(BODY.encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
