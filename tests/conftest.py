@@ -82,3 +82,14 @@ def server(mlp_package):
                         "--body-timeout", "1")
     yield srv
     assert srv.stop() == 0
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy (returned), or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +49,6 @@ def get(port, path):
     conn.request("GET", path)
     response = conn.getresponse()
     return response.status, response.read()
-
-
-def wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not reached")
 
 
 def test_drift_endpoint_and_gauges_follow_the_traffic(profiled_package):

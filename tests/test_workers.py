@@ -15,12 +15,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_for
 
 BODY = json.dumps({"inputs": [{"name": "input__0", "shape": [1, 32], "datatype": "FP32", "data": [0.1] * 32}]})
 
@@ -61,16 +60,6 @@ def worker_index(pid: int) -> int | None:
 def alive(pid: int) -> bool:
     state = process_state(pid)
     return state is not None and state[0] != "Z"
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Supervised:
