@@ -38,6 +38,7 @@ REASONS = {
     503: b"Service Unavailable",
 }
 JSON = b"application/json"
+HEALTH_PATHS = (b"/v2/health/live", b"/v2/health/ready")  # open even when auth is on
 LINGER_SECONDS = 2.0
 
 
@@ -249,7 +250,8 @@ class HttpProtocol(asyncio.Protocol):
         self.headers_done_at = time.monotonic()
         if self.expect_continue:
             auth = self.app.auth
-            refused = auth.authenticate(self.authorization) if auth is not None else None
+            open_path = self.url.split(b"?", 1)[0] in HEALTH_PATHS
+            refused = auth.authenticate(self.authorization) if auth is not None and not open_path else None
             if isinstance(refused, str):  # refuse before the client sends the body it announced
                 self.reject(401, refused, b'www-authenticate: Bearer realm="vivace"\r\n')
                 raise httptools.HttpParserError("unauthenticated")

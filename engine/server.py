@@ -39,7 +39,7 @@ from vivace.monitor.metrics import MetricsCollector, render_metrics
 from . import oip
 from .auth import AuditLog, Authenticator, Principal
 from .config import ServerConfig
-from .http import HttpProtocol, InferCall, error_body, http_response
+from .http import HEALTH_PATHS, HttpProtocol, InferCall, error_body, http_response
 from .runtime import (
     STATUS_ERROR,
     STATUS_INVALID,
@@ -65,9 +65,6 @@ class RepositoryRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _repository_request = msgspec.json.Decoder(RepositoryRequest)
-
-
-HEALTH_PATHS = (b"/v2/health/live", b"/v2/health/ready")
 
 
 def _ok(obj: Any) -> bytes:
