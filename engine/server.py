@@ -97,8 +97,8 @@ class App:
         self.draining = False
         self.http_errors: dict[int, int] = {}
         self.failures: dict[tuple[str, str, str], int] = {}
-        self.started_at = time.time()
-        self._routes: dict[tuple[bytes, bytes], tuple[Any, ModelRunner | None]] = {}
+        # (method, url) -> (handler, runner or None, scope needed or None)
+        self._routes: dict[tuple[bytes, bytes], tuple[Any, ModelRunner | None, str | None]] = {}
         self.metrics = MetricsCollector(self)
 
     # -- model table --------------------------------------------------------------------
@@ -109,8 +109,9 @@ class App:
             self.latest[runner.name] = runner
         self._routes = {}
 
-    def replace_model(self, old: ModelRunner, new: ModelRunner) -> None:
-        """Route `old`'s name to `new` from now on; requests already queued on `old` finish there."""
+    def replace_model(self, new: ModelRunner) -> None:
+        """Route `new`'s name to it alone from now on; requests already queued on the runners
+        it replaces finish there (see retire)."""
         self.models[new.name] = {new.version: new}
         self.latest[new.name] = new
         self._routes = {}
@@ -449,7 +450,7 @@ class App:
         old = self.models.get(runner.name, {})
         self.stop_following(runner.name)
         if old:
-            self.replace_model(next(iter(old.values())), runner)
+            self.replace_model(runner)
             for previous in old.values():
                 self.retire(previous)
         else:
@@ -670,7 +671,7 @@ class AliasFollower:
                 continue
             old, self.runner = self.runner, new
             new.attach(loop)
-            app.replace_model(old, new)
+            app.replace_model(new)
             log.info("%s moved: serving %s version %s (was %s)", self.ref, new.name, new.version, old.version)
             app.retire(old)
 
