@@ -29,22 +29,19 @@ end
 """
 
 
-def build(root: Path) -> tuple[Path, Path, Path]:
-    """A feature store with ENTITIES customers x FEATURES features, and the two packages."""
+def customer_store(root: Path, values) -> Path:
+    """A materialized feature store under root/home: customers 1..N (INT64 `customer_id`),
+    float32 features f0..f{F-1} from `values` [N, F], fresh (a minute old, TTL one day),
+    served through the feature service "scoring". Returns the home."""
     import numpy as np
     import pandas as pd
 
     from vivace.features import Entity, FeatureService, FeatureStore, FeatureView, Field
-    from vivace.registry.package import load_package, write_package
 
-    from .model import write_reference_model
-
-    raw = write_reference_model(root / "mlp")
-    rng = np.random.default_rng(0)
-    frame = pd.DataFrame({"customer_id": np.arange(1, ENTITIES + 1, dtype=np.int64),
+    rows, width = values.shape
+    frame = pd.DataFrame({"customer_id": np.arange(1, rows + 1, dtype=np.int64),
                           "event_timestamp": pd.Timestamp(datetime.now(timezone.utc)) - pd.Timedelta(minutes=1)})
-    values = rng.standard_normal((ENTITIES, FEATURES)).astype(np.float32)
-    for j in range(FEATURES):
+    for j in range(width):
         frame[f"f{j}"] = values[:, j]
     frame.to_parquet(root / "customers.parquet")
     home = root / "home"
@@ -52,10 +49,24 @@ def build(root: Path) -> tuple[Path, Path, Path]:
     store.apply([
         Entity("customer", "customer_id"),
         FeatureView("customers", "customer", str(root / "customers.parquet"),
-                    tuple(Field(f"f{j}", "float32") for j in range(FEATURES)), ttl=timedelta(days=1)),
-        FeatureService("scoring", tuple(f"customers:f{j}" for j in range(FEATURES))),
+                    tuple(Field(f"f{j}", "float32") for j in range(width)), ttl=timedelta(days=1)),
+        FeatureService("scoring", tuple(f"customers:f{j}" for j in range(width))),
     ])
     store.materialize(end=datetime.now(timezone.utc) + timedelta(minutes=1))
+    return home
+
+
+def build(root: Path) -> tuple[Path, Path, Path]:
+    """A feature store with ENTITIES customers x FEATURES features, and the two packages."""
+    import numpy as np
+
+    from vivace.registry.package import load_package, write_package
+
+    from .model import write_reference_model
+
+    raw = write_reference_model(root / "mlp")
+    values = np.random.default_rng(0).standard_normal((ENTITIES, FEATURES)).astype(np.float32)
+    home = customer_store(root, values)
     manifest = load_package(raw.path).manifest()
     manifest.update(name="mlp_by_id", metadata={"feature_service": "scoring", "unknown_entity": "default"})
     by_id = root / "mlp_by_id"

@@ -7,10 +7,8 @@ import http.client
 import io
 import json
 import time
-from datetime import datetime, timedelta, timezone
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from conftest import ServerProcess
@@ -27,25 +25,11 @@ def feature_values(keys: np.ndarray) -> np.ndarray:
 def entity_home(tmp_path_factory):
     import torch
 
-    from vivace.features import Entity, FeatureService, FeatureStore, FeatureView, Field
+    from vivace.bench.entities import customer_store
     from vivace.registry.package import write_package
 
     root = tmp_path_factory.mktemp("entities")
-    keys = np.arange(1, 101, dtype=np.int64)
-    now = pd.Timestamp(datetime.now(timezone.utc))
-    frame = pd.DataFrame({"customer_id": keys, "event_timestamp": now - pd.Timedelta(minutes=1)})
-    for j, column in enumerate(feature_values(keys).T):
-        frame[f"f{j}"] = column
-    frame.to_parquet(root / "customers.parquet")
-    home = root / "home"
-    store = FeatureStore(home)
-    store.apply([
-        Entity("customer", "customer_id"),
-        FeatureView("customers", "customer", str(root / "customers.parquet"),
-                    tuple(Field(f"f{j}", "float32") for j in range(N_FEATURES)), ttl=timedelta(days=1)),
-        FeatureService("scoring", tuple(f"customers:f{j}" for j in range(N_FEATURES))),
-    ])
-    store.materialize(end=datetime.now(timezone.utc) + timedelta(minutes=1))
+    home = customer_store(root, feature_values(np.arange(1, 101, dtype=np.int64)))
 
     class Weighted(torch.nn.Module):  # a visible function of the features: x @ WEIGHTS
         def forward(self, x):
