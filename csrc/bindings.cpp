@@ -15,10 +15,13 @@ void BindKernels(py::module_& m);
 #ifdef VIVACE_WITH_SKETCH
 void BindSketch(py::module_& m);
 #endif
+#ifdef VIVACE_WITH_FRONTEND
+void BindFrontend(py::module_& m);
+#endif
 }  // namespace vivace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "Vivace native core: dynamic batcher, kernels, feature cache, drift sketches";
+  m.doc() = "Vivace native core: dynamic batcher, HTTP front end, kernels, feature cache, drift sketches";
 #ifdef VIVACE_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else
@@ -33,5 +36,8 @@ PYBIND11_MODULE(_core, m) {
 #endif
 #ifdef VIVACE_WITH_SKETCH
   vivace::BindSketch(m);
+#endif
+#ifdef VIVACE_WITH_FRONTEND
+  vivace::BindFrontend(m);
 #endif
 }

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <exception>
 #include <stdexcept>
+#include <utility>
 #ifdef __linux__
 #include <sys/eventfd.h>
 #endif
@@ -113,17 +114,8 @@ Batcher::Batcher(BatcherConfig config, ExecuteFn execute)
   }
   queues_.resize(static_cast<size_t>(config_.priority_levels));
 
-#ifdef __linux__
-  notify_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (notify_fd_ < 0) throw std::runtime_error(std::string("eventfd: ") + std::strerror(errno));
-  notify_write_fd_ = notify_fd_;
-#else
-  int fds[2];
-  if (pipe(fds) != 0) throw std::runtime_error(std::string("pipe: ") + std::strerror(errno));
-  for (int fd : fds) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-  notify_fd_ = fds[0];
-  notify_write_fd_ = fds[1];
-#endif
+  MakeSignal(&notify_fd_, &notify_write_fd_);
+  if (config_.inline_execution) MakeSignal(&ready_fd_, &ready_write_fd_);
   if (!config_.inline_execution)
     for (int e = 0; e < config_.executors; ++e) executors_.emplace_back([this, e] { ExecutorLoop(e); });
 }
@@ -131,8 +123,37 @@ Batcher::Batcher(BatcherConfig config, ExecuteFn execute)
 Batcher::~Batcher() {
   Shutdown(false);
   // Requests never drained by the caller are owned here and freed with owned_.
-  if (notify_write_fd_ != notify_fd_) close(notify_write_fd_);
-  close(notify_fd_);
+  for (const auto& [read_fd, write_fd] : {std::pair{notify_fd_, notify_write_fd_}, std::pair{ready_fd_, ready_write_fd_}}) {
+    if (write_fd >= 0 && write_fd != read_fd) close(write_fd);
+    if (read_fd >= 0) close(read_fd);
+  }
+}
+
+void Batcher::MakeSignal(int* read_fd, int* write_fd) {
+#ifdef __linux__
+  *read_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (*read_fd < 0) throw std::runtime_error(std::string("eventfd: ") + std::strerror(errno));
+  *write_fd = *read_fd;
+#else
+  int fds[2];
+  if (pipe(fds) != 0) throw std::runtime_error(std::string("pipe: ") + std::strerror(errno));
+  for (int fd : fds) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  *read_fd = fds[0];
+  *write_fd = fds[1];
+#endif
+}
+
+void Batcher::Signal(int write_fd) {
+  const uint64_t one = 1;
+  // A full eventfd/pipe already signals readiness; nothing is lost on EAGAIN.
+  ssize_t n = write(write_fd, &one, sizeof(one));
+  (void)n;
+}
+
+void Batcher::ClearSignal(int read_fd) {
+  uint64_t counter;
+  while (read(read_fd, &counter, sizeof(counter)) > 0) {
+  }
 }
 
 Request* Batcher::Acquire(int64_t rows) {
@@ -161,11 +182,12 @@ void Batcher::Release(Request* r) {
   r->error.clear();
   r->json_response = false;
   r->has_id = false;
+  r->sink = nullptr;
   std::lock_guard<std::mutex> lk(pool_mu_);
   free_.push_back(r);
 }
 
-Status Batcher::Enqueue(Request* r, uint64_t token, int priority, int64_t timeout_us) {
+Status Batcher::Enqueue(Request* r, uint64_t token, int priority, int64_t timeout_us, bool defer_ready) {
   if (r->rows < 1 || priority < 0 || priority > config_.priority_levels || timeout_us < 0)
     return Status::kInvalid;
   const auto now = Clock::now();
@@ -205,13 +227,13 @@ Status Batcher::Enqueue(Request* r, uint64_t token, int priority, int64_t timeou
                           : deadlines_.emplace(r->deadline, r);
     r->queued = true;
     by_token_[token] = r;
-    wake_loop = config_.inline_execution && queued_rows_ == 0;
+    wake_loop = config_.inline_execution && queued_rows_ == 0 && !defer_ready;
     queued_rows_ += r->rows;
     ++queued_requests_;
   }
   if (wake_loop)
-    Notify();
-  else
+    Signal(ready_write_fd_);
+  else if (!config_.inline_execution)
     cv_.notify_one();
   return Status::kOk;
 }
@@ -364,6 +386,11 @@ void Batcher::ExecutorLoop(int executor) {
 }
 
 int64_t Batcher::RunReady() {
+  // One batch at a time on executor 0's buffers, whichever thread drives the batcher.
+  std::lock_guard<std::mutex> run(run_mu_);
+  // Clear "rows are queued" before looking at the queue: a row enqueued from another
+  // thread after our last look signals it again, so none is stranded.
+  if (ready_fd_ >= 0) ClearSignal(ready_fd_);
   std::vector<Slice> slices;
   std::vector<Request*> done;
   for (;;) {
@@ -493,6 +520,17 @@ void Batcher::Complete(std::vector<Request*>* done) {
       stats_.failures[static_cast<size_t>(status)].fetch_add(1, std::memory_order_relaxed);
     }
   }
+  // Requests with a sink go to it (grouped per sink); the rest wait for Drain().
+  auto routed = std::stable_partition(done->begin(), done->end(), [](Request* r) { return r->sink == nullptr; });
+  while (routed != done->end()) {
+    CompletionSink* sink = (*routed)->sink;
+    auto others = std::stable_partition(routed, done->end(), [sink](Request* r) { return r->sink == sink; });
+    std::vector<Request*> group(routed, others);
+    done->erase(routed, others);
+    sink->Deliver(this, &group);
+    routed = std::find_if(done->begin(), done->end(), [](Request* r) { return r->sink != nullptr; });
+  }
+  if (done->empty()) return;
   bool was_empty;
   {
     std::lock_guard<std::mutex> lk(done_mu_);
@@ -503,19 +541,12 @@ void Batcher::Complete(std::vector<Request*>* done) {
   if (was_empty) Notify();
 }
 
-void Batcher::Notify() {
-  const uint64_t one = 1;
-  // A full eventfd/pipe already signals readiness; nothing is lost on EAGAIN.
-  ssize_t n = write(notify_write_fd_, &one, sizeof(one));
-  (void)n;
-}
+void Batcher::Notify() { Signal(notify_write_fd_); }
 
 std::vector<Request*> Batcher::Drain() {
   std::vector<Request*> out;
   std::lock_guard<std::mutex> lk(done_mu_);
-  uint64_t counter;
-  while (read(notify_fd_, &counter, sizeof(counter)) > 0) {
-  }
+  ClearSignal(notify_fd_);
   out.swap(completed_);
   return out;
 }
@@ -535,6 +566,9 @@ void Batcher::Shutdown(bool drain) {
     if (drain) {
       RunReady();
     } else {
+      // After a batch another thread may be running (the HTTP front end's): the owner
+      // may free what the backend uses once this returns.
+      std::lock_guard<std::mutex> run(run_mu_);
       std::vector<Request*> done;
       {
         std::lock_guard<std::mutex> lk(mu_);

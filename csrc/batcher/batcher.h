@@ -57,11 +57,23 @@ struct BatcherConfig {
   std::vector<int64_t> input_row_bytes;
   std::vector<int64_t> output_row_bytes;
   int executors = 1;
-  // Inline mode: no executor threads. The owner's event loop calls RunReady() when the
-  // notification descriptor fires (the first queued row signals it) and runs the batch
-  // on its own thread. For backends that need the GIL this batches everything the loop
+  // Inline mode: no executor threads. The owner calls RunReady() when ready_fd() fires
+  // (the first queued row signals it) and runs the batch on its own thread: the Python
+  // event loop, or the native HTTP front end's thread for kernels that need no GIL. For backends that need the GIL this batches everything the loop
   // read in one iteration and avoids handing the GIL between threads per batch.
   bool inline_execution = false;
+};
+
+class Batcher;
+struct Request;
+
+// Takes finished requests that were queued with a sink (the native HTTP front end)
+// instead of leaving them for Drain(). Called on the thread that completed them, with no
+// batcher lock held; the sink releases each request to `batcher` when it is done with it.
+class CompletionSink {
+ public:
+  virtual ~CompletionSink() = default;
+  virtual void Deliver(Batcher* batcher, std::vector<Request*>* done) = 0;
 };
 
 // Runs one batch. `inputs[i]`/`outputs[i]` point at the executor's batch buffers, each
@@ -113,6 +125,7 @@ struct Request {
   bool json_response = false;
   bool has_id = false;
   std::string id;
+  CompletionSink* sink = nullptr;  // set: completion goes to the sink, not to Drain()
   std::list<Request*>::iterator queue_pos;
   std::multimap<Clock::time_point, Request*>::iterator deadline_pos;
   bool queued = false;
@@ -130,7 +143,10 @@ class Batcher {
   void Release(Request* request);
   // priority 0 and timeout_us 0 mean the model's defaults. On kQueueFull, kShutdown or
   // kInvalid the request is not queued and still belongs to the caller.
-  Status Enqueue(Request* request, uint64_t token, int priority, int64_t timeout_us);
+  // defer_ready (inline mode): do not signal ready_fd() now; the caller enqueues more and
+  // then calls SignalReady() once, so that the thread running batches wakes to all of them.
+  Status Enqueue(Request* request, uint64_t token, int priority, int64_t timeout_us, bool defer_ready = false);
+  void SignalReady() { Signal(ready_write_fd_); }
   // Drops a request not yet executed; returns false when the token is unknown.
   bool Cancel(uint64_t token);
 
@@ -143,7 +159,11 @@ class Batcher {
   // look for work; the owner calls it periodically so that a deadline is honoured
   // while every executor is busy with a long batch.
   void ExpireDue();
+  // Readable when completed requests wait for Drain().
   int notify_fd() const { return notify_fd_; }
+  // Inline mode: readable when rows are queued and RunReady() has not looked since; -1
+  // with executor threads.
+  int ready_fd() const { return ready_fd_; }
 
   // Called after the rows are gathered and before the backend runs, on the same thread
   // (features are looked up here for entity-id requests). Throwing fails the batch.
@@ -186,6 +206,9 @@ class Batcher {
   void FinishRows(Request* r, int64_t rows, std::vector<Request*>* done);
   void Complete(std::vector<Request*>* done);
   void Notify();
+  static void MakeSignal(int* read_fd, int* write_fd);
+  static void Signal(int write_fd);
+  static void ClearSignal(int read_fd);
 
   BatcherConfig config_;
   ExecuteFn execute_;
@@ -209,6 +232,8 @@ class Batcher {
   std::mutex done_mu_;
   std::vector<Request*> completed_;
   int notify_fd_ = -1, notify_write_fd_ = -1;
+  int ready_fd_ = -1, ready_write_fd_ = -1;  // inline mode only
+  std::mutex run_mu_;                        // inline mode: one RunReady at a time
 
   std::mutex join_mu_;
   std::vector<std::thread> executors_;

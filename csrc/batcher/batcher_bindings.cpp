@@ -13,6 +13,7 @@
 
 #include "batcher/batcher.h"
 #include "batcher/oip_json.h"
+#include "batcher/py_batcher.h"
 #include "featcache/featcache.h"
 #include "sketch/sketch.h"
 
@@ -275,7 +276,7 @@ class PyBatcher {
         executor_thread_state.Release();
       };
     }
-    batcher_ = std::make_unique<Batcher>(std::move(c), std::move(run));
+    batcher_ = std::make_shared<Batcher>(std::move(c), std::move(run));
   }
 
   // A native kernel (C entry point from a capsule) runs batches directly: from the first
@@ -322,7 +323,21 @@ class PyBatcher {
 
   ~PyBatcher() {
     py::gil_scoped_release nogil;
+    // The HTTP front end may hold the batcher a while longer (its routes): stop it now,
+    // while the execute callable it calls is still alive.
+    batcher_->Shutdown(false);
     batcher_.reset();
+  }
+
+  std::shared_ptr<Batcher> Native() const {
+    if (native_forward_ == nullptr || !batcher_->config().inline_execution)
+      throw py::value_error("only an inline batcher running a native kernel can be driven natively");
+    return batcher_;
+  }
+
+  JsonEndpoint Endpoint() const {
+    if (!json_) throw py::value_error("the native JSON path is off for this batcher");
+    return {batcher_, json_, json_row_elems_};
   }
 
   // Returns a Status code; 0 means queued. Raises ValueError for malformed tensors.
@@ -468,7 +483,7 @@ class PyBatcher {
         out.push_back({name, datatype, JsonTypeFromName(datatype), row_shape, RowElements(row_shape)});
       return out;
     };
-    auto codec = std::make_unique<OipJsonCodec>(model_name, model_version, convert(inputs), convert(outputs));
+    auto codec = std::make_shared<OipJsonCodec>(model_name, model_version, convert(inputs), convert(outputs));
     if (codec->usable()) json_ = std::move(codec);
     json_row_elems_ = 0;
     for (int64_t elems : input_row_elems_) json_row_elems_ += elems;
@@ -542,6 +557,7 @@ class PyBatcher {
   int64_t RunReady() { return batcher_->RunReady(); }
   void ExpireDue() { batcher_->ExpireDue(); }
   int fileno() const { return batcher_->notify_fd(); }
+  int ready_fileno() const { return batcher_->ready_fd(); }
 
   void Shutdown(bool drain) {
     if (batcher_->config().inline_execution) {
@@ -598,7 +614,7 @@ class PyBatcher {
 
  private:
   py::object execute_;
-  std::unique_ptr<OipJsonCodec> json_;
+  std::shared_ptr<const OipJsonCodec> json_;
   py::object feature_buffers_;
   int64_t json_row_elems_ = 0;  // elements per row over all inputs
   std::vector<float*> feature_rows_;  // per executor: the looked-up features of its batch
@@ -608,10 +624,14 @@ class PyBatcher {
   void* native_forward_ = nullptr;
   std::vector<const DTypeInfo*> input_dtypes_;
   std::vector<int64_t> input_row_elems_;
-  std::unique_ptr<Batcher> batcher_;
+  std::shared_ptr<Batcher> batcher_;
 };
 
 }  // namespace
+
+JsonEndpoint JsonEndpointOf(py::handle batcher) { return py::cast<const PyBatcher&>(batcher).Endpoint(); }
+
+std::shared_ptr<Batcher> NativeBatcherOf(py::handle batcher) { return py::cast<const PyBatcher&>(batcher).Native(); }
 
 void BindBatcher(py::module_& m) {
   py::class_<PyBatcher>(m, "Batcher", R"doc(
@@ -648,7 +668,9 @@ it reads `rows` rows from input_buffers(executor) and writes output_buffers(exec
       .def("expire_due", &PyBatcher::ExpireDue,
            "Answer queued requests whose deadline passed (while executors are busy)")
       .def("cancel", &PyBatcher::Cancel, py::arg("token"))
-      .def("fileno", &PyBatcher::fileno)
+      .def("fileno", &PyBatcher::fileno, "Readable when completed requests wait for drain()")
+      .def("ready_fileno", &PyBatcher::ready_fileno,
+           "Inline mode: readable when rows are queued and run_ready has not looked since (-1 otherwise)")
       .def("shutdown", &PyBatcher::Shutdown, py::arg("drain") = true)
       .def("input_buffers", [](PyBatcher& b, int e) { return b.Buffers(e, true); }, py::arg("executor"))
       .def("output_buffers", [](PyBatcher& b, int e) { return b.Buffers(e, false); }, py::arg("executor"))

@@ -1,0 +1,176 @@
+// Native HTTP/1.1 front end.
+//
+// One epoll thread owns the listening socket and every connection: it reads, frames
+// requests (Content-Length or chunked), enforces the server's limits and timeouts, and
+// writes responses in request order (pipelining). A JSON infer request for a model with a
+// fast route is parsed straight into that model's batcher and answered from C++ when its
+// batch completes (the batcher hands it back through CompletionSink); no Python runs per
+// request. Every other request (metadata, binary tensors, parameters, errors to explain,
+// admin routes) is handed to Python, which answers through Respond(). Python is woken
+// through one descriptor per burst, not once per request.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "batcher/batcher.h"
+#include "batcher/oip_json.h"
+
+namespace vivace {
+
+struct FrontendLimits {
+  int64_t max_connections = 10000;
+  int64_t max_body_bytes = 64 << 20;
+  int64_t max_header_bytes = 64 << 10;
+  int64_t max_headers = 100;
+  double header_timeout_s = 10.0;  // first byte of a request → end of its headers
+  double body_timeout_s = 30.0;    // end of headers → end of body
+  double idle_timeout_s = 75.0;    // keep-alive connection with nothing in flight
+};
+
+// POST target → the model whose batcher takes the request natively.
+struct InferRoute {
+  std::shared_ptr<Batcher> batcher;
+  std::shared_ptr<const OipJsonCodec> codec;
+  std::string model, version;
+  int64_t row_elements = 1;  // elements per row over all inputs: bounds the rows a body can hold
+};
+
+// A request for Python, or (closed) the notice that a connection Python knows has gone.
+struct ForwardedRequest {
+  uint64_t conn = 0;
+  uint64_t seq = 0;
+  bool closed = false;
+  std::string method, target, body, peer;
+  std::string header_length, authorization;
+  bool has_header_length = false, has_authorization = false;
+};
+
+class HttpFrontend final : public CompletionSink {
+ public:
+  // Serves `listen_fd` (a listening socket; it is duplicated, the caller keeps its own).
+  HttpFrontend(int listen_fd, FrontendLimits limits);
+  ~HttpFrontend() override;
+  HttpFrontend(const HttpFrontend&) = delete;
+  HttpFrontend& operator=(const HttpFrontend&) = delete;
+
+  // Replaces the fast routes (exact request targets).
+  void SetRoutes(std::unordered_map<std::string, std::shared_ptr<const InferRoute>> routes);
+  // Inline batchers whose batches this thread runs itself (native kernels: no GIL), right
+  // after the requests it read: no thread hand-off per batch. The owner must not call
+  // their RunReady meanwhile except to drain them (RunReady serialises anyway).
+  void SetDriven(std::vector<std::shared_ptr<Batcher>> batchers);
+  // Python's answer to forwarded request `seq` of connection `conn`: a whole HTTP response.
+  void Respond(uint64_t conn, uint64_t seq, std::string response);
+  // Forwarded requests and closed-connection notices since the last call; clears python_fd.
+  std::vector<ForwardedRequest> Take();
+  int python_fd() const { return python_fd_; }
+
+  // Closes the listening socket: new connections are refused from here on.
+  void StopAccepting();
+  // Finish what was accepted on each connection, then close it; forward every new
+  // request on a connection still reading (Python refuses infer while draining).
+  void BeginDrain();
+  // Requests read and not yet answered, plus connections whose answers a slow reader has
+  // not taken yet: a drain waits for both.
+  int64_t InFlight() const { return unanswered_.load() + unsent_connections_.load(); }
+  int64_t Connections() const { return open_connections_.load(); }
+  // Stops the thread and closes every connection. Idempotent.
+  void Stop();
+
+  void Deliver(Batcher* batcher, std::vector<Request*>* done) override;
+
+  std::map<int, uint64_t> HttpErrors() const;
+  // (model, version, reason) → failures of natively answered requests.
+  std::map<std::tuple<std::string, std::string, std::string>, uint64_t> Failures() const;
+
+ private:
+  struct Conn;
+  struct Head;
+  struct Pending {
+    uint64_t conn;
+    uint64_t seq;
+    std::shared_ptr<const InferRoute> route;
+  };
+  struct Outgoing {
+    uint64_t conn = 0, seq = 0;
+    Request* request = nullptr;  // a completed fast-path request, or
+    Batcher* batcher = nullptr;
+    std::string response;        // Python's response
+  };
+
+  struct Driven {
+    std::shared_ptr<Batcher> batcher;
+    bool kick = false;  // rows were queued since its last run
+    double due = 0;     // a batch waits for max_queue_delay or a deadline until then; 0: none
+  };
+
+  void Loop();
+  void ApplyDriven();
+  void RunDriven(double now);
+  void SignalQueued();
+  double NextDue() const;
+  void Accept();
+  void OnReadable(Conn* c);
+  bool ParseOne(Conn* c);
+  bool ParseHead(Conn* c, const char* p, size_t size);
+  bool ReadChunked(Conn* c);
+  void Dispatch(Conn* c, const char* body, size_t body_size);
+  bool SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<const InferRoute>& route, const char* body,
+                    size_t body_size);
+  void Reject(Conn* c, int status, const std::string& message);
+  void Answer(Conn* c, uint64_t seq, std::string response);
+  void Flush(Conn* c);
+  void Close(Conn* c);
+  void ProcessOutbox();
+  void Sweep(double now);
+  void ApplyDrain();
+  void WatchWrites(Conn* c, bool on);
+  void CountHttpError(int status);
+  void Wake();
+  Conn* Find(uint64_t id);
+
+  FrontendLimits limits_;
+  int listen_fd_ = -1, epoll_fd_ = -1, wake_fd_ = -1, python_fd_ = -1;
+  std::thread thread_;
+  std::atomic<bool> stop_{false}, stop_accepting_{false}, drain_{false};
+  bool draining_ = false;  // io thread's view of drain_
+  std::atomic<int64_t> unanswered_{0}, open_connections_{0}, unsent_connections_{0};
+
+  // io thread only
+  std::unordered_map<uint64_t, std::unique_ptr<Conn>> conns_;
+  std::unordered_map<uint64_t, Pending> pending_;  // token → fast-path request in a batcher
+  std::vector<Conn*> dirty_;                       // connections with output to send
+  uint64_t next_conn_ = 1;
+  uint64_t next_token_ = uint64_t{1} << 62;  // disjoint from the tokens Python assigns
+  std::string read_buffer_;
+  std::vector<Driven> driven_;
+  std::vector<std::shared_ptr<Batcher>> queued_this_round_;  // inline, not driven: signal after the round
+  std::thread::id io_thread_;
+  bool outbox_filled_here_ = false;  // Deliver ran on the io thread since ProcessOutbox
+
+  mutable std::mutex routes_mu_;
+  std::unordered_map<std::string, std::shared_ptr<const InferRoute>> routes_;
+  std::vector<std::shared_ptr<Batcher>> driven_next_;  // guarded by routes_mu_
+  bool driven_changed_ = false;                        // guarded by routes_mu_
+
+  std::mutex outbox_mu_;
+  std::vector<Outgoing> outbox_;
+
+  std::mutex inbox_mu_;
+  std::vector<ForwardedRequest> inbox_;
+
+  mutable std::mutex counters_mu_;
+  std::map<int, uint64_t> http_errors_;
+  std::map<std::tuple<std::string, std::string, std::string>, uint64_t> failures_;
+};
+
+}  // namespace vivace

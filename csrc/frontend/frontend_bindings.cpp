@@ -1,0 +1,139 @@
+// Python face of the native HTTP front end (vivace.engine.frontend drives it).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+
+#include "batcher/py_batcher.h"
+#include "frontend/frontend.h"
+
+namespace py = pybind11;
+
+namespace vivace {
+namespace {
+
+py::bytes Bytes(const std::string& s) { return py::bytes(s.data(), s.size()); }
+
+class PyFrontend {
+ public:
+  PyFrontend(int listen_fd, int64_t max_connections, int64_t max_body_bytes, int64_t max_header_bytes,
+             int64_t max_headers, double header_timeout_s, double body_timeout_s, double idle_timeout_s) {
+    FrontendLimits limits;
+    limits.max_connections = max_connections;
+    limits.max_body_bytes = max_body_bytes;
+    limits.max_header_bytes = max_header_bytes;
+    limits.max_headers = max_headers;
+    limits.header_timeout_s = header_timeout_s;
+    limits.body_timeout_s = body_timeout_s;
+    limits.idle_timeout_s = idle_timeout_s;
+    frontend_ = std::make_unique<HttpFrontend>(listen_fd, limits);
+  }
+
+  ~PyFrontend() { Stop(); }
+
+  // routes: [(target, batcher, model, version)]
+  void SetRoutes(py::list routes) {
+    std::unordered_map<std::string, std::shared_ptr<const InferRoute>> table;
+    for (py::handle item : routes) {
+      auto entry = item.cast<py::tuple>();
+      JsonEndpoint endpoint = JsonEndpointOf(entry[1]);
+      auto route = std::make_shared<InferRoute>();
+      route->batcher = std::move(endpoint.batcher);
+      route->codec = std::move(endpoint.codec);
+      route->row_elements = endpoint.row_elements;
+      route->model = entry[2].cast<std::string>();
+      route->version = entry[3].cast<std::string>();
+      table[entry[0].cast<std::string>()] = std::move(route);
+    }
+    py::gil_scoped_release nogil;  // the old routes may hold the last reference to a batcher
+    frontend_->SetRoutes(std::move(table));
+  }
+
+  void SetDriven(py::list batchers) {
+    std::vector<std::shared_ptr<Batcher>> driven;
+    for (py::handle b : batchers) driven.push_back(NativeBatcherOf(b));
+    py::gil_scoped_release nogil;
+    frontend_->SetDriven(std::move(driven));
+  }
+
+  void Respond(uint64_t conn, uint64_t seq, py::bytes response) {
+    frontend_->Respond(conn, seq, std::string(response));
+  }
+
+  // [(conn, seq, method, target, body, header_length | None, authorization | None, peer | None)];
+  // seq is -1 (and the rest None) for a connection that closed.
+  py::list Take() {
+    std::vector<ForwardedRequest> requests = frontend_->Take();
+    py::list out(requests.size());
+    for (size_t i = 0; i < requests.size(); ++i) {
+      ForwardedRequest& f = requests[i];
+      py::tuple t;
+      if (f.closed) {
+        t = py::make_tuple(f.conn, -1, py::none(), py::none(), py::none(), py::none(), py::none(), py::none());
+      } else {
+        t = py::make_tuple(f.conn, static_cast<int64_t>(f.seq), Bytes(f.method), Bytes(f.target), Bytes(f.body),
+                           f.has_header_length ? py::object(Bytes(f.header_length)) : py::object(py::none()),
+                           f.has_authorization ? py::object(Bytes(f.authorization)) : py::object(py::none()),
+                           f.peer.empty() ? py::object(py::none()) : py::object(py::str(f.peer)));
+      }
+      PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), t.release().ptr());
+    }
+    return out;
+  }
+
+  void Stop() {
+    if (!frontend_) return;
+    py::gil_scoped_release nogil;
+    frontend_->Stop();
+  }
+
+  HttpFrontend& get() { return *frontend_; }
+
+  py::dict HttpErrors() const {
+    py::dict d;
+    for (const auto& [status, count] : frontend_->HttpErrors()) d[py::int_(status)] = count;
+    return d;
+  }
+
+  py::dict Failures() const {
+    py::dict d;
+    for (const auto& [key, count] : frontend_->Failures())
+      d[py::make_tuple(std::get<0>(key), std::get<1>(key), std::get<2>(key))] = count;
+    return d;
+  }
+
+ private:
+  std::unique_ptr<HttpFrontend> frontend_;
+};
+
+}  // namespace
+
+void BindFrontend(py::module_& m) {
+  py::class_<PyFrontend>(m, "HttpFrontend", R"doc(
+Native HTTP/1.1 server on a listening socket (one epoll thread).
+
+JSON infer requests whose target has a route (set_routes) are parsed into the model's
+batcher and answered natively; every other request is handed to Python: fileno() becomes
+readable, take() returns them, and respond() sends each answer (in request order).
+)doc")
+      .def(py::init<int, int64_t, int64_t, int64_t, int64_t, double, double, double>(), py::arg("listen_fd"),
+           py::arg("max_connections"), py::arg("max_body_bytes"), py::arg("max_header_bytes"), py::arg("max_headers"),
+           py::arg("header_timeout"), py::arg("body_timeout"), py::arg("idle_timeout"))
+      .def("set_routes", &PyFrontend::SetRoutes, py::arg("routes"),
+           "Fast routes: [(target, batcher, model, version)] for batchers with the JSON path on")
+      .def("set_driven", &PyFrontend::SetDriven, py::arg("batchers"),
+           "Inline batchers with a native kernel whose batches the front end's thread runs itself")
+      .def("respond", &PyFrontend::Respond, py::arg("conn"), py::arg("seq"), py::arg("response"))
+      .def("take", &PyFrontend::Take)
+      .def("fileno", [](PyFrontend& f) { return f.get().python_fd(); })
+      .def("stop_accepting", [](PyFrontend& f) { f.get().StopAccepting(); })
+      .def("begin_drain", [](PyFrontend& f) { f.get().BeginDrain(); })
+      .def("in_flight", [](PyFrontend& f) { return f.get().InFlight(); })
+      .def("connections", [](PyFrontend& f) { return f.get().Connections(); })
+      .def("http_errors", &PyFrontend::HttpErrors)
+      .def("failures", &PyFrontend::Failures)
+      .def("stop", &PyFrontend::Stop);
+}
+
+}  // namespace vivace
