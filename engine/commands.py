@@ -60,6 +60,9 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
         "threads (keeps the loop responsive for slow models); default: per backend",
     )
     defaults = ServerConfig()
+    serve.add_argument("--http-frontend", choices=("auto", "native", "python"), default=defaults.http_frontend,
+                       help="native: the C++ front end answers JSON infer requests without Python; python: "
+                       "uvloop + httptools; auto (default): native unless --tls-cert or --auth is set")
     serve.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
     serve.add_argument("--max-header-bytes", type=int, default=defaults.max_header_bytes,
                        help="request line and headers together")
@@ -176,6 +179,9 @@ def _serve(args: argparse.Namespace) -> int:
                              "worker only; move aliases in the registry (vivace models alias) instead")
     if args.execution_timeout <= 0:
         raise VivaceCLIError(f"--execution-timeout must be positive, got {args.execution_timeout:g}")
+    if args.http_frontend == "native" and (args.tls_cert or args.auth or args.auth_tokens):
+        raise VivaceCLIError("the native HTTP front end does not implement TLS or --auth; "
+                             "use --http-frontend auto or python with them")
     if args.workers > 1 and getattr(args, "worker_index", None) is None:
         from .workers import supervise
 
@@ -238,6 +244,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         repository_control=args.repository_control,
+        http_frontend=args.http_frontend,
     )
     return uvloop.run(serve(runners, config, followers=followers, loader=build_registered, home=args.home))
 

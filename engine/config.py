@@ -30,3 +30,7 @@ class ServerConfig:
     # POST /v2/repository/models/{m}/load|unload|alias: off unless asked for (Triton's
     # explicit model control); with auth on they also need the admin scope.
     repository_control: bool = False
+    # "native": the C++ front end (csrc/frontend/) answers plain JSON infer requests without
+    # Python; "python": uvloop + httptools for everything; "auto": native unless TLS or
+    # auth is on (only the Python front end implements them).
+    http_frontend: str = "auto"

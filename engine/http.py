@@ -194,6 +194,12 @@ class HttpProtocol(asyncio.Protocol):
             if not self.rejected:
                 self.reject(400, f"malformed HTTP request: {exc}")
 
+    @property
+    def peer(self) -> str | None:
+        """host:port of the client, for the audit log."""
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
+
     def pause_writing(self) -> None:
         self.transport.pause_reading()
 

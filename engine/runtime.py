@@ -162,9 +162,11 @@ class ModelRunner:
         self._execute = self.backend.batch_executor(inputs, outputs)
         self._warm_up(executors)
         native = getattr(self.backend, "native_handle", None)
-        if native is not None and self.entity is None:
-            # The kernel runs straight from the batch buffers: no Python, no GIL per batch.
+        # The kernel runs straight from the batch buffers: no Python, no GIL per batch.
+        self.native_kernel = native is not None and self.entity is None
+        if self.native_kernel:
             self.batcher.set_native_forward(*native(), self.backend)
+        self.driven_natively = False  # the native HTTP front end's thread runs its batches
         # Plain JSON requests (no parameters, no binary tensors) are parsed and answered
         # natively when every datatype allows it; the rest take the general decoder. With
         # the "error" policy for unknown entities, answers are checked in Python first.
@@ -253,8 +255,29 @@ class ModelRunner:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Have `loop` run (inline mode) and answer batches; call once, from the loop's thread."""
         self.loop = loop
-        callback = self._on_ready if self.execution == "inline" else self._on_completions
-        loop.add_reader(self.batcher.fileno(), callback)
+        loop.add_reader(self.batcher.fileno(), self._on_completions)
+        if self.execution == "inline":
+            loop.add_reader(self.batcher.ready_fileno(), self._on_ready)
+
+    @property
+    def natively_drivable(self) -> bool:
+        """Inline batches that need no Python: the native front end's thread can run them."""
+        return self.native_kernel and self.execution == "inline" and not self.closed
+
+    def drive_natively(self, native: bool) -> None:
+        """Hand the running of batches to the native front end's thread (which then runs
+        them right after reading their requests), or take it back to the loop."""
+        if native == self.driven_natively or self.loop is None or self.closed:
+            return
+        self.driven_natively = native
+        if native:
+            self.loop.remove_reader(self.batcher.ready_fileno())
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        else:
+            self.loop.add_reader(self.batcher.ready_fileno(), self._on_ready)
+            self.loop.call_soon(self._on_ready)  # rows may have been queued meanwhile
 
     def _on_ready(self) -> None:
         """Inline mode: run every ready batch on the loop's thread, then answer them.
@@ -351,4 +374,6 @@ class ModelRunner:
         self.batcher.shutdown(drain)
         if self.loop is not None and not self.loop.is_closed():
             self.loop.remove_reader(self.batcher.fileno())
+            if self.execution == "inline":
+                self.loop.remove_reader(self.batcher.ready_fileno())
         self._on_completions()

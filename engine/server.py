@@ -39,6 +39,7 @@ from vivace.monitor.metrics import MetricsCollector, render_metrics
 from . import oip
 from .auth import AuditLog, Authenticator, Principal
 from .config import ServerConfig
+from .frontend import NativeConnection, NativeFrontend, listening_socket, use_native
 from .http import HEALTH_PATHS, HttpProtocol, InferCall, error_body, http_response
 from .runtime import (
     STATUS_ERROR,
@@ -91,12 +92,13 @@ class App:
         self._auth_checked_at = 0.0
         self.models: dict[str, dict[str, ModelRunner]] = {}
         self.latest: dict[str, ModelRunner] = {}
+        self.frontend: NativeFrontend | None = None  # set by serve() when the C++ front end runs
         for runner in runners:
             self.add_model(runner)
         self.connections: set[HttpProtocol] = set()
         self.draining = False
-        self.http_errors: dict[int, int] = {}
-        self.failures: dict[tuple[str, str, str], int] = {}
+        self._http_errors: dict[int, int] = {}
+        self._failures: dict[tuple[str, str, str], int] = {}
         # (method, url) -> (handler, runner or None, scope needed or None)
         self._routes: dict[tuple[bytes, bytes], tuple[Any, ModelRunner | None, str | None]] = {}
         self.metrics = MetricsCollector(self)
@@ -107,25 +109,40 @@ class App:
         current = self.latest.get(runner.name)
         if current is None or _version_key(runner.version) >= _version_key(current.version):
             self.latest[runner.name] = runner
-        self._routes = {}
+        self._models_changed()
 
     def replace_model(self, new: ModelRunner) -> None:
         """Route `new`'s name to it alone from now on; requests already queued on the runners
         it replaces finish there (see retire)."""
         self.models[new.name] = {new.version: new}
         self.latest[new.name] = new
+        self._models_changed()
+
+    def _models_changed(self) -> None:
         self._routes = {}
+        if self.frontend is not None:
+            self.frontend.sync_routes()
 
     def runners(self) -> list[ModelRunner]:
         return [r for versions in self.models.values() for r in versions.values()]
 
     # -- accounting ---------------------------------------------------------------------
     def count_http_error(self, status: int) -> None:
-        self.http_errors[status] = self.http_errors.get(status, 0) + 1
+        self._http_errors[status] = self._http_errors.get(status, 0) + 1
 
     def count_failure(self, runner: ModelRunner | None, reason: str) -> None:
         key = (runner.name, runner.version, reason) if runner else ("", "", reason)
-        self.failures[key] = self.failures.get(key, 0) + 1
+        self._failures[key] = self._failures.get(key, 0) + 1
+
+    @property
+    def http_errors(self) -> dict[int, int]:
+        """Error responses by HTTP status, from Python and from the native front end."""
+        return _merged(self._http_errors, self.frontend.http_errors() if self.frontend else {})
+
+    @property
+    def failures(self) -> dict[tuple[str, str, str], int]:
+        """Failed requests by (model, version, reason), from both front ends."""
+        return _merged(self._failures, self.frontend.failures() if self.frontend else {})
 
     # -- routing ------------------------------------------------------------------------
     def dispatch(self, protocol: HttpProtocol, seq: int, method: bytes, url: bytes, body: bytes) -> None:
@@ -465,7 +482,7 @@ class App:
         self.stop_following(name)
         del self.models[name]
         self.latest.pop(name, None)
-        self._routes = {}
+        self._models_changed()
         for previous in versions.values():
             self.retire(previous)  # queued requests finish; new ones get 404
         self.record("admin.unload", model=name, versions=sorted(versions), token=_actor(protocol),
@@ -528,6 +545,8 @@ class App:
             conn.sweep(now)
         for runner in self.watched():
             self._watch(runner, now)
+        if self.frontend is not None:
+            self.frontend.sync_routes()  # a hung model leaves the native path until it is back
         if self.auth is not None and now - self._auth_checked_at >= 1.0:
             self._auth_checked_at = now
             try:
@@ -556,9 +575,19 @@ class App:
         self.draining = True
         for conn in list(self.connections):
             conn.close_when_idle()
+        if self.frontend is not None:
+            self.frontend.begin_drain()
 
     def in_flight(self) -> int:
-        return sum(len(c.outstanding) + len(c.held) for c in self.connections)
+        native = self.frontend.in_flight() if self.frontend is not None else 0
+        return native + sum(len(c.outstanding) + len(c.held) for c in self.connections)
+
+
+def _merged(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, count in b.items():
+        out[key] = out.get(key, 0) + count
+    return out
 
 
 def _actor(protocol: HttpProtocol) -> str | None:
@@ -566,9 +595,8 @@ def _actor(protocol: HttpProtocol) -> str | None:
     return protocol.auth_cache[2].name if protocol.auth_cache else None
 
 
-def _peer(protocol: HttpProtocol) -> str | None:
-    peer = protocol.transport.get_extra_info("peername") if protocol.transport else None
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
+def _peer(protocol: HttpProtocol | NativeConnection) -> str | None:
+    return protocol.peer
 
 
 def _version_key(version: str):
@@ -725,12 +753,24 @@ async def serve(
     for runner in runners:
         runner.attach(loop)
     tls = tls_context(config)
-    if sock is not None:
+    server = None
+    if use_native(config):
+        listener = sock if sock is not None else listening_socket(config)
+        try:
+            app.frontend = NativeFrontend(app, listener)  # holds its own copy of the socket
+            port = listener.getsockname()[1]
+        finally:
+            listener.close()
+        app.frontend.attach(loop)
+        app.frontend.sync_routes()
+    elif sock is not None:
         server = await loop.create_server(lambda: HttpProtocol(app), sock=sock, backlog=4096, ssl=tls)
     else:
         server = await loop.create_server(
             lambda: HttpProtocol(app), config.host, config.port, backlog=4096, reuse_port=True, ssl=tls
         )
+    if server is not None:
+        port = server.sockets[0].getsockname()[1]
     stop = loop.create_future()
 
     def on_signal(signum: int) -> None:
@@ -764,7 +804,6 @@ async def serve(
     # scanning it and pausing the loop for tens of milliseconds under load.
     gc.collect()
     gc.freeze()
-    port = server.sockets[0].getsockname()[1]
     log.info("vivace serving %s on %s://%s:%d", ", ".join(f"{r.name}/{r.version}" for r in runners),
              "https" if tls else "http", config.host, port)
     if ready is not None and not ready.done():
@@ -772,7 +811,11 @@ async def serve(
     try:
         await stop
     finally:
-        server.close()  # stop accepting: new connections are refused from here on
+        # Stop accepting: new connections are refused from here on.
+        if server is not None:
+            server.close()
+        if app.frontend is not None:
+            app.frontend.stop_accepting()
         for name in list(app.followers):
             app.stop_following(name)
         app.begin_drain()
@@ -784,6 +827,8 @@ async def serve(
             runner.close(drain=True)
         for conn in list(app.connections):
             conn.transport.close()
+        if app.frontend is not None:
+            app.frontend.close()
         sweep_task.cancel()
         expire_task.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):

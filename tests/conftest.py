@@ -76,10 +76,12 @@ class ServerProcess:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="module")
-def server(mlp_package):
+@pytest.fixture(scope="module", params=["native", "python"])
+def server(mlp_package, request):
+    """The reference model served through each HTTP front end (the native one is the
+    default; the Python one serves TLS and auth): the same HTTP tests hold for both."""
     srv = ServerProcess([mlp_package], "--max-body-bytes", str(1 << 20), "--header-timeout", "1",
-                        "--body-timeout", "1")
+                        "--body-timeout", "1", "--http-frontend", request.param)
     yield srv
     assert srv.stop() == 0
 

@@ -1,0 +1,196 @@
+"""Python side of the native HTTP front end (csrc/frontend/).
+
+The C++ front end owns the listening socket and every connection on one epoll thread. A
+plain JSON infer request (no parameters, no binary tensors) to a model with a fast route
+is parsed straight into the model's batcher and answered from C++ when its batch
+completes: no Python runs per request, only once per batch (inline models) or not at all
+(native kernels on executor threads). Every other request — metadata, health, metrics,
+binary tensors, parameters, the admin routes, and any request whose error needs words —
+is handed to this module, which runs it through the same `App.dispatch` as the Python
+front end (engine/http.py) and sends the answer back; the C++ side keeps responses in
+request order.
+
+The Python front end (uvloop + httptools) remains for TLS and bearer authentication,
+which the native one does not implement: `ServerConfig.http_frontend` picks.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING, Any
+
+from vivace import _core
+
+from .config import ServerConfig
+
+if TYPE_CHECKING:
+    from .runtime import ModelRunner
+    from .server import App
+
+
+def use_native(config: ServerConfig) -> bool:
+    """Whether `config` serves through the native front end; raises ValueError when it
+    asks for the native one together with a feature only the Python one has."""
+    python_only = [flag for flag, on in (("--tls-cert", config.tls_cert), ("--auth", config.auth_tokens)) if on]
+    if config.http_frontend == "native" and python_only:
+        raise ValueError(f"the native HTTP front end does not implement {' and '.join(python_only)}; "
+                         "use --http-frontend python (or auto)")
+    if config.http_frontend not in ("auto", "native", "python"):
+        raise ValueError(f"http_frontend must be auto, native or python, got {config.http_frontend!r}")
+    return config.http_frontend != "python" and not python_only
+
+
+def listening_socket(config: ServerConfig) -> socket.socket:
+    """A listening TCP socket on config.host:port (SO_REUSEPORT, as the Python server binds)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(4096)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class NativeConnection:
+    """One connection of the native front end, as App.dispatch and InferCall see a
+    protocol: the current request's headers, the connection's queued tokens, respond()."""
+
+    __slots__ = ("app", "core", "conn", "peer", "header_length", "authorization", "auth_cache", "outstanding", "closed",
+                 "held")
+
+    def __init__(self, app: "App", core: Any, conn: int, peer: str | None):
+        self.app = app
+        self.core = core
+        self.conn = conn
+        self.peer = peer
+        self.header_length: bytes | None = None
+        self.authorization: bytes | None = None
+        self.auth_cache: tuple | None = None
+        self.outstanding: dict[int, ModelRunner] = {}  # token → runner, for cancellation
+        self.closed = False
+        self.held: dict[int, bytes] = {}  # always empty: the C++ side orders responses
+
+    def respond(self, seq: int, data: bytes) -> None:
+        if not self.closed:
+            self.core.respond(self.conn, seq, data)
+
+    def lost(self) -> None:
+        """The client went away: drop its requests that have not run yet."""
+        self.closed = True
+        for token, runner in self.outstanding.items():
+            runner.cancel(token)
+        self.outstanding.clear()
+
+
+class NativeFrontend:
+    """Runs the C++ front end for an App: hands it the fast routes, answers the rest."""
+
+    def __init__(self, app: "App", sock: socket.socket):
+        config = app.config
+        self.app = app
+        self.core = _core.HttpFrontend(
+            sock.fileno(),
+            max_connections=config.max_connections,
+            max_body_bytes=config.max_body_bytes,
+            max_header_bytes=config.max_header_bytes,
+            max_headers=config.max_headers,
+            header_timeout=config.header_timeout,
+            body_timeout=config.body_timeout,
+            idle_timeout=config.idle_timeout,
+        )
+        self.connections: dict[int, NativeConnection] = {}
+        self._routed: tuple | None = None  # what the current fast routes were built from
+        self._driven: list[ModelRunner] = []  # runners whose batches the C++ thread runs
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.core.fileno(), self._on_requests)
+
+    def _on_requests(self) -> None:
+        connections = self.connections
+        dispatch = self.app.dispatch
+        for conn, seq, method, target, body, header_length, authorization, peer in self.core.take():
+            connection = connections.get(conn)
+            if seq < 0:  # the connection closed
+                if connection is not None:
+                    del connections[conn]
+                    connection.lost()
+                continue
+            if connection is None:
+                connection = connections[conn] = NativeConnection(self.app, self.core, conn, peer)
+            connection.header_length = header_length
+            connection.authorization = authorization
+            dispatch(connection, seq, method, target, body)
+
+    def sync_routes(self) -> None:
+        """Give the C++ side the fast routes of the models that take them now: JSON fast
+        path on, ready, no prediction log (sampling needs the Python path), and the
+        server not draining. Python models on executor threads stay on the Python path:
+        the watchdog fails a hung batch's requests from there (engine/runtime.py
+        check_hung). Cheap when nothing changed."""
+        app = self.app
+        serving = [(name, runner, runner is app.latest.get(name))
+                   for name, versions in app.models.items() for runner in versions.values()]
+        key = (app.draining,
+               tuple((id(runner), runner.ready, runner.prediction_log is None, latest) for _, runner, latest in serving))
+        if key == self._routed:
+            return
+        self._routed = key
+        routes = []
+        if not app.draining:
+            for name, runner, latest in serving:
+                if not (runner.json_fast and runner.ready and runner.prediction_log is None
+                        and (runner.execution == "inline" or runner.native_kernel)):
+                    continue
+                targets = [f"/v2/models/{name}/versions/{runner.version}/infer"]
+                if latest:
+                    targets.append(f"/v2/models/{name}/infer")
+                routes += [(target, runner.batcher, name, runner.version) for target in targets]
+        self.core.set_routes(routes)
+        # Models served by a native kernel inline have their batches run by the C++ thread
+        # right after it reads their requests: no hand-off to the loop per batch.
+        routed = {id(batcher) for _, batcher, _, _ in routes}
+        driven = [runner for _, runner, _ in serving if runner.natively_drivable and id(runner.batcher) in routed]
+        for runner in self._driven:
+            if runner not in driven:
+                runner.drive_natively(False)
+        self.core.set_driven([runner.batcher for runner in driven])
+        for runner in driven:
+            runner.drive_natively(True)
+        self._driven = driven
+
+    # -- accounting (merged into the App's counters for /metrics) ---------------------------
+    def http_errors(self) -> dict[int, int]:
+        return self.core.http_errors()
+
+    def failures(self) -> dict[tuple[str, str, str], int]:
+        return self.core.failures()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def stop_accepting(self) -> None:
+        self.core.stop_accepting()
+
+    def begin_drain(self) -> None:
+        self.sync_routes()  # no fast routes while draining: Python refuses new infer requests
+        self.core.begin_drain()
+
+    def in_flight(self) -> int:
+        return self.core.in_flight() + sum(len(c.outstanding) for c in self.connections.values())
+
+    def close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.core.fileno())
+        self.core.set_driven([])
+        for runner in self._driven:
+            runner.drive_natively(False)
+        self._driven = []
+        self.core.stop()
+        for connection in self.connections.values():
+            connection.lost()
+        self.connections.clear()
