@@ -157,7 +157,7 @@ def run_perf_analyzer(port: int, concurrency: int, duration: float, cpu: int | N
 
 def benchmark(duration: float, concurrencies: list[int], server_cpu: int | None, client_cpu: int | None,
               baseline: bool, perf_analyzer: bool, native: bool, pa_concurrencies: list[int] = (8,),
-              port: int = 18000, auth: bool = False) -> list[Result]:
+              port: int = 18000, auth: bool = False, python_frontend: bool = False) -> list[Result]:
     from .model import write_reference_model
 
     results: list[Result] = []
@@ -182,6 +182,11 @@ def benchmark(duration: float, concurrencies: list[int], server_cpu: int | None,
             subprocess.run([sys.executable, "-m", "vivace.engine.cli", "quantize", str(package),
                             "--out", str(native_package)], check=True, capture_output=True)
             servers.append(("vivace-native", [*serve, str(native_package), "--port", str(port + 2)], LUA))
+        if python_frontend:
+            # The same packages through the Python front end (uvloop + httptools), which
+            # serves TLS and auth: what the native front end adds, in the same run.
+            servers += [(f"{name}-pyfe", [*cmd, "--http-frontend", "python"], script)
+                        for name, cmd, script in list(servers) if name in ("vivace", "vivace-native")]
         if baseline:
             servers.append(("fastapi", [sys.executable, "-m", "vivace.bench.baselines.fastapi_server",
                                         str(package), "--port", str(port + 1)], LUA))
@@ -233,6 +238,13 @@ def summarize(results: list[Result]) -> list[str]:
             f"CPU per request x{base.cpu_us_per_request / r.cpu_us_per_request:.1f} less"
         )
     for (server, tool, c), r in sorted(by_key.items()):
+        python_fe = by_key.get((f"{server}-pyfe", tool, c))
+        if python_fe is not None:
+            lines.append(
+                f"{tool} c={c}: {server} native / Python front end: throughput "
+                f"x{r.requests_per_s / python_fe.requests_per_s:.2f}, CPU per request "
+                f"x{python_fe.cpu_us_per_request / r.cpu_us_per_request:.2f} less"
+            )
         plain = by_key.get(("vivace", tool, c))
         if server == "vivace-auth" and plain is not None:
             lines.append(
@@ -271,6 +283,8 @@ def register(subparsers) -> None:
                         help="skip the native fp32 package (the same model through vivace quantize)")
     parser.add_argument("--auth", action="store_true",
                         help="also measure Vivace with bearer-token authentication on (vivace-auth)")
+    parser.add_argument("--python-frontend", action="store_true",
+                        help="also measure each Vivace package through the Python front end (-pyfe)")
     parser.add_argument("--json", dest="json_out", help="write the results as JSON to this file")
     parser.set_defaults(func=_run)
 
@@ -292,7 +306,7 @@ def _run(args) -> int:
     print(f"vivace bench http: {args.duration:g} s per point, server cpu {server_cpu}, client cpu {client_cpu}")
     results = benchmark(args.duration, concurrencies, server_cpu, client_cpu,
                         baseline=not args.no_baseline, perf_analyzer=not args.no_perf_analyzer,
-                        native=not args.no_native, auth=args.auth,
+                        native=not args.no_native, auth=args.auth, python_frontend=args.python_frontend,
                         pa_concurrencies=[int(c) for c in args.pa_concurrency.split(",")])
     for line in summarize(results):
         print(line)
