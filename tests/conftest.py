@@ -95,3 +95,27 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def slow_model_bytes(matmuls: int) -> bytes:
+    """TorchScript spending `matmuls` 500x500 matrix products per batch, whatever its size
+    (about 3 ms each here), then answering sigmoid of a constant. The work depends on the
+    input, so the JIT cannot fold it into a constant."""
+    import io
+
+    import torch
+
+    class Slow(torch.nn.Module):
+        def __init__(self, n: int):
+            super().__init__()
+            self.n = n
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = torch.ones(500, 500) / 500.0 + x[0, 0] * 0.0
+            for _ in range(self.n):
+                a = a @ a
+            return torch.sigmoid(x[:, :1] * 0.0 + a[0, 0])
+
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(Slow(matmuls)), buffer)
+    return buffer.getvalue()

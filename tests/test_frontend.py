@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ServerProcess, wait_for
+from conftest import ServerProcess, slow_model_bytes, wait_for
 
 ROW = [round(0.01 * i, 2) for i in range(32)]
 BODY_LIMIT = 1 << 16
@@ -183,25 +183,8 @@ def _slow_package(mlp_package, directory, name: str, timeout_us: int = 0):
     manifest.pop("files", None)
     manifest.update(name=name, max_batch_size=1, parameters={"torch_num_threads": 1})
     manifest["dynamic_batching"]["default_queue_policy"]["default_timeout_microseconds"] = timeout_us
-    write_package(directory / name, manifest, {"model.pt": _slow_model_bytes()})
+    write_package(directory / name, manifest, {"model.pt": slow_model_bytes(100)})
     return directory / name
-
-
-def _slow_model_bytes() -> bytes:
-    import io
-
-    import torch
-
-    class Slow(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            a = torch.ones(500, 500) / 500.0 + x[0, 0] * 0.0  # not a constant: computed per batch
-            for _ in range(100):
-                a = a @ a
-            return torch.sigmoid(x[:, :1] * 0.0 + a[0, 0])
-
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(Slow()), buffer)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

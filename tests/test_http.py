@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ServerProcess
+from conftest import ServerProcess, slow_model_bytes
 
 ROW = [round(0.01 * i, 2) for i in range(32)]
 
@@ -341,7 +341,7 @@ def test_sigterm_drains_accepted_requests_and_refuses_new_connections(mlp_packag
     package = load_package(mlp_package)
     manifest = package.manifest()
     manifest.update(name="slow", parameters={"torch_num_threads": 1})
-    write_package(slow_dir, manifest, {"model.pt": _slow_model_bytes()})
+    write_package(slow_dir, manifest, {"model.pt": slow_model_bytes(40)})
     srv = ServerProcess([slow_dir])
     results = []
 
@@ -362,24 +362,6 @@ def test_sigterm_drains_accepted_requests_and_refuses_new_connections(mlp_packag
     assert srv.proc.wait(30) == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", srv.port), timeout=2).close()
-
-
-def _slow_model_bytes() -> bytes:
-    """TorchScript of a model spending a fixed ~0.3 s per batch, whatever its size."""
-    import io
-
-    import torch
-
-    class Slow(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            a = torch.ones(500, 500) / 500.0
-            for _ in range(40):
-                a = a @ a
-            return torch.sigmoid(x[:, :1] * 0.0 + a[0, 0])
-
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(Slow()), buffer)
-    return buffer.getvalue()
 
 
 def test_header_limits_are_configurable(mlp_package):

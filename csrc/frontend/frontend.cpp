@@ -826,13 +826,17 @@ void HttpFrontend::Dispatch(Conn* c, const char* body, size_t body_size) {
   f.has_authorization = h.has_authorization;
   f.authorization = std::move(h.authorization);
   c->python_knows = true;
+  ToPython(std::move(f));
+}
+
+void HttpFrontend::ToPython(ForwardedRequest f) {
   bool was_empty;
   {
     std::lock_guard<std::mutex> lk(inbox_mu_);
     was_empty = inbox_.empty();
     inbox_.push_back(std::move(f));
   }
-  if (was_empty) {
+  if (was_empty) {  // Python is woken once per burst
     const uint64_t one = 1;
     ssize_t n = write(python_fd_, &one, sizeof(one));
     (void)n;
@@ -1053,17 +1057,7 @@ void HttpFrontend::Close(Conn* c) {
     ForwardedRequest notice;
     notice.conn = c->id;
     notice.closed = true;
-    bool was_empty;
-    {
-      std::lock_guard<std::mutex> lk(inbox_mu_);
-      was_empty = inbox_.empty();
-      inbox_.push_back(std::move(notice));
-    }
-    if (was_empty) {
-      const uint64_t one = 1;
-      ssize_t n = write(python_fd_, &one, sizeof(one));
-      (void)n;
-    }
+    ToPython(std::move(notice));
   }
   if (c->dirty) dirty_.erase(std::remove(dirty_.begin(), dirty_.end(), c), dirty_.end());
   --open_connections_;

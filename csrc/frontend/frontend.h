@@ -117,6 +117,7 @@ class HttpFrontend final : public CompletionSink {
   void ApplyDriven();
   void RunDriven(double now);
   void SignalQueued();
+  void ToPython(ForwardedRequest f);
   double NextDue() const;
   void Accept();
   void OnReadable(Conn* c);
