@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the HTTP API, built from what an App serves.
 
-`document(app)` describes every route `App._resolve` answers (KServe v2 / Open Inference
+`document(app)` describes every route of engine/routes.py (KServe v2 / Open Inference
 Protocol REST, Triton's binary tensor, configuration, statistics and model repository
 extensions, drift, Prometheus metrics). It is generated per server, not written once: the
 served model names and versions are the enums of the path parameters, and each model's
@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from vivace import __version__
 from vivace.registry.package import DATATYPES, ModelPackage, TensorSpec
+
+from . import routes
+from .model_table import version_key
 
 if TYPE_CHECKING:
     from .server import App
@@ -48,11 +51,9 @@ _TRANSPORT_ERRORS = {
 
 def document(app: App) -> dict[str, Any]:
     """The OpenAPI 3.1 document of `app`'s HTTP API (a JSON-ready dict)."""
-    from .server import _version_key  # imported here: the server imports this module
-
     packages = {name: runner.package for name, runner in sorted(app.latest.items())}
-    versions = {name: sorted(app.models[name], key=_version_key) for name in packages}
-    all_versions = sorted({v for vs in versions.values() for v in vs}, key=_version_key)
+    versions = {name: app.table.versions(name) for name in packages}
+    all_versions = sorted({v for vs in versions.values() for v in vs}, key=version_key)
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -88,75 +89,61 @@ def document(app: App) -> dict[str, Any]:
 # -- paths -------------------------------------------------------------------------------
 
 def _paths(packages: dict[str, ModelPackage], versions_of: dict[str, list[str]]) -> dict[str, Any]:
-    paths: dict[str, Any] = {
-        "/v2/health/live": {"get": _health("health_live", "The server is live.", "Live")},
-        "/v2/health/ready": {"get": _health(
-            "health_ready", "The server and all its models are ready (503 while draining).", "Ready",
-            not_ready=True)},
-        "/v2": {"get": _get("server_metadata", "Server name, version and extensions.", "ServerMetadata")},
-        "/v2/models/stats": {"get": _get("stats_all", "Statistics of every served model version.", "Statistics")},
-        "/metrics": {"get": {
-            "operationId": "metrics",
-            "summary": "Prometheus metrics (text exposition format).",
-            "security": [{}, {"bearer": ["read"]}],
-            "responses": {
-                "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
-                **_auth_errors(),
-                **_transport_errors(),
-            },
-        }},
-        "/v2/openapi.json": {"get": _get(
-            "openapi", "This document.", {"type": "object", "required": ["openapi", "paths"]})},
-    }
-    model_routes = {
-        "": ("model_metadata", "Model metadata: signature and versions.", "ModelMetadata"),
-        "/ready": ("model_ready", "Whether the model accepts requests (503 when not).", "Ready"),
-        "/config": ("model_config", "The model configuration as Triton returns it.", "ModelConfig"),
-        "/stats": ("model_stats", "Statistics of the model (Triton statistics extension).", "Statistics"),
-        "/drift": ("model_drift", "Drift statistics against the reference profile (404 without one).",
-                   "DriftStatus"),
-    }
-    for prefix, suffix_id, params in (
-        ("/v2/models/{model_name}", "", ["ModelName"]),
-        ("/v2/models/{model_name}/versions/{model_version}", "_version", ["ModelName", "ModelVersion"]),
-    ):
-        refs = [{"$ref": f"#/components/parameters/{p}"} for p in params]
-        for tail, (op_id, summary, schema) in model_routes.items():
-            operation = _get(op_id + suffix_id, summary, schema, model=True, not_ready=tail == "/ready")
-            paths[prefix + tail] = {"parameters": refs, "get": operation}
-    # Infer has one path per model: a request body cannot depend on a path parameter, and
-    # each model's signature is what makes its request schema exact.
-    for name, package in packages.items():
-        version_param = {"name": "model_version", "in": "path", "required": True,
-                         "schema": {"type": "string", "enum": versions_of[name]}}
-        paths[f"/v2/models/{name}/infer"] = {"post": _infer_operation(f"infer.{name}", package)}
-        paths[f"/v2/models/{name}/versions/{{model_version}}/infer"] = {
-            "parameters": [version_param], "post": _infer_operation(f"infer_version.{name}", package)}
-    paths.update(_repository_paths())
+    """One path item per route of engine/routes.py (infer: one per served model)."""
+    paths: dict[str, Any] = {}
+    for route in routes.ROUTES:
+        if route.handler == "_infer":
+            # Infer has one path per model: a request body cannot depend on a path parameter,
+            # and each model's signature is what makes its request schema exact.
+            for name, package in packages.items():
+                version_param = {"name": "model_version", "in": "path", "required": True,
+                                 "schema": {"type": "string", "enum": versions_of[name]}}
+                paths[route.path.replace("{model_name}", name)] = {
+                    "post": _infer_operation(f"{route.operation_id}.{name}", package)}
+                paths[route.versioned().path.replace("{model_name}", name)] = {
+                    "parameters": [version_param],
+                    "post": _infer_operation(f"{route.versioned().operation_id}.{name}", package)}
+            continue
+        for variant in (route, route.versioned()) if route.model else (route,):
+            item: dict[str, Any] = {variant.method.lower(): _operation(variant)}
+            params = [p for p in ("ModelName", "ModelVersion") if "{" + _PATH_PARAMS[p] + "}" in variant.path]
+            if variant.admin:
+                params = ["RepositoryModelName"]
+            if params:
+                item = {"parameters": [{"$ref": f"#/components/parameters/{p}"} for p in params], **item}
+            paths[variant.path] = item
     return paths
 
 
-def _get(op_id: str, summary: str, schema: str | dict[str, Any], *, model: bool = False,
-         not_ready: bool = False) -> dict[str, Any]:
-    body = {"$ref": SCHEMAS + schema} if isinstance(schema, str) else schema
-    responses: dict[str, Any] = {"200": {"description": summary, "content": {"application/json": {"schema": body}}}}
-    if model:
+_PATH_PARAMS = {"ModelName": "model_name", "ModelVersion": "model_version"}
+
+
+def _operation(route: routes.Route) -> dict[str, Any]:
+    """The OpenAPI operation of a (non-infer) route."""
+    if route.response is None:  # Prometheus text
+        ok = {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    else:
+        body = {"$ref": SCHEMAS + route.response} if isinstance(route.response, str) else route.response
+        ok = {"description": route.summary, "content": {"application/json": {"schema": body}}}
+    responses: dict[str, Any] = {"200": ok}
+    if route.model:
         responses["404"] = {"$ref": RESPONSES + "NotFound"}
-    responses.update(_auth_errors())
+    if route.scope is not None:  # health checks are never behind authentication
+        responses.update(_auth_errors())
     responses.update(_transport_errors())
-    if not_ready:
+    for code in route.errors:
+        responses[code] = {"$ref": RESPONSES + {"404": "NotFound", "503": "Unavailable"}[code]}
+    if route.not_ready:
         responses["503"] = {"description": "Not ready", "content": {"application/json": {"schema": {
             "anyOf": [{"$ref": SCHEMAS + "Ready"}, {"$ref": SCHEMAS + "Error"}]}}}}
-    return {"operationId": op_id, "summary": summary, "security": [{}, {"bearer": ["read"]}],
-            "responses": responses}
-
-
-def _health(op_id: str, summary: str, schema: str, *, not_ready: bool = False) -> dict[str, Any]:
-    """A health route: never behind authentication."""
-    operation = _get(op_id, summary, schema, not_ready=not_ready)
-    operation["security"] = []
-    for code in ("401", "403"):
-        del operation["responses"][code]
+    operation: dict[str, Any] = {
+        "operationId": route.operation_id, "summary": route.summary,
+        "security": [] if route.scope is None else [{}, {"bearer": [route.scope]}],
+    }
+    if route.request is not None:
+        operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": {
+            "$ref": SCHEMAS + route.request}}}}
+    operation["responses"] = responses
     return operation
 
 
@@ -207,41 +194,6 @@ def _infer_operation(op_id: str, package: ModelPackage) -> dict[str, Any]:
                     "content": {"application/json": {"schema": {"$ref": SCHEMAS + "Error"}}}},
             "503": {"$ref": RESPONSES + "Unavailable"},
         },
-    }
-
-
-def _repository_paths() -> dict[str, Any]:
-    """Triton's model repository extension, plus Vivace's alias move."""
-    name_param = {"$ref": "#/components/parameters/RepositoryModelName"}
-
-    def operation(op_id: str, summary: str, scope: str, request: str | None, response: dict[str, Any],
-                  errors: tuple[str, ...]) -> dict[str, Any]:
-        responses: dict[str, Any] = {"200": {"description": summary, "content": {"application/json": {
-            "schema": response}}}}
-        responses.update(_auth_errors())
-        responses.update(_transport_errors())
-        for code in errors:
-            responses[code] = {"$ref": RESPONSES + {"404": "NotFound", "503": "Unavailable"}[code]}
-        body = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
-            "$ref": SCHEMAS + request}}}}} if request else {}
-        return {"operationId": op_id, "summary": summary, "security": [{}, {"bearer": [scope]}], **body,
-                "responses": responses}
-
-    return {
-        "/v2/repository/index": {"post": operation(
-            "repository_index", "The served model versions and their state.", "read", None,
-            {"type": "array", "items": {"$ref": SCHEMAS + "RepositoryModel"}}, ())},
-        "/v2/repository/models/{model_name}/load": {"parameters": [name_param], "post": operation(
-            "repository_load", "Serve a model from the registry (parameters.ref: NAME@ALIAS or "
-            "NAME/VERSION, default NAME@latest); a served model is switched without failing requests.",
-            "admin", "LoadRequest", {"$ref": SCHEMAS + "Loaded"}, ("404", "503"))},
-        "/v2/repository/models/{model_name}/unload": {"parameters": [name_param], "post": operation(
-            "repository_unload", "Stop serving a model; its queued requests finish first.", "admin", None,
-            {"$ref": SCHEMAS + "Unloaded"}, ("404",))},
-        "/v2/repository/models/{model_name}/alias": {"parameters": [name_param], "post": operation(
-            "repository_alias", "Point NAME@ALIAS at a version in the registry; servers following "
-            "the alias switch to it.", "admin", "AliasRequest", {"$ref": SCHEMAS + "AliasMoved"},
-            ("404", "503"))},
     }
 
 

@@ -1,22 +1,9 @@
-"""The server: routes, model table, lifecycle (start, SIGTERM drain, stop).
+"""The server: the App that answers requests, and its lifecycle (start, SIGTERM drain, stop).
 
-Routes (KServe v2 / Open Inference Protocol REST, plus Triton's extensions):
-
-  GET  /v2/health/live | /v2/health/ready | /v2
-  GET  /v2/models/{m}[/versions/{v}]            model metadata
-  GET  /v2/models/{m}[/versions/{v}]/ready
-  GET  /v2/models/{m}[/versions/{v}]/config     Triton model configuration (perf_analyzer)
-  GET  /v2/models[/{m}[/versions/{v}]]/stats    Triton statistics extension
-  GET  /v2/models/{m}[/versions/{v}]/drift      drift statistics against the reference profile
-  POST /v2/models/{m}[/versions/{v}]/infer      JSON or binary tensor extension
-  GET  /metrics                                 Prometheus text format
-  GET  /v2/openapi.json                         OpenAPI document of this API
-  POST /v2/repository/index                     served models and their state (Triton)
-  POST /v2/repository/models/{m}/load | unload  load from the registry / stop serving (Triton)
-  POST /v2/repository/models/{m}/alias          move NAME@ALIAS in the registry (Vivace)
-
-With `--auth`, every route but the health checks needs a bearer token whose scopes allow
-it (engine/auth.py); admin actions and refused requests go to the audit log.
+The routes are declared in engine/routes.py (the App answers each with the method the
+table names); the served models live in engine/model_table.py. With `--auth`, every route
+but the health checks needs a bearer token whose scopes allow it (engine/auth.py); admin
+actions and refused requests go to the audit log.
 """
 from __future__ import annotations
 
@@ -36,13 +23,14 @@ import msgspec
 from vivace import __version__
 from vivace.monitor.metrics import MetricsCollector, render_metrics
 
-from . import oip
+from . import oip, routes
 from .auth import AuditLog, Authenticator, Principal
 from .config import ServerConfig
 from .frontend import NativeConnection, NativeFrontend, listening_socket, use_native
-from .http import HEALTH_PATHS, HttpProtocol, InferCall, error_body, http_response
+from .http import HttpProtocol, InferCall, error_body, http_response
+from .model_table import AliasFollower, ModelTable, registry_follower, version_key
+from .routes import OPEN_PATHS
 from .runtime import (
-    STATUS_ERROR,
     STATUS_INVALID,
     STATUS_OVERLOADED,
     STATUS_QUEUE_FULL,
@@ -73,7 +61,7 @@ def _ok(obj: Any) -> bytes:
 
 
 class App:
-    """Holds the served models and answers every route."""
+    """Answers every route of `ROUTES` for the models of its `ModelTable`."""
 
     def __init__(
         self,
@@ -87,44 +75,35 @@ class App:
         self.home = home
         self.auth = Authenticator(config.auth_tokens) if config.auth_tokens else None
         self.audit_log = AuditLog(config.audit_log) if config.audit_log else None
-        self.followers: dict[str, asyncio.Task] = {}  # model name -> task following its alias
-        self.retiring: set[ModelRunner] = set()  # replaced or unloaded, finishing their queues
         self._auth_checked_at = 0.0
-        self.models: dict[str, dict[str, ModelRunner]] = {}
-        self.latest: dict[str, ModelRunner] = {}
         self.frontend: NativeFrontend | None = None  # set by serve() when the C++ front end runs
+        # (method, url) -> (handler, runner or None, scope needed or None): resolved routes
+        self._routes: dict[tuple[bytes, bytes], tuple[Any, ModelRunner | None, str | None]] = {}
+        self.table = ModelTable(on_change=self._models_changed)
         for runner in runners:
-            self.add_model(runner)
+            self.table.add(runner)
         self.connections: set[HttpProtocol] = set()
         self.draining = False
         self._http_errors: dict[int, int] = {}
         self._failures: dict[tuple[str, str, str], int] = {}
-        # (method, url) -> (handler, runner or None, scope needed or None)
-        self._routes: dict[tuple[bytes, bytes], tuple[Any, ModelRunner | None, str | None]] = {}
         self.metrics = MetricsCollector(self)
 
-    # -- model table --------------------------------------------------------------------
-    def add_model(self, runner: ModelRunner) -> None:
-        self.models.setdefault(runner.name, {})[runner.version] = runner
-        current = self.latest.get(runner.name)
-        if current is None or _version_key(runner.version) >= _version_key(current.version):
-            self.latest[runner.name] = runner
-        self._models_changed()
+    # -- the served models (engine/model_table.py) -------------------------------------------
+    @property
+    def models(self) -> dict[str, dict[str, ModelRunner]]:
+        return self.table.models
 
-    def replace_model(self, new: ModelRunner) -> None:
-        """Route `new`'s name to it alone from now on; requests already queued on the runners
-        it replaces finish there (see retire)."""
-        self.models[new.name] = {new.version: new}
-        self.latest[new.name] = new
-        self._models_changed()
+    @property
+    def latest(self) -> dict[str, ModelRunner]:
+        return self.table.latest
+
+    def runners(self) -> list[ModelRunner]:
+        return self.table.runners()
 
     def _models_changed(self) -> None:
         self._routes = {}
         if self.frontend is not None:
             self.frontend.sync_routes()
-
-    def runners(self) -> list[ModelRunner]:
-        return [r for versions in self.models.values() for r in versions.values()]
 
     # -- accounting ---------------------------------------------------------------------
     def count_http_error(self, status: int) -> None:
@@ -151,7 +130,7 @@ class App:
         if route is None:
             # With auth on, who may ask comes before what exists: an unauthenticated client
             # learns nothing about the served models from 404s.
-            if (self.auth is not None and url.split(b"?", 1)[0] not in HEALTH_PATHS
+            if (self.auth is not None and url.split(b"?", 1)[0] not in OPEN_PATHS
                     and self._authenticate(protocol, seq, method, url) is None):
                 return
             try:
@@ -176,7 +155,6 @@ class App:
             log.exception("internal error on %s %s", method, url)
             self.count_http_error(500)
             protocol.respond(seq, http_response(500, error_body(f"internal error: {exc}")))
-
     def _authenticate(self, protocol: HttpProtocol, seq: int, method: bytes, url: bytes) -> Principal | None:
         """The principal of the request's bearer token, or None after answering 401."""
         header = protocol.authorization
@@ -227,64 +205,35 @@ class App:
     def _resolve(self, method: bytes, url: bytes):
         """(handler, runner or None, scope needed or None) for a request line."""
         path = url.split(b"?", 1)[0].decode("latin-1")
-        parts = [p for p in path.split("/") if p]
-        if parts == ["metrics"]:
-            return self._method(method, b"GET", self._metrics), None, "read"
-        if not parts or parts[0] != "v2":
+        found = routes.match(path)
+        if found is None:
+            parts = [p for p in path.split("/") if p]
+            if parts[:2] == ["v2", "models"] and len(parts) > 2 and parts[2] not in self.table.models:
+                raise oip.ProtocolError(f"unknown model {parts[2]!r}", 404)
             raise oip.ProtocolError(f"no route for {path}", 404)
-        rest = parts[1:]
-        if not rest:
-            return self._method(method, b"GET", self._server_metadata), None, "read"
-        if rest in (["health", "live"], ["health", "ready"]):
-            return self._method(method, b"GET", self._live if rest[1] == "live" else self._ready), None, None
-        if rest == ["openapi.json"]:
-            return self._method(method, b"GET", self._openapi), None, "read"
-        if rest == ["models", "stats"]:
-            return self._method(method, b"GET", self._stats), None, "read"
-        if rest == ["repository", "index"]:
-            return self._method(method, b"POST", self._repository_index), None, "read"
-        if len(rest) == 4 and rest[:2] == ["repository", "models"] and rest[3] in ("load", "unload", "alias"):
-            handler = self._method(method, b"POST", functools.partial(
-                {"load": self._load, "unload": self._unload, "alias": self._move_alias}[rest[3]], rest[2]))
+        by_method, params = found
+        route = by_method.get(method.decode("latin-1"))
+        if route is None:
+            allowed = ", ".join(by_method)
+            raise oip.ProtocolError(f"method {method.decode('latin-1')} not allowed here; use {allowed}", 405,
+                                    b"allow: %s\r\n" % allowed.encode())
+        handler = getattr(self, route.handler)
+        if route.admin:
             if not self.config.repository_control:
                 raise oip.ProtocolError("model control is off: start vivace serve with --repository-control "
                                         "to load, unload or move aliases over HTTP", 403)
-            return handler, None, "admin"
-        if len(rest) < 2 or rest[0] != "models":
-            raise oip.ProtocolError(f"no route for {path}", 404)
-        name = rest[1]
-        versions = self.models.get(name)
-        if versions is None:
-            raise oip.ProtocolError(f"unknown model {name!r}", 404)
-        tail = rest[2:]
-        if len(tail) >= 2 and tail[0] == "versions":
-            runner = versions.get(tail[1])
+            return functools.partial(handler, params["model_name"]), None, route.scope
+        runner = None
+        if route.model:
+            name = params["model_name"]
+            versions = self.table.models.get(name)
+            if versions is None:
+                raise oip.ProtocolError(f"unknown model {name!r}", 404)
+            version = params.get("model_version")
+            runner = self.table.latest[name] if version is None else versions.get(version)
             if runner is None:
-                raise oip.ProtocolError(f"unknown version {tail[1]!r} of model {name!r}", 404)
-            tail = tail[2:]
-        else:
-            runner = self.latest[name]
-        if not tail:
-            return self._method(method, b"GET", self._model_metadata), runner, "read"
-        if len(tail) == 1:
-            action = {
-                "infer": (b"POST", self._infer, "infer"),
-                "ready": (b"GET", self._model_ready, "read"),
-                "config": (b"GET", self._model_config, "read"),
-                "stats": (b"GET", self._stats, "read"),
-                "drift": (b"GET", self._drift, "read"),
-            }.get(tail[0])
-            if action:
-                allowed, handler, scope = action
-                return self._method(method, allowed, handler), runner, scope
-        raise oip.ProtocolError(f"no route for {path}", 404)
-
-    @staticmethod
-    def _method(method: bytes, allowed: bytes, handler):
-        if method != allowed:
-            raise oip.ProtocolError(f"method {method.decode('latin-1')} not allowed here; use {allowed.decode()}", 405,
-                                    b"allow: %s\r\n" % allowed)
-        return handler
+                raise oip.ProtocolError(f"unknown version {version!r} of model {name!r}", 404)
+        return handler, runner, route.scope
 
     # -- handlers -----------------------------------------------------------------------
     def _infer(self, protocol: HttpProtocol, seq: int, runner: ModelRunner, body: bytes) -> None:
@@ -362,7 +311,7 @@ class App:
         package = runner.package
         protocol.respond(seq, _ok({
             "name": package.name,
-            "versions": sorted(self.models[package.name], key=_version_key),
+            "versions": self.table.versions(package.name),
             "platform": TRITON_PLATFORMS.get(package.platform, package.platform),
             "inputs": [s.to_json() for s in package.inputs],
             "outputs": [s.to_json() for s in package.outputs],
@@ -401,7 +350,7 @@ class App:
         protocol.respond(seq, _ok([
             {"name": r.name, "version": r.version, "state": "READY" if r.ready else "UNAVAILABLE",
              "reason": "" if r.ready else "draining"}
-            for r in sorted(self.runners(), key=lambda r: (r.name, _version_key(r.version)))
+            for r in sorted(self.runners(), key=lambda r: (r.name, version_key(r.version)))
         ]))
 
     @staticmethod
@@ -453,41 +402,21 @@ class App:
             if self.draining:  # the load finished after SIGTERM: serve nothing new
                 new.close(drain=False)
                 raise oip.ProtocolError("the server is draining", 503)
-            self.install(new, ref)
+            follower = (registry_follower(ref, new, self.home, self.loader)
+                        if "@" in ref and self.home is not None else None)
+            self.table.install(new, follower)
             return {"name": new.name, "version": new.version, "ref": ref}
 
         self._admin_task(protocol, seq, "admin.load", {"model": name, "ref": ref}, functools.partial(self.loader, ref),
                          finish)
 
-    def install(self, runner: ModelRunner, ref: str | None = None) -> None:
-        """Serve `runner` under its name from now on (retiring what served that name), and
-        keep following `ref` when it is NAME@ALIAS."""
-        loop = asyncio.get_running_loop()
-        runner.attach(loop)
-        old = self.models.get(runner.name, {})
-        self.stop_following(runner.name)
-        if old:
-            self.replace_model(runner)
-            for previous in old.values():
-                self.retire(previous)
-        else:
-            self.add_model(runner)
-        if ref and "@" in ref and self.loader is not None and self.home is not None:
-            self.follow(registry_follower(ref, runner, self.home, self.loader))
-
     def _unload(self, name: str, protocol, seq, runner, body) -> None:
-        versions = self.models.get(name)
-        if versions is None:
+        if name not in self.table.models:
             raise oip.ProtocolError(f"unknown model {name!r}", 404)
-        self.stop_following(name)
-        del self.models[name]
-        self.latest.pop(name, None)
-        self._models_changed()
-        for previous in versions.values():
-            self.retire(previous)  # queued requests finish; new ones get 404
+        versions = self.table.remove(name)  # queued requests finish; new ones get 404
         self.record("admin.unload", model=name, versions=sorted(versions), token=_actor(protocol),
                     remote=_peer(protocol), status=200)
-        protocol.respond(seq, _ok({"name": name, "unloaded": sorted(versions, key=_version_key)}))
+        protocol.respond(seq, _ok({"name": name, "unloaded": sorted(versions, key=version_key)}))
 
     def _move_alias(self, name: str, protocol, seq, runner, body) -> None:
         """Point NAME@ALIAS at a version in the registry; servers following it switch."""
@@ -507,44 +436,12 @@ class App:
         self._admin_task(protocol, seq, "admin.alias", {"model": name, "alias": alias, "version": version}, work,
                          lambda previous: {"name": name, "alias": alias, "version": version, "previous": previous})
 
-    # -- alias followers ----------------------------------------------------------------
-    def follow(self, follower: "AliasFollower") -> None:
-        name = follower.runner.name
-        self.stop_following(name)
-        self.followers[name] = asyncio.get_running_loop().create_task(follower.follow(self))
-
-    def retire(self, runner: ModelRunner) -> None:
-        """Stop routing to `runner`: it finishes what it queued (still watched by the sweep,
-        so a hung batch's requests fail and deadlines hold), then closes."""
-        self.retiring.add(runner)
-        asyncio.get_running_loop().create_task(self._retire(runner))
-
-    async def _retire(self, runner: ModelRunner) -> None:
-        try:
-            # Closing joins the executor threads: wait for no batch to run, so that a hung
-            # backend never blocks the loop.
-            while runner.waiting or runner.running:
-                await asyncio.sleep(0.01)
-            runner.close(drain=True)
-        finally:
-            self.retiring.discard(runner)
-
-    def watched(self) -> list[ModelRunner]:
-        """Served and retiring runners: what the watchdog and the deadline expirer cover."""
-        return [*self.runners(), *self.retiring]
-
-    def stop_following(self, name: str) -> None:
-        task = self.followers.pop(name, None)
-        if task is not None:
-            task.cancel()
-
     # -- lifecycle ----------------------------------------------------------------------
     def sweep(self) -> None:
         now = time.monotonic()
         for conn in list(self.connections):
             conn.sweep(now)
-        for runner in self.watched():
-            self._watch(runner, now)
+        self.table.watch(now)
         if self.frontend is not None:
             self.frontend.sync_routes()  # a hung model leaves the native path until it is back
         if self.auth is not None and now - self._auth_checked_at >= 1.0:
@@ -553,23 +450,6 @@ class App:
                 self.auth.reload()
             except (OSError, ValueError) as exc:  # keep the tokens we have
                 log.error("cannot reload the token file: %s", exc)
-
-    def _watch(self, runner: ModelRunner, now: float) -> None:
-        """Fail the requests of a batch that overran the execution timeout (see check_hung)."""
-        was_hung = runner.hung
-        stuck = runner.check_hung(now)
-        if runner.hung and not was_hung:
-            log.error("model %s version %s: a batch has run longer than %.1f s; failing its requests and "
-                      "refusing new ones until the backend returns", runner.name, runner.version,
-                      runner.execution_timeout_s)
-        elif was_hung and not runner.hung:
-            log.warning("model %s version %s: the overrunning batch returned; serving again",
-                        runner.name, runner.version)
-        message = f"a batch ran longer than the execution timeout of {runner.execution_timeout_s:g} s"
-        for token in stuck:
-            waiter = runner.waiting.pop(token, None)
-            if waiter is not None:
-                waiter.done(STATUS_ERROR, message)
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -597,10 +477,6 @@ def _actor(protocol: HttpProtocol) -> str | None:
 
 def _peer(protocol: HttpProtocol | NativeConnection) -> str | None:
     return protocol.peer
-
-
-def _version_key(version: str):
-    return (0, int(version), "") if version.isdigit() else (1, 0, version)
 
 
 def triton_config(runner: ModelRunner) -> dict[str, Any]:
@@ -662,61 +538,6 @@ def triton_stats(runner: ModelRunner, samples: dict[tuple[str, str, str], float]
         },
         "batch_stats": [],
     }
-
-
-class AliasFollower:
-    """Keeps a served `name@alias` on the version the alias points to.
-
-    `current()` returns the version the registry resolves now; `load(version)` builds a
-    runner for it (in a worker thread: loading a model must not stall the loop). When the
-    alias moves - a promotion or a rollback - the new version takes new requests at once
-    and the old one finishes what it had queued, then closes: no request fails.
-    """
-
-    def __init__(self, ref: str, runner: ModelRunner, current, load, interval: float = 1.0):
-        self.ref = ref
-        self.runner = runner
-        self.current = current
-        self.load = load
-        self.interval = interval
-
-    async def follow(self, app: App) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                version = await loop.run_in_executor(None, self.current)
-                if version == self.runner.version:
-                    continue
-                loading = loop.run_in_executor(None, self.load, version)
-                try:
-                    new = await asyncio.shield(loading)
-                except asyncio.CancelledError:  # unfollowed while loading: free what the load builds
-                    loading.add_done_callback(_close_unused)
-                    raise
-            except Exception as exc:  # the registry or the new package failed: keep serving
-                log.error("%s: cannot follow to the new version: %s", self.ref, exc)
-                continue
-            old, self.runner = self.runner, new
-            new.attach(loop)
-            app.replace_model(new)
-            log.info("%s moved: serving %s version %s (was %s)", self.ref, new.name, new.version, old.version)
-            app.retire(old)
-
-
-def registry_follower(ref: str, runner: ModelRunner, home: str, loader: Callable[[str], ModelRunner],
-                      interval: float = 1.0) -> AliasFollower:
-    """An AliasFollower for NAME@ALIAS that resolves it in the registry at `home`."""
-    from vivace.registry.models import get_version
-
-    name = ref.partition("@")[0]
-    return AliasFollower(ref, runner, lambda: str(get_version(home, ref).version),
-                         lambda version: loader(f"{name}/{version}"), interval)
-
-
-def _close_unused(loading: asyncio.Future) -> None:
-    if not loading.cancelled() and loading.exception() is None:
-        loading.result().close(drain=False)
 
 
 def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
@@ -792,14 +613,14 @@ async def serve(
         # Request deadlines are honoured even while every executor runs a long batch.
         while True:
             await asyncio.sleep(0.02)
-            for runner in app.watched():
+            for runner in app.table.watched():
                 if runner.execution == "threads":
                     runner.batcher.expire_due()
 
     sweep_task = loop.create_task(sweeper())
     expire_task = loop.create_task(expirer())
     for follower in followers:
-        app.follow(follower)
+        app.table.follow(follower)
     # Start-up allocated a large heap (torch); freezing it keeps full collections from
     # scanning it and pausing the loop for tens of milliseconds under load.
     gc.collect()
@@ -816,8 +637,7 @@ async def serve(
             server.close()
         if app.frontend is not None:
             app.frontend.stop_accepting()
-        for name in list(app.followers):
-            app.stop_following(name)
+        app.table.stop_all_following()
         app.begin_drain()
         deadline = time.monotonic() + config.drain_timeout
         while app.in_flight() and time.monotonic() < deadline:

@@ -1,0 +1,185 @@
+"""The served models: which runner answers each name and version, the aliases being
+followed, the runners being retired, and the watchdog over all of them.
+
+The table knows nothing of HTTP: the App (engine/server.py) routes requests to the runners
+it holds, and is told through `on_change` when the set of served runners changes (to drop
+cached routes and resync the native front end).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from .runtime import STATUS_ERROR, ModelRunner
+
+log = logging.getLogger("vivace.server")
+
+
+def version_key(version: str):
+    """Sort order of version strings: numbers numerically, then names."""
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+
+
+class ModelTable:
+    def __init__(self, on_change: Callable[[], None] = lambda: None):
+        self.models: dict[str, dict[str, ModelRunner]] = {}
+        self.latest: dict[str, ModelRunner] = {}
+        self.followers: dict[str, asyncio.Task] = {}  # model name -> task following its alias
+        self.retiring: set[ModelRunner] = set()  # replaced or unloaded, finishing their queues
+        self.on_change = on_change
+
+    def runners(self) -> list[ModelRunner]:
+        return [r for versions in self.models.values() for r in versions.values()]
+
+    def watched(self) -> list[ModelRunner]:
+        """Served and retiring runners: what the watchdog and the deadline expirer cover."""
+        return [*self.runners(), *self.retiring]
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(self.models[name], key=version_key)
+
+    def add(self, runner: ModelRunner) -> None:
+        self.models.setdefault(runner.name, {})[runner.version] = runner
+        current = self.latest.get(runner.name)
+        if current is None or version_key(runner.version) >= version_key(current.version):
+            self.latest[runner.name] = runner
+        self.on_change()
+
+    def replace(self, new: ModelRunner) -> None:
+        """Route `new`'s name to it alone from now on; requests already queued on the runners
+        it replaces finish there (see retire)."""
+        self.models[new.name] = {new.version: new}
+        self.latest[new.name] = new
+        self.on_change()
+
+    def remove(self, name: str) -> dict[str, ModelRunner]:
+        """Stop serving `name`; its runners are retired (queued requests finish)."""
+        self.stop_following(name)
+        versions = self.models.pop(name)
+        self.latest.pop(name, None)
+        self.on_change()
+        for previous in versions.values():
+            self.retire(previous)
+        return versions
+
+    def install(self, runner: ModelRunner, follower: AliasFollower | None = None) -> None:
+        """Serve `runner` under its name from now on, retiring what served that name, and
+        keep following an alias when `follower` is given."""
+        runner.attach(asyncio.get_running_loop())
+        old = self.models.get(runner.name, {})
+        self.stop_following(runner.name)
+        if old:
+            self.replace(runner)
+            for previous in old.values():
+                self.retire(previous)
+        else:
+            self.add(runner)
+        if follower is not None:
+            self.follow(follower)
+
+    # -- alias followers --------------------------------------------------------------------
+    def follow(self, follower: AliasFollower) -> None:
+        name = follower.runner.name
+        self.stop_following(name)
+        self.followers[name] = asyncio.get_running_loop().create_task(follower.follow(self))
+
+    def stop_following(self, name: str) -> None:
+        task = self.followers.pop(name, None)
+        if task is not None:
+            task.cancel()
+
+    def stop_all_following(self) -> None:
+        for name in list(self.followers):
+            self.stop_following(name)
+
+    # -- retirement -------------------------------------------------------------------------
+    def retire(self, runner: ModelRunner) -> None:
+        """Stop routing to `runner`: it finishes what it queued (still watched by the sweep,
+        so a hung batch's requests fail and deadlines hold), then closes."""
+        self.retiring.add(runner)
+        asyncio.get_running_loop().create_task(self._retire(runner))
+
+    async def _retire(self, runner: ModelRunner) -> None:
+        try:
+            # Closing joins the executor threads: wait for no batch to run, so that a hung
+            # backend never blocks the loop.
+            while runner.waiting or runner.running:
+                await asyncio.sleep(0.01)
+            runner.close(drain=True)
+        finally:
+            self.retiring.discard(runner)
+
+    # -- watchdog ---------------------------------------------------------------------------
+    def watch(self, now: float) -> None:
+        """Fail the requests of batches that overran the execution timeout (see check_hung)."""
+        for runner in self.watched():
+            was_hung = runner.hung
+            stuck = runner.check_hung(now)
+            if runner.hung and not was_hung:
+                log.error("model %s version %s: a batch has run longer than %.1f s; failing its requests and "
+                          "refusing new ones until the backend returns", runner.name, runner.version,
+                          runner.execution_timeout_s)
+            elif was_hung and not runner.hung:
+                log.warning("model %s version %s: the overrunning batch returned; serving again",
+                            runner.name, runner.version)
+            message = f"a batch ran longer than the execution timeout of {runner.execution_timeout_s:g} s"
+            for token in stuck:
+                waiter = runner.waiting.pop(token, None)
+                if waiter is not None:
+                    waiter.done(STATUS_ERROR, message)
+
+
+class AliasFollower:
+    """Keeps a served `name@alias` on the version the alias points to.
+
+    `current()` returns the version the registry resolves now; `load(version)` builds a
+    runner for it (in a worker thread: loading a model must not stall the loop). When the
+    alias moves - a promotion or a rollback - the new version takes new requests at once
+    and the old one finishes what it had queued, then closes: no request fails.
+    """
+
+    def __init__(self, ref: str, runner: ModelRunner, current, load, interval: float = 1.0):
+        self.ref = ref
+        self.runner = runner
+        self.current = current
+        self.load = load
+        self.interval = interval
+
+    async def follow(self, table: ModelTable) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                version = await loop.run_in_executor(None, self.current)
+                if version == self.runner.version:
+                    continue
+                loading = loop.run_in_executor(None, self.load, version)
+                try:
+                    new = await asyncio.shield(loading)
+                except asyncio.CancelledError:  # unfollowed while loading: free what the load builds
+                    loading.add_done_callback(_close_unused)
+                    raise
+            except Exception as exc:  # the registry or the new package failed: keep serving
+                log.error("%s: cannot follow to the new version: %s", self.ref, exc)
+                continue
+            old, self.runner = self.runner, new
+            new.attach(loop)
+            table.replace(new)
+            log.info("%s moved: serving %s version %s (was %s)", self.ref, new.name, new.version, old.version)
+            table.retire(old)
+
+
+def registry_follower(ref: str, runner: ModelRunner, home: str, loader: Callable[[str], ModelRunner],
+                      interval: float = 1.0) -> AliasFollower:
+    """An AliasFollower for NAME@ALIAS that resolves it in the registry at `home`."""
+    from vivace.registry.models import get_version
+
+    name = ref.partition("@")[0]
+    return AliasFollower(ref, runner, lambda: str(get_version(home, ref).version),
+                         lambda version: loader(f"{name}/{version}"), interval)
+
+
+def _close_unused(loading: asyncio.Future) -> None:
+    if not loading.cancelled() and loading.exception() is None:
+        loading.result().close(drain=False)
