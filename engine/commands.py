@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import shlex
 import sys
 from pathlib import Path
 
-from .cli import VivaceCLIError
+from vivace.errors import VivaceCLIError
 from .config import ServerConfig
+from .options import OptionsError, ServeOptions
+from .serving import resolve_package
 
 
 def register(subparsers) -> None:
@@ -72,7 +72,8 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--body-timeout", type=float, default=defaults.body_timeout)
     serve.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout)
     serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
-    serve.add_argument("--execution-timeout", type=float, default=defaults.execution_timeout_s,
+    serve.add_argument("--execution-timeout", dest="execution_timeout_s", type=float,
+                       default=defaults.execution_timeout_s,
                        help="seconds a batch may run before its requests fail (500) and the model is "
                        "taken out of service until it returns (execution threads only)")
     serve.add_argument("--shed-queue-wait-ms", type=float, default=defaults.shed_queue_wait_ms,
@@ -113,47 +114,8 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     security.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
 
 
-def is_registry_ref(ref: str) -> bool:
-    """NAME@ALIAS or NAME/VERSION (and not an existing directory)."""
-    if Path(ref).is_dir():
-        return False
-    name, _, version = ref.partition("/")
-    return "@" in ref or (version.isdigit() and bool(name) and not name.startswith("."))
-
-
-def resolve_package(ref: str, home: str):
-    """Load a package directory, or NAME@ALIAS / NAME/VERSION through the registry.
-
-    Registry packages are served under their registered name and version number.
-    """
-    from vivace.registry.package import load_package
-
-    if not is_registry_ref(ref):
-        if not Path(ref).is_dir():
-            raise VivaceCLIError(f"{ref}: not a package directory (and not NAME@ALIAS)")
-        return load_package(ref)
-    return registered_package(ref, home)
-
-
-def registered_package(ref: str, home: str):
-    """NAME@ALIAS or NAME/VERSION from the registry only (never a directory: what HTTP
-    clients and alias followers load)."""
-    from vivace.registry.data import check_name
-    from vivace.registry.models import get_version, package_path
-    from vivace.registry.package import load_package
-    from vivace.registry.store import open_home
-
-    check_name(ref.partition("@")[0] if "@" in ref else ref.partition("/")[0], "model name")
-    registry = open_home(home)
-    version = get_version(registry, ref)
-    package = load_package(package_path(registry, version.package_sha), verify=False)  # package_path verified it
-    package.name = version.name
-    package.version = str(version.version)
-    return package
-
-
 def _demo(args: argparse.Namespace) -> int:
-    from vivace.bench.model import write_reference_model
+    from vivace.registry.reference_model import write_reference_model
     from vivace.registry.demo_data import run_lifecycle
 
     workdir = Path(args.home) / "demo"
@@ -172,88 +134,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if args.workers < 1:
-        raise VivaceCLIError(f"--workers must be at least 1, got {args.workers}")
-    if args.workers > 1 and args.repository_control:
-        raise VivaceCLIError("--repository-control needs a single process: a load or unload would change one "
-                             "worker only; move aliases in the registry (vivace models alias) instead")
-    if args.execution_timeout <= 0:
-        raise VivaceCLIError(f"--execution-timeout must be positive, got {args.execution_timeout:g}")
-    if args.http_frontend == "native" and (args.tls_cert or args.auth or args.auth_tokens):
-        raise VivaceCLIError("the native HTTP front end does not implement TLS or --auth; "
-                             "use --http-frontend auto or python with them")
-    if args.workers > 1 and getattr(args, "worker_index", None) is None:
+    options = ServeOptions.from_args(args)
+    try:
+        options.check()
+    except OptionsError as exc:
+        raise VivaceCLIError(str(exc)) from None
+    if options.workers > 1:
         from .workers import supervise
 
-        return supervise(args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvloop
+        return supervise(options)
+    from .serving import run
 
-    from .auth import tokens_path
-    from .runtime import ModelRunner
-    from .server import registry_follower, serve
-
-    def build(ref: str, package=None) -> ModelRunner:
-        package = package or resolve_package(ref, args.home)
-        runner = ModelRunner(package, device=args.device, num_threads=args.threads, execution=args.execution,
-                             home=args.home, shed_queue_wait_ms=args.shed_queue_wait_ms,
-                             execution_timeout_s=args.execution_timeout)
-        if runner.has_profile and not args.no_drift:
-            from vivace.monitor.alerts import AlertConfig
-
-            # With --workers, each worker sketches its share of the traffic (a random sample
-            # of it) but only worker 0 acts on alerts: one event, one webhook, one trigger.
-            acts = getattr(args, "worker_index", None) in (None, 0)
-            alerts = AlertConfig(webhook_url=args.drift_webhook if acts else None,
-                                 command=shlex.split(args.drift_command) if args.drift_command and acts else None,
-                                 registry_home=args.home if is_registry_ref(ref) and acts else None)
-            runner.enable_drift(args.drift_interval, args.drift_window, alerts)
-        runner.prediction_log = prediction_log
-        return runner
-
-    prediction_log = None
-    if args.prediction_log:
-        from vivace.monitor.predlog import PredictionLogger
-
-        prediction_log = PredictionLogger(_own_file(args.prediction_log, args), sample_rate=args.prediction_log_sample,
-                                          max_bytes=int(args.prediction_log_max_mb * (1 << 20)))
-    def build_registered(ref: str) -> ModelRunner:
-        return build(ref, registered_package(ref, args.home))
-
-    runners, followers = [], []
-    for ref in args.models:
-        runner = build(ref)
-        runners.append(runner)
-        if is_registry_ref(ref) and "@" in ref:
-            followers.append(registry_follower(ref, runner, args.home, build_registered, args.follow_interval))
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        max_body_bytes=args.max_body_bytes,
-        max_header_bytes=args.max_header_bytes,
-        max_headers=args.max_headers,
-        max_connections=args.max_connections,
-        header_timeout=args.header_timeout,
-        body_timeout=args.body_timeout,
-        idle_timeout=args.idle_timeout,
-        drain_timeout=args.drain_timeout,
-        shed_queue_wait_ms=args.shed_queue_wait_ms,
-        execution_timeout_s=args.execution_timeout,
-        auth_tokens=args.auth_tokens or (str(tokens_path(args.home)) if args.auth else None),
-        audit_log=str(_own_file(args.audit_log or Path(args.home) / "audit" / "server.jsonl", args)),
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        repository_control=args.repository_control,
-        http_frontend=args.http_frontend,
-    )
-    return uvloop.run(serve(runners, config, followers=followers, loader=build_registered, home=args.home))
-
-
-def _own_file(path: str | Path, args: argparse.Namespace) -> Path:
-    """A log file of this process: with --workers, one per worker (rotation renames files,
-    so a file must have a single writer)."""
-    path, worker = Path(path), getattr(args, "worker_index", None)
-    return path if worker is None else path.with_name(f"{path.stem}.worker{worker}{path.suffix}")
+    return run(options)
 
 
 def _read_table(path: Path, columns: str | None):

@@ -21,9 +21,7 @@ killed supervisor leaves nothing running. Metrics are shared through the run dir
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
 import logging
 import os
 import shutil
@@ -38,13 +36,16 @@ from pathlib import Path
 
 from vivace.monitor.multiproc import SnapshotError, heartbeat_path, retire_worker
 
+from vivace.errors import VivaceCLIError
+from .options import ServeOptions
+
 log = logging.getLogger("vivace.workers")
 
 MAX_FAST_FAILURES = 5        # consecutive early exits of one worker before giving up
 FAST_FAILURE_S = 10.0        # an exit this soon after the start counts as early
 BACKOFF_S = (0.25, 8.0)      # first restart delay, doubling up to the cap
 STOP_GRACE_S = 10.0          # beyond --drain-timeout, before stragglers get SIGKILL
-ARGS_FILE = "args.json"
+OPTIONS_FILE = "options.json"
 PR_SET_PDEATHSIG = 1
 HEARTBEAT_GRACE_S = 3.0      # the least silence that counts as blocked: 3 missed beats
 
@@ -103,27 +104,27 @@ def _run_dir() -> Path:
 
 
 class Supervisor:
-    """Runs `count` workers serving `args` until a signal or a crash loop."""
+    """Runs `options.workers` workers serving `options` until a signal or a crash loop."""
 
-    def __init__(self, args: argparse.Namespace, count: int):
-        self.args = args
-        self.workers = [Worker(i) for i in range(count)]
+    def __init__(self, options: ServeOptions):
+        self.options = options
+        self.server = options.server
+        self.workers = [Worker(i) for i in range(options.workers)]
         self.stopping: int | None = None  # the signal that asked us to stop
         self.run_dir: Path | None = None  # created by run(), removed when it returns
 
     def run(self) -> int:
-        sock = reserve_port(self.args.host, self.args.port)
+        sock = reserve_port(self.server.host, self.server.port)
         self.run_dir = _run_dir()
         try:
-            self.args.port = sock.getsockname()[1]
-            worker_args = {k: v for k, v in vars(self.args).items() if not callable(v)}
-            (self.run_dir / ARGS_FILE).write_text(json.dumps(worker_args))
+            self.server.port = sock.getsockname()[1]
+            (self.run_dir / OPTIONS_FILE).write_bytes(self.options.to_json())
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_signal)
             for worker in self.workers:
                 self._start(worker)
-            scheme = "https" if self.args.tls_cert else "http"
-            print(f"vivace: {len(self.workers)} workers serving on {scheme}://{self.args.host}:{self.args.port} "
+            scheme = "https" if self.server.tls_cert else "http"
+            print(f"vivace: {len(self.workers)} workers serving on {scheme}://{self.server.host}:{self.server.port} "
                   f"(supervisor pid {os.getpid()})", flush=True)
             try:
                 self._watch()
@@ -176,10 +177,10 @@ class Supervisor:
         if not worker.serving:  # still loading its models
             return False
         silent = now - worker.beat_seen_at
-        if silent <= max(self.args.execution_timeout, HEARTBEAT_GRACE_S):
+        if silent <= max(self.server.execution_timeout_s, HEARTBEAT_GRACE_S):
             return False
         log.error("worker %d (pid %d): its event loop has been blocked for %.1f s (--execution-timeout %g); "
-                  "killing it", worker.index, worker.process.pid, silent, self.args.execution_timeout)
+                  "killing it", worker.index, worker.process.pid, silent, self.server.execution_timeout_s)
         return True
 
     def _exited(self, worker: Worker, now: float) -> None:
@@ -205,7 +206,7 @@ class Supervisor:
         running = [w.process for w in self.workers if w.process is not None]
         for process in running:
             process.send_signal(signum)
-        deadline = time.monotonic() + self.args.drain_timeout + STOP_GRACE_S
+        deadline = time.monotonic() + self.server.drain_timeout + STOP_GRACE_S
         failed = 0
         for process in running:
             try:
@@ -232,16 +233,14 @@ def _describe(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
-def supervise(args: argparse.Namespace) -> int:
-    """Serve `args` (the `vivace serve` options) with `args.workers` worker processes."""
+def supervise(options: ServeOptions) -> int:
+    """Serve `options` with `options.workers` worker processes."""
     if not sys.platform.startswith("linux"):
-        from .cli import VivaceCLIError
-
         raise VivaceCLIError("--workers needs Linux (SO_REUSEPORT load balancing, PR_SET_PDEATHSIG)")
-    logging.basicConfig(level=args.log_level.upper(),
+    logging.basicConfig(level=options.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [supervisor]: %(message)s")
     try:
-        return Supervisor(args, args.workers).run()
+        return Supervisor(options).run()
     except CrashLoop as exc:
         print(f"vivace serve: error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -258,19 +257,18 @@ def _die_with_parent(parent_pid: int) -> None:
 def worker_main(run_dir: Path, index: int, parent_pid: int) -> int:
     """One worker: the ordinary server, publishing its metrics to `run_dir`."""
     _die_with_parent(parent_pid)
-    args = argparse.Namespace(**json.loads((run_dir / ARGS_FILE).read_text()))
-    args.worker_index = index
-    # Configured before _serve's basicConfig, which then leaves it alone: lines name the worker.
-    logging.basicConfig(level=args.log_level.upper(),
+    options = ServeOptions.from_json((run_dir / OPTIONS_FILE).read_bytes())
+    options.worker_index = index
+    # Configured before run()'s basicConfig, which then leaves it alone: lines name the worker.
+    logging.basicConfig(level=options.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s [worker {index}]: %(message)s")
     from vivace.monitor.metrics import share_across_workers
 
-    from .cli import VivaceCLIError
-    from .commands import _serve
+    from .serving import run
 
     share_across_workers(run_dir, index)
     try:
-        return _serve(args)
+        return run(options)
     except KeyboardInterrupt:  # Ctrl-C reached the worker before its server handled signals
         return 128 + signal.SIGINT
     except (VivaceCLIError, ValueError, OSError, RuntimeError) as exc:

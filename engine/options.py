@@ -1,0 +1,87 @@
+"""`ServeOptions`: what `vivace serve` was asked to do, typed.
+
+Built once from the command line (`from_args`), checked (`check`), and handed as JSON to
+worker processes (`to_json` / `from_json`), so the server, the supervisor and the workers
+read the same fields instead of an argparse namespace.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import msgspec
+
+from .config import ServerConfig
+
+
+class OptionsError(ValueError):
+    """Options that cannot be served together; the message names them."""
+
+
+@dataclass
+class ServeOptions:
+    models: list[str]
+    home: str
+    server: ServerConfig = field(default_factory=ServerConfig)  # HTTP limits, front end, TLS, model control
+    device: str | None = None
+    threads: int | None = None
+    execution: str | None = None          # "inline" | "threads" | None: per backend
+    log_level: str = "INFO"
+    workers: int = 1
+    auth: bool = False                    # tokens from HOME/auth/tokens.json unless server.auth_tokens names a file
+    drift_interval: float = 10.0
+    drift_window: int = 10_000
+    drift_webhook: str | None = None
+    drift_command: str | None = None
+    no_drift: bool = False
+    prediction_log: str | None = None
+    prediction_log_sample: float = 0.01
+    prediction_log_max_mb: float = 64.0
+    follow_interval: float = 1.0
+    worker_index: int | None = None       # set in worker processes (engine/workers.py)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeOptions:
+        """The options of a parsed `vivace serve` (or `vivace demo`) command line: every
+        flag has the name of the field it sets."""
+        server = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+        own = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in ("server", "worker_index")}
+        return cls(**own, server=server)
+
+    def check(self) -> None:
+        """Refuse combinations that cannot work, before anything starts."""
+        if self.workers < 1:
+            raise OptionsError(f"--workers must be at least 1, got {self.workers}")
+        if self.workers > 1 and self.server.repository_control:
+            raise OptionsError("--repository-control needs a single process: a load or unload would change one "
+                               "worker only; move aliases in the registry (vivace models alias) instead")
+        if self.server.execution_timeout_s <= 0:
+            raise OptionsError(f"--execution-timeout must be positive, got {self.server.execution_timeout_s:g}")
+        if self.server.http_frontend == "native" and (self.server.tls_cert or self.auth or self.server.auth_tokens):
+            raise OptionsError("the native HTTP front end does not implement TLS or --auth; "
+                               "use --http-frontend auto or python with them")
+
+    def server_config(self) -> ServerConfig:
+        """The server's configuration with the home's defaults filled in: the token file
+        with --auth, and this process's own audit log."""
+        from .auth import tokens_path
+
+        tokens = self.server.auth_tokens or (str(tokens_path(self.home)) if self.auth else None)
+        audit = self.own_file(self.server.audit_log or Path(self.home) / "audit" / "server.jsonl")
+        return replace(self.server, auth_tokens=tokens, audit_log=str(audit))
+
+    def own_file(self, path: str | Path) -> Path:
+        """A log file of this process: with --workers, one per worker (rotation renames files,
+        so a file must have a single writer)."""
+        path = Path(path)
+        if self.worker_index is None:
+            return path
+        return path.with_name(f"{path.stem}.worker{self.worker_index}{path.suffix}")
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ServeOptions:
+        return msgspec.json.decode(data, type=cls)

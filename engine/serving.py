@@ -1,0 +1,99 @@
+"""Run a server from `ServeOptions`: resolve the packages (directories or registry
+references), build their runners (drift monitoring, prediction log), follow aliases, and
+serve until a signal. The same function serves a single process and each worker of
+`--workers` (engine/workers.py)."""
+from __future__ import annotations
+
+import logging
+import shlex
+from pathlib import Path
+
+from vivace.errors import VivaceCLIError
+from .options import ServeOptions
+
+def is_registry_ref(ref: str) -> bool:
+    """NAME@ALIAS or NAME/VERSION (and not an existing directory)."""
+    if Path(ref).is_dir():
+        return False
+    name, _, version = ref.partition("/")
+    return "@" in ref or (version.isdigit() and bool(name) and not name.startswith("."))
+
+
+def resolve_package(ref: str, home: str):
+    """Load a package directory, or NAME@ALIAS / NAME/VERSION through the registry.
+
+    Registry packages are served under their registered name and version number.
+    """
+    from vivace.registry.package import load_package
+
+    if not is_registry_ref(ref):
+        if not Path(ref).is_dir():
+            raise VivaceCLIError(f"{ref}: not a package directory (and not NAME@ALIAS)")
+        return load_package(ref)
+    return registered_package(ref, home)
+
+
+def registered_package(ref: str, home: str):
+    """NAME@ALIAS or NAME/VERSION from the registry only (never a directory: what HTTP
+    clients and alias followers load)."""
+    from vivace.registry.data import check_name
+    from vivace.registry.models import get_version, package_path
+    from vivace.registry.package import load_package
+    from vivace.registry.store import open_home
+
+    check_name(ref.partition("@")[0] if "@" in ref else ref.partition("/")[0], "model name")
+    registry = open_home(home)
+    version = get_version(registry, ref)
+    package = load_package(package_path(registry, version.package_sha), verify=False)  # package_path verified it
+    package.name = version.name
+    package.version = str(version.version)
+    return package
+
+
+def run(options: ServeOptions) -> int:
+    """Serve `options.models` in this process until SIGTERM/SIGINT (then drain)."""
+    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    from .runtime import ModelRunner
+    from .server import registry_follower, serve
+
+    prediction_log = None
+    if options.prediction_log:
+        from vivace.monitor.predlog import PredictionLogger
+
+        prediction_log = PredictionLogger(options.own_file(options.prediction_log),
+                                          sample_rate=options.prediction_log_sample,
+                                          max_bytes=int(options.prediction_log_max_mb * (1 << 20)))
+    # With --workers, each worker sketches its share of the traffic (a random sample of it)
+    # but only worker 0 acts on alerts: one event, one webhook, one trigger.
+    acts_on_alerts = options.worker_index in (None, 0)
+
+    def build(ref: str, package=None) -> ModelRunner:
+        package = package or resolve_package(ref, options.home)
+        runner = ModelRunner(package, device=options.device, num_threads=options.threads,
+                             execution=options.execution, home=options.home,
+                             shed_queue_wait_ms=options.server.shed_queue_wait_ms,
+                             execution_timeout_s=options.server.execution_timeout_s)
+        if runner.has_profile and not options.no_drift:
+            from vivace.monitor.alerts import AlertConfig
+
+            alerts = AlertConfig(
+                webhook_url=options.drift_webhook if acts_on_alerts else None,
+                command=shlex.split(options.drift_command) if options.drift_command and acts_on_alerts else None,
+                registry_home=options.home if is_registry_ref(ref) and acts_on_alerts else None)
+            runner.enable_drift(options.drift_interval, options.drift_window, alerts)
+        runner.prediction_log = prediction_log
+        return runner
+
+    def build_registered(ref: str) -> ModelRunner:
+        return build(ref, registered_package(ref, options.home))
+
+    runners, followers = [], []
+    for ref in options.models:
+        runner = build(ref)
+        runners.append(runner)
+        if is_registry_ref(ref) and "@" in ref:
+            followers.append(registry_follower(ref, runner, options.home, build_registered, options.follow_interval))
+    return uvloop.run(serve(runners, options.server_config(), followers=followers, loader=build_registered,
+                            home=options.home))
