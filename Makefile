@@ -12,10 +12,10 @@ setup:
 # train, register, promote, then serve churn@production and the benchmark reference model
 # `mlp` on 127.0.0.1:$(PORT).
 serve: setup
-	$(PYTHON) -m vivace.engine.cli demo --host 127.0.0.1 --port $(PORT)
+	$(PYTHON) -m vivace.cli demo --host 127.0.0.1 --port $(PORT)
 
 test: setup
 	$(PYTHON) -m pytest -q
 
 bench: setup
-	$(PYTHON) -m vivace.engine.cli bench http
+	$(PYTHON) -m vivace.cli bench http

@@ -3,7 +3,7 @@
 Operations: `data add`, `models register`, `models promote`, `features materialize` into
 an existing store, and the first `features materialize` of a new store (materialize-new).
 For each, the campaign first times unkilled runs of the real CLI (`python -m
-vivace.engine.cli`), then repeatedly starts it in a fresh process against a real home and
+vivace.cli`), then repeatedly starts it in a fresh process against a real home and
 SIGKILLs it after a delay drawn uniformly in [0, 1.2 × the median duration of its unkilled
 runs so far]. After every kill, `check_home` verifies the whole home (SQLite integrity,
 every artifact's SHA-256, aliases against versions and the audit log, every online-store
@@ -593,7 +593,7 @@ class Campaign:
 
     @staticmethod
     def command(home: Path, args: list[str]) -> list[str]:
-        return [sys.executable, "-m", "vivace.engine.cli", "--home", str(home), *args]
+        return [sys.executable, "-m", "vivace.cli", "--home", str(home), *args]
 
     def run_to_completion(self, home: Path, args: list[str]) -> tuple[float, str | None]:
         """Run a command unkilled: (seconds, None) or (seconds, why it failed)."""

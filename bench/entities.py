@@ -62,7 +62,7 @@ def build(root: Path) -> tuple[Path, Path, Path]:
 
     from vivace.registry.package import load_package, write_package
 
-    from .model import write_reference_model
+    from vivace.registry.reference_model import write_reference_model
 
     raw = write_reference_model(root / "mlp")
     values = np.random.default_rng(0).standard_normal((ENTITIES, FEATURES)).astype(np.float32)
@@ -88,7 +88,7 @@ def _run(args) -> int:
         script = root / "ids.lua"
         script.write_text(ID_SCRIPT % ENTITIES)
         port = 18100
-        cmd = [sys.executable, "-m", "vivace.engine.cli", "--home", str(home), "serve", str(raw), str(by_id),
+        cmd = [sys.executable, "-m", "vivace.cli", "--home", str(home), "serve", str(raw), str(by_id),
                "--port", str(port), "--log-level", "WARNING"]
         proc = _start(cmd, server_cpu, port)
         try:

@@ -226,7 +226,7 @@ def _bench_historical(store, src, entity_df, tmp: Path, rounds: int) -> None:
     print(f"  vivace, fresh process, no index (builds) {cold_no_ix['join'] * 1e3:7.1f} ms, CPU "
           f"{cold_no_ix['join_cpu'] * 1e3:5.1f} ms ({cold_no_ix_same})")
     print(f"  vivace, warm (same process)              {warm * 1e3:7.1f} ms")
-    cli = [sys.executable, "-c", "import sys; from vivace.engine.cli import main; sys.exit(main(sys.argv[1:]))",
+    cli = [sys.executable, "-c", "import sys; from vivace.cli import main; sys.exit(main(sys.argv[1:]))",
            "--home", str(store.home), "features", "historical", str(entities), "--features", "model",
            "--out", str(tmp / "cli.parquet")]
     cli_wall = min(_timed(lambda: subprocess.run(cli, capture_output=True, check=True, timeout=60))[0]

@@ -158,13 +158,13 @@ def run_perf_analyzer(port: int, concurrency: int, duration: float, cpu: int | N
 def benchmark(duration: float, concurrencies: list[int], server_cpu: int | None, client_cpu: int | None,
               baseline: bool, perf_analyzer: bool, native: bool, pa_concurrencies: list[int] = (8,),
               port: int = 18000, auth: bool = False, python_frontend: bool = False) -> list[Result]:
-    from .model import write_reference_model
+    from vivace.registry.reference_model import write_reference_model
 
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="vivace-bench-") as tmp:
         package = Path(tmp) / "mlp"
         write_reference_model(package)
-        serve = [sys.executable, "-m", "vivace.engine.cli", "serve", "--log-level", "WARNING"]
+        serve = [sys.executable, "-m", "vivace.cli", "serve", "--log-level", "WARNING"]
         servers = [("vivace", [*serve, str(package), "--port", str(port)], LUA)]
         if auth:
             # The same server with bearer authentication on: every request carries a token.
@@ -179,7 +179,7 @@ def benchmark(duration: float, concurrencies: list[int], server_cpu: int | None,
         if native:
             # The same model converted with `vivace quantize` (fp32: no accuracy change).
             native_package = Path(tmp) / "mlp-native"
-            subprocess.run([sys.executable, "-m", "vivace.engine.cli", "quantize", str(package),
+            subprocess.run([sys.executable, "-m", "vivace.cli", "quantize", str(package),
                             "--out", str(native_package)], check=True, capture_output=True)
             servers.append(("vivace-native", [*serve, str(native_package), "--port", str(port + 2)], LUA))
         if python_frontend:

@@ -23,7 +23,7 @@ def build(root: Path) -> Path:
     from vivace.monitor.drift import build_profile
     from vivace.registry.package import write_package
 
-    from .model import write_reference_model
+    from vivace.registry.reference_model import write_reference_model
 
     plain = write_reference_model(root / "mlp")
     rows = np.random.default_rng(0).standard_normal((20_000, 32)).astype(np.float32)
@@ -50,7 +50,7 @@ def _run(args) -> int:
         package = build(Path(tmp))
         for label, extra in (("monitoring on", ["--drift-interval", "1"]), ("monitoring off", ["--no-drift"])):
             port = 18200 if label == "monitoring on" else 18201
-            cmd = [sys.executable, "-m", "vivace.engine.cli", "serve", str(package), "--port", str(port),
+            cmd = [sys.executable, "-m", "vivace.cli", "serve", str(package), "--port", str(port),
                    "--log-level", "WARNING", *extra]
             proc = _start(cmd, server_cpu, port)
             try:

@@ -368,7 +368,7 @@ def print_overload(r: OverloadResult) -> None:
 # -- scenarios ------------------------------------------------------------------------------
 
 def _serve_cmd(models: list[str], port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "vivace.engine.cli", "serve", *models, "--port", str(port),
+    return [sys.executable, "-m", "vivace.cli", "serve", *models, "--port", str(port),
             "--log-level", "WARNING", "--no-drift", *extra]
 
 

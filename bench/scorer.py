@@ -29,7 +29,7 @@ def benchmark(batches: list[int], seconds: float, threads: int) -> list[dict]:
 
     from vivace.engine import Scorer
 
-    from .model import reference_module, write_reference_model
+    from vivace.registry.reference_model import reference_module, write_reference_model
 
     torch.set_num_threads(threads)
     module = reference_module()

@@ -1,4 +1,5 @@
-"""`vivace bench model --out DIR`: the benchmark reference model as a model package.
+"""The reference model: what `vivace demo` serves next to the churn model, what the
+benchmarks load (`vivace bench model --out DIR` writes it) and what the tests serve.
 
 torch.manual_seed(0); nn.Sequential(Linear(32,256), ReLU, Linear(256,256), ReLU,
 Linear(256,1), Sigmoid) — input `input__0` FP32 [-1, 32], output `output__0` FP32 [-1, 1].
@@ -59,17 +60,3 @@ def write_reference_model(
     }
     return write_package(out, manifest, {model_file: buffer.getvalue()}, overwrite=overwrite)
 
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("model", help="write the benchmark reference model package")
-    parser.add_argument("--out", required=True, help="package directory to create")
-    parser.add_argument("--max-batch-size", type=int, default=128)
-    parser.add_argument("--platform", choices=["torchscript", "torch_export"], default="torchscript")
-    parser.add_argument("--force", action="store_true", help="replace an existing package")
-    parser.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    package = write_reference_model(args.out, args.max_batch_size, args.platform, overwrite=args.force)
-    print(f"wrote model package {package.name}/{package.version} ({package.platform}) to {args.out}")
-    return 0

@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def mlp_package(tmp_path_factory) -> Path:
-    from vivace.bench.model import write_reference_model
+    from vivace.registry.reference_model import write_reference_model
 
     path = tmp_path_factory.mktemp("models") / "mlp"
     write_reference_model(path)
@@ -49,7 +49,7 @@ class ServerProcess:
         """`tls`: an ssl.SSLContext trusting the server's certificate (the server is HTTPS)."""
         self.port = free_port()
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "vivace.engine.cli", "serve", *map(str, packages),
+        cmd = [sys.executable, "-m", "vivace.cli", "serve", *map(str, packages),
                "--port", str(self.port), "--log-level", "WARNING", *extra]
         self.proc = subprocess.Popen(cmd, env=dict(os.environ, **(env or {})),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -163,7 +163,7 @@ os.kill(os.getpid(), signal.SIGKILL)  # dies before the transaction that writes 
 
 
 def vivace_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vivace.engine.cli", "--home", str(home), *args],
+    return subprocess.run([sys.executable, "-m", "vivace.cli", "--home", str(home), *args],
                           check=False, capture_output=True, text=True, timeout=120)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from vivace.engine.cli import COMMANDS, _command_in, build_parser
+from vivace.cli import COMMANDS, _command_in, build_parser
 
 
 def test_every_registered_command_is_routed():
@@ -24,7 +24,7 @@ def test_score_does_not_import_the_other_modules(mlp_package, tmp_path):
 
     np.save(tmp_path / "x.npy", np.zeros((1, 32), np.float32))
     code = (
-        "import sys; from vivace.engine.cli import main; "
+        "import sys; from vivace.cli import main; "
         f"rc = main(['score', {str(mlp_package)!r}, '--input', {str(tmp_path / 'x.npy')!r}, "
         f"'--output', {str(tmp_path / 'y.npy')!r}]); "
         "print(rc, sorted(m for m in ('pandas', 'vivace.registry.store', 'vivace.features.store', "

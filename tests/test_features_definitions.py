@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from vivace.engine.cli import main as vivace_main
+from vivace.cli import main as vivace_main
 from vivace.features import (
     Entity, FeatureDefinitionError, FeatureService, FeatureStore, FeatureView, Field, SourceValidationError,
     UnknownFeatureError, load_yaml, parse_ttl,

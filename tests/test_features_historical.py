@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vivace.engine.cli import main as vivace_main
+from vivace.cli import main as vivace_main
 from vivace.features import (
     Entity, FeatureService, FeatureStore, FeatureStoreError, FeatureView, Field, SourceValidationError,
     UnknownFeatureError,

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vivace.engine.cli import main as vivace_main
+from vivace.cli import main as vivace_main
 from vivace.features import (
     Entity, FeatureStore, FeatureStoreError, FeatureView, Field, OnlineStoreError, UnknownFeatureError,
 )

@@ -123,7 +123,7 @@ def exchange(server, payload: bytes, count: int) -> tuple[list[Response], bool]:
 def reference(x: np.ndarray) -> np.ndarray:
     import torch
 
-    from vivace.bench.model import reference_module
+    from vivace.registry.reference_model import reference_module
 
     with torch.inference_mode():
         return reference_module()(torch.from_numpy(x)).numpy()
@@ -459,7 +459,7 @@ def _live(server) -> bool:
 def test_native_frontend_with_auth_or_tls_is_refused(mlp_package, tmp_path):
     for flags in (["--auth"], ["--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem")]):
         result = subprocess.run(
-            [sys.executable, "-m", "vivace.engine.cli", "serve", str(mlp_package), "--port", "1",
+            [sys.executable, "-m", "vivace.cli", "serve", str(mlp_package), "--port", "1",
              "--http-frontend", "native", *flags], capture_output=True, text=True, timeout=60)
         assert result.returncode == 1, result
         lines = result.stderr.strip().splitlines()

@@ -18,7 +18,7 @@ ROW = [round(0.01 * i, 2) for i in range(32)]
 
 
 def reference_scores(x: np.ndarray) -> np.ndarray:
-    from vivace.bench.model import reference_module
+    from vivace.registry.reference_model import reference_module
     import torch
 
     with torch.inference_mode():

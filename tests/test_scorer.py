@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from vivace.bench.model import reference_module, write_reference_model
+from vivace.registry.reference_model import reference_module, write_reference_model
 from vivace.engine import Scorer
 from vivace.registry.package import PackageError, load_package
 
@@ -116,7 +116,7 @@ def test_truncated_manifest_is_refused(mlp_package, tmp_path):
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "vivace.engine.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "vivace.cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=120)
 
 

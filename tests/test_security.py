@@ -21,7 +21,7 @@ BODY = json.dumps({"inputs": [{"name": "input__0", "shape": [1, 32], "datatype":
 
 
 def cli(home, *args, check=True):
-    result = subprocess.run([sys.executable, "-m", "vivace.engine.cli", "--home", str(home), *map(str, args)],
+    result = subprocess.run([sys.executable, "-m", "vivace.cli", "--home", str(home), *map(str, args)],
                             capture_output=True, text=True, timeout=120)
     if check:
         assert result.returncode == 0, result.stderr
@@ -92,7 +92,7 @@ def test_token_cli_refuses_bad_input(home, tokens):
 
 def test_auth_with_no_tokens_refuses_to_start(tmp_path, mlp_package):
     result = subprocess.run(
-        [sys.executable, "-m", "vivace.engine.cli", "--home", str(tmp_path), "serve", str(mlp_package), "--auth",
+        [sys.executable, "-m", "vivace.cli", "--home", str(tmp_path), "serve", str(mlp_package), "--auth",
          "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "holds no tokens" in result.stderr
 
@@ -265,7 +265,7 @@ def test_tls_misconfiguration_is_a_clear_error(tls_files, mlp_package, extra, me
     cert = str(tls_files[0])
     args = [a.replace("CERT", cert) for a in extra]
     result = subprocess.run(
-        [sys.executable, "-m", "vivace.engine.cli", "serve", str(mlp_package), "--port", str(free_port()), *args],
+        [sys.executable, "-m", "vivace.cli", "serve", str(mlp_package), "--port", str(free_port()), *args],
         capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert result.returncode == 1 and message in result.stderr
 
@@ -286,7 +286,7 @@ def test_model_control_is_off_unless_asked_for(mlp_package, tmp_path):
     finally:
         assert server.stop() == 0
     result = subprocess.run(
-        [sys.executable, "-m", "vivace.engine.cli", "serve", str(mlp_package), "--workers", "2",
+        [sys.executable, "-m", "vivace.cli", "serve", str(mlp_package), "--workers", "2",
          "--repository-control", "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "single process" in result.stderr
 

@@ -22,7 +22,7 @@ BODY = json.dumps({"inputs": [{"name": "input__0", "shape": [1, 32], "datatype":
 
 
 def cli(home, *args):
-    result = subprocess.run([sys.executable, "-m", "vivace.engine.cli", "--home", str(home), *map(str, args)],
+    result = subprocess.run([sys.executable, "-m", "vivace.cli", "--home", str(home), *map(str, args)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -98,7 +98,7 @@ def test_alias_moves_under_load_without_failed_requests(registry_home):
 
 
 def test_unknown_alias_is_a_clear_error(registry_home):
-    result = subprocess.run([sys.executable, "-m", "vivace.engine.cli", "--home", str(registry_home),
+    result = subprocess.run([sys.executable, "-m", "vivace.cli", "--home", str(registry_home),
                              "serve", "churn@nope", "--port", "1"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "nope" in result.stderr and "Traceback" not in result.stderr

@@ -66,7 +66,7 @@ class Supervised:
     """`vivace serve --workers N --port 0`, its port read from the line it prints."""
 
     def __init__(self, packages: list, workers: int, log: Path, *extra: str):
-        cmd = [sys.executable, "-m", "vivace.engine.cli", "serve", *map(str, packages), "--workers", str(workers),
+        cmd = [sys.executable, "-m", "vivace.cli", "serve", *map(str, packages), "--workers", str(workers),
                "--port", "0", "--log-level", "WARNING", *extra]
         self.log = log
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True)
@@ -233,10 +233,10 @@ def test_port_taken_and_bad_worker_count_are_clear_errors(mlp_package, tmp_path)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "vivace.engine.cli", "serve", str(mlp_package), "--workers",
+        result = subprocess.run([sys.executable, "-m", "vivace.cli", "serve", str(mlp_package), "--workers",
                                  "2", "--port", str(port)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"cannot bind 127.0.0.1:{port} for the workers: Address already in use" in result.stderr
-    from vivace.engine.cli import main
+    from vivace.cli import main
 
     assert main(["serve", str(mlp_package), "--workers", "0", "--port", str(free_port())]) == 1

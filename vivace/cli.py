@@ -1,10 +1,18 @@
-"""The `vivace` command: one console script, one subcommand group per module."""
+"""The `vivace` command: the shell on top that composes the parts.
+
+One console script, one subcommand group per part. Each part declares its own commands in a
+module with `register(subparsers)` (engine/commands.py, registry/cli.py, ...); this shell
+only knows which module provides which command. It is the one place that imports the
+benchmark harness (`vivace bench`).
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
 import sys
+
+from vivace.errors import VivaceCLIError
 
 # Modules that contribute subcommands: each has `register(subparsers)` adding parsers
 # whose `func(args) -> int` runs the command. A command names its module below, so a
@@ -71,13 +79,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-class VivaceCLIError(Exception):
-    """An error the CLI reports as one line, without a traceback."""
-
-
 if __name__ == "__main__":
-    # Run the package's module, not this __main__ copy: commands raise the
-    # VivaceCLIError of vivace.engine.cli, which main() must catch.
-    from vivace.engine.cli import main as package_main
-
-    sys.exit(package_main())
+    sys.exit(main())

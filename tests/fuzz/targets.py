@@ -268,7 +268,7 @@ class HttpTarget:
     """
 
     def setup(self) -> None:
-        from vivace.bench.model import write_reference_model
+        from vivace.registry.reference_model import write_reference_model
         from vivace.engine.config import ServerConfig
         from vivace.engine.runtime import ModelRunner
         from vivace.engine.server import App
