@@ -40,6 +40,10 @@ from .runtime import (
 
 log = logging.getLogger("vivace.server")
 
+# How often the token file is checked for changes: its own short timer, not the sweep's
+# (which follows the HTTP timeouts and may tick every few seconds).
+TOKEN_RELOAD_S = 0.2
+
 TRITON_TYPES = {
     "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
     "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32",
@@ -75,7 +79,7 @@ class App:
         self.home = home
         self.auth = Authenticator(config.auth_tokens) if config.auth_tokens else None
         self.audit_log = AuditLog(config.audit_log) if config.audit_log else None
-        self._auth_checked_at = 0.0
+        self._token_error: str | None = None  # the last failure to reload the token file, logged once
         self.frontend: NativeFrontend | None = None  # set by serve() when the C++ front end runs
         # (method, url) -> (handler, runner or None, scope needed or None): resolved routes
         self._routes: dict[tuple[bytes, bytes], tuple[Any, ModelRunner | None, str | None]] = {}
@@ -444,12 +448,17 @@ class App:
         self.table.watch(now)
         if self.frontend is not None:
             self.frontend.sync_routes()  # a hung model leaves the native path until it is back
-        if self.auth is not None and now - self._auth_checked_at >= 1.0:
-            self._auth_checked_at = now
-            try:
-                self.auth.reload()
-            except (OSError, ValueError) as exc:  # keep the tokens we have
+
+    def reload_tokens(self) -> None:
+        """Pick up a changed token file (one stat when unchanged): revocations and new
+        tokens apply within TOKEN_RELOAD_S."""
+        try:
+            self.auth.reload()
+            self._token_error = None
+        except (OSError, ValueError) as exc:  # keep the tokens we have
+            if str(exc) != self._token_error:
                 log.error("cannot reload the token file: %s", exc)
+            self._token_error = str(exc)
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -617,8 +626,14 @@ async def serve(
                 if runner.execution == "threads":
                     runner.batcher.expire_due()
 
+    async def token_watcher() -> None:
+        while True:
+            await asyncio.sleep(TOKEN_RELOAD_S)
+            app.reload_tokens()
+
     sweep_task = loop.create_task(sweeper())
     expire_task = loop.create_task(expirer())
+    token_task = loop.create_task(token_watcher()) if app.auth is not None else None
     for follower in followers:
         app.table.follow(follower)
     # Start-up allocated a large heap (torch); freezing it keeps full collections from
@@ -651,6 +666,8 @@ async def serve(
             app.frontend.close()
         sweep_task.cancel()
         expire_task.cancel()
+        if token_task is not None:
+            token_task.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     return 0

@@ -160,6 +160,32 @@ def test_revoked_and_expired_tokens_stop_working_without_a_restart(secured, home
         time.sleep(0.1)
 
 
+def test_revocation_and_new_tokens_apply_within_a_second_whatever_the_http_timeouts(home, mlp_package):
+    # Long HTTP timeouts make the server's sweep tick every 15 s: the token file must be
+    # watched on its own short timer (this took up to the sweep period before).
+    token = cli(home, "auth", "create-token", "fleeting", "--scopes", "infer").stdout.strip()
+    server = ServerProcess([mlp_package], "--auth", "--header-timeout", "80", "--body-timeout", "80",
+                           env={"VIVACE_HOME": str(home)})
+    try:
+        assert request(server, "POST", "/v2/models/mlp/infer", BODY, token)[0] == 200
+
+        def seconds_until(status_wanted, token):
+            start = time.monotonic()
+            while request(server, "POST", "/v2/models/mlp/infer", BODY, token)[0] != status_wanted:
+                assert time.monotonic() - start < 5, "the token file change was not picked up"
+                time.sleep(0.02)
+            return time.monotonic() - start
+
+        cli(home, "auth", "revoke", "fleeting")
+        revoked_after = seconds_until(401, token)
+        fresh = cli(home, "auth", "create-token", "fresh", "--scopes", "infer").stdout.strip()
+        usable_after = seconds_until(200, fresh)
+        # Generous against a busy machine; the sweep's period (15 s) would fail it.
+        assert revoked_after < 2 and usable_after < 2, (revoked_after, usable_after)
+    finally:
+        assert server.stop() == 0
+
+
 def test_refusals_are_audited_without_the_token(secured, home, tokens):
     request(secured, "GET", "/v2/models/mlp", token="vvc_guess")
     request(secured, "POST", "/v2/models/mlp/infer", BODY, tokens["viewer"])
