@@ -26,6 +26,10 @@ class BackendError(RuntimeError):
     """A model failed to load or returned something its signature does not allow."""
 
 
+class SignatureMismatch(BackendError):
+    """The model's outputs do not match the package's declared signature."""
+
+
 def _buffer_arrays(buffers: Sequence[memoryview], specs: Sequence[TensorSpec], max_batch: int) -> list[np.ndarray]:
     return [
         np.frombuffer(buf, dtype=NUMPY_DTYPES[spec.datatype]).reshape(max_batch, *spec.row_shape)
@@ -89,7 +93,7 @@ class TorchBackend:
         torch = self.torch
         outputs = (result,) if isinstance(result, torch.Tensor) else result
         if not isinstance(outputs, (tuple, list)) or len(outputs) != len(self.package.outputs):
-            raise BackendError(
+            raise SignatureMismatch(
                 f"model {self.package.name!r} returned {type(result).__name__}, "
                 f"expected {len(self.package.outputs)} tensor(s)"
             )
@@ -97,7 +101,7 @@ class TorchBackend:
             expected = (rows, *spec.row_shape)
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise BackendError(
+                raise SignatureMismatch(
                     f"model {self.package.name!r} returned {spec.name} with shape {shape}, expected {expected}"
                 )
         return outputs

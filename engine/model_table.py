@@ -145,6 +145,7 @@ class AliasFollower:
         self.current = current
         self.load = load
         self.interval = interval
+        self.refused: str | None = None  # a version that failed warm-up: not loaded again
 
     async def follow(self, table: ModelTable) -> None:
         loop = asyncio.get_running_loop()
@@ -152,7 +153,7 @@ class AliasFollower:
             await asyncio.sleep(self.interval)
             try:
                 version = await loop.run_in_executor(None, self.current)
-                if version == self.runner.version:
+                if version in (self.runner.version, self.refused):
                     continue
                 loading = loop.run_in_executor(None, self.load, version)
                 try:
@@ -162,6 +163,11 @@ class AliasFollower:
                     raise
             except Exception as exc:  # the registry or the new package failed: keep serving
                 log.error("%s: cannot follow to the new version: %s", self.ref, exc)
+                continue
+            if new.unavailable_reason:  # never replace a serving version with a broken one
+                log.error("%s: not following to version %s: %s", self.ref, new.version, new.unavailable_reason)
+                self.refused = new.version
+                new.close(drain=False)
                 continue
             old, self.runner = self.runner, new
             new.attach(loop)

@@ -22,7 +22,7 @@ import numpy as np
 from vivace import _core
 from vivace.registry.package import ModelPackage, TensorSpec
 
-from .backends import load_backend
+from .backends import SignatureMismatch, load_backend
 from .config import ServerConfig
 from .oip import InferDecoder, ResponseEncoder
 
@@ -160,7 +160,9 @@ class ModelRunner:
             inputs = [[memoryview(f).cast("B")] for f in features]
             outputs = [o[:-1] for o in outputs]  # the last output is the found flags
         self._execute = self.backend.batch_executor(inputs, outputs)
-        self._warm_up(executors)
+        # Why the model cannot serve (it failed warm-up), or None: it then stays out of
+        # service, shown UNAVAILABLE with this reason (GET /v2/repository/index).
+        self.unavailable_reason: str | None = self._warm_up(executors)
         native = getattr(self.backend, "native_handle", None)
         # The kernel runs straight from the batch buffers: no Python, no GIL per batch.
         self.native_kernel = native is not None and self.entity is None
@@ -176,24 +178,39 @@ class ModelRunner:
             [(s.name, s.datatype, list(s.row_shape)) for s in package.inputs],
             [(s.name, s.datatype, list(s.row_shape)) for s in package.outputs],
         )
-        self.ready = True
+        self.ready = self.unavailable_reason is None
         self.closed = False
 
-    def _warm_up(self, executors: range) -> None:
+    def _warm_up(self, executors: range) -> str | None:
         """Run each executor's smallest and largest batch twice on zeros before serving.
 
         The first calls of a TorchScript module profile and re-optimise it (2-3x slower),
         and a CUDA backend captures a graph per batch size: paying that here keeps it off
         the first requests, including the first after an alias switch to a new version.
+        Returns why the model cannot serve when its outputs contradict its signature
+        (every request would fail); other failures are only logged, since zeros may be
+        outside the model's domain.
         """
         for executor in executors:
             for rows in sorted({1, self.package.max_batch_size}):
                 for _ in range(2):
                     try:
                         self._execute(executor, rows)
+                    except SignatureMismatch as exc:
+                        log.error("%s/%s: failed warm-up, not serving it: %s", self.name, self.version, exc)
+                        return f"failed warm-up: {exc}"
                     except Exception as exc:  # noqa: BLE001 - zeros may be outside the model's domain
                         log.warning("%s/%s: warm-up batch of %d rows failed: %s", self.name, self.version, rows, exc)
-                        return
+                        return None
+        return None
+
+    def why_unavailable(self) -> str:
+        """Why a runner that is not ready refuses requests."""
+        if self.unavailable_reason:
+            return self.unavailable_reason
+        if self.hung:
+            return f"a batch has run longer than {self.execution_timeout_s:g} s"
+        return "closed" if self.closed else "draining"
 
     @property
     def has_profile(self) -> bool:
@@ -240,7 +257,7 @@ class ModelRunner:
         if not overran:
             if self.hung and not self.running:
                 self.hung = False
-                self.ready = not self.closed
+                self.ready = not self.closed and self.unavailable_reason is None
             return []
         self.hung = True
         self.ready = False

@@ -242,8 +242,7 @@ class App:
     # -- handlers -----------------------------------------------------------------------
     def _infer(self, protocol: HttpProtocol, seq: int, runner: ModelRunner, body: bytes) -> None:
         if self.draining or not runner.ready:
-            reason = (f"a batch has run longer than {runner.execution_timeout_s:g} s" if runner.hung
-                      else "draining")
+            reason = "draining" if self.draining else runner.why_unavailable()
             raise oip.ProtocolError(f"model {runner.name!r} is not accepting requests ({reason})", 503)
         header_length = protocol.header_length
         # Sampled for the prediction log: its start time (0.0: not sampled).
@@ -299,9 +298,9 @@ class App:
         protocol.respond(seq, http_response(200, b'{"live":true}'))
 
     def _ready(self, protocol, seq, runner, body) -> None:
-        # A model out of service because its backend hangs does not take the others down
-        # with it: its own /ready says 503, the server's stays 200.
-        ready = not self.draining and all(r.ready or r.hung for r in self.runners())
+        # A model out of service (its backend hangs, or it failed warm-up) does not take the
+        # others down with it: its own /ready says 503, the server's stays 200.
+        ready = not self.draining and all(r.ready or r.hung or r.unavailable_reason for r in self.runners())
         protocol.respond(seq, http_response(200 if ready else 503, b'{"ready":%s}' % (b"true" if ready else b"false")))
 
     def _server_metadata(self, protocol, seq, runner, body) -> None:
@@ -353,7 +352,7 @@ class App:
     def _repository_index(self, protocol, seq, runner, body) -> None:
         protocol.respond(seq, _ok([
             {"name": r.name, "version": r.version, "state": "READY" if r.ready else "UNAVAILABLE",
-             "reason": "" if r.ready else "draining"}
+             "reason": "" if r.ready else "draining" if self.draining else r.why_unavailable()}
             for r in sorted(self.runners(), key=lambda r: (r.name, version_key(r.version)))
         ]))
 
@@ -406,6 +405,9 @@ class App:
             if self.draining:  # the load finished after SIGTERM: serve nothing new
                 new.close(drain=False)
                 raise oip.ProtocolError("the server is draining", 503)
+            if new.unavailable_reason:  # what serves the name now keeps serving it
+                new.close(drain=False)
+                raise oip.ProtocolError(f"model {new.name!r} version {new.version} {new.unavailable_reason}", 500)
             follower = (registry_follower(ref, new, self.home, self.loader)
                         if "@" in ref and self.home is not None else None)
             self.table.install(new, follower)

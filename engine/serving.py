@@ -95,5 +95,10 @@ def run(options: ServeOptions) -> int:
         runners.append(runner)
         if is_registry_ref(ref) and "@" in ref:
             followers.append(registry_follower(ref, runner, options.home, build_registered, options.follow_interval))
+    broken = [r for r in runners if r.unavailable_reason]
+    if len(broken) == len(runners):
+        for runner in runners:
+            runner.close(drain=False)
+        raise VivaceCLIError("; ".join(f"model {r.name!r} version {r.version} {r.unavailable_reason}" for r in broken))
     return uvloop.run(serve(runners, options.server_config(), followers=followers, loader=build_registered,
                             home=options.home))

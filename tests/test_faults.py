@@ -166,3 +166,54 @@ def test_a_worker_whose_loop_is_blocked_is_killed_and_restarted(faulty_package, 
     log = server.proc.stderr.read().decode()
     assert code == 0, log[-3000:]
     assert "event loop has been blocked" in log and "restarting" in log
+
+
+@pytest.fixture(scope="module")
+def misdeclared_package(tmp_path_factory, mlp_package):
+    """Declares output [-1, 2] but always returns 3 columns: every request would fail."""
+    import torch
+
+    from vivace.registry.package import load_package, write_package
+
+    class ThreeColumns(torch.nn.Module):
+        def forward(self, x):
+            return torch.sigmoid(x[:, :3])
+
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(ThreeColumns()), buffer)
+    manifest = load_package(mlp_package).manifest()
+    manifest["name"] = "misdeclared"
+    manifest["outputs"][0]["shape"] = [-1, 2]
+    path = tmp_path_factory.mktemp("misdeclared") / "misdeclared"
+    write_package(path, manifest, {"model.pt": buffer.getvalue()})
+    return path
+
+
+def test_serving_only_a_model_that_fails_warm_up_exits_with_the_reason(misdeclared_package):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "vivace", "serve", str(misdeclared_package), "--port", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "'misdeclared'" in result.stderr and "failed warm-up" in result.stderr
+    assert "shape (1, 3), expected (1, 2)" in result.stderr
+
+
+def test_a_model_that_fails_warm_up_is_unavailable_and_the_others_serve(misdeclared_package, mlp_package):
+    srv = ServerProcess([misdeclared_package, mlp_package])
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        conn.request("POST", "/v2/repository/index", body=b"")
+        index = {m["name"]: m for m in json.loads(conn.getresponse().read())}
+        conn.close()
+        assert index["misdeclared"]["state"] == "UNAVAILABLE"
+        assert "failed warm-up" in index["misdeclared"]["reason"]
+        assert index["mlp"]["state"] == "READY"
+        assert get_status(srv, "/v2/models/misdeclared/ready") == 503
+        status, data = post(srv, "misdeclared", body(HEALTHY))
+        assert status == 503 and "failed warm-up" in data["error"]
+        assert post(srv, "mlp", body(HEALTHY))[0] == 200
+        assert get_status(srv, "/v2/health/ready") == 200  # the healthy model keeps the server ready
+    finally:
+        assert srv.stop() == 0
