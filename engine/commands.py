@@ -17,6 +17,7 @@ def register(subparsers) -> None:
         "serve",
         help="serve model packages over KServe v2 HTTP",
         description="Serve one or more model packages (directories, or NAME@ALIAS from the registry).",
+        formatter_class=_ShowDefaults,
     )
     serve.add_argument("models", nargs="+", metavar="PACKAGE", help="package directory or NAME@ALIAS")
     _add_serve_options(serve)
@@ -27,6 +28,7 @@ def register(subparsers) -> None:
         help="the whole loop on synthetic churn data: version, train, register, promote, serve",
         description="Versions bundled synthetic customer-churn data, trains a model, registers and "
         "promotes it, then serves churn@production next to the benchmark reference model `mlp`.",
+        formatter_class=_ShowDefaults,
     )
     demo.add_argument("--no-serve", action="store_true", help="stop after promoting")
     _add_serve_options(demo)
@@ -47,9 +49,20 @@ def register(subparsers) -> None:
     score.set_defaults(func=_score)
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Appends "(default: X)" to options that have a default worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _add_serve_options(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    defaults = ServerConfig()
+    serve.add_argument("--host", default=defaults.host, help="address to listen on")
+    serve.add_argument("--port", type=int, default=defaults.port, help="port to listen on (0: any free port)")
     serve.add_argument("--device", default=None, help="cpu or cuda[:N] (default: from the package)")
     serve.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     serve.add_argument(
@@ -59,19 +72,24 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
         help="run batches on the event loop (inline: fastest for small CPU models) or on executor "
         "threads (keeps the loop responsive for slow models); default: per backend",
     )
-    defaults = ServerConfig()
     serve.add_argument("--http-frontend", choices=("auto", "native", "python"), default=defaults.http_frontend,
                        help="native: the C++ front end answers JSON infer requests without Python; python: "
                        "uvloop + httptools; auto (default): native unless --tls-cert or --auth is set")
-    serve.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    serve.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+                       help="largest request body (413 beyond)")
     serve.add_argument("--max-header-bytes", type=int, default=defaults.max_header_bytes,
                        help="request line and headers together")
-    serve.add_argument("--max-headers", type=int, default=defaults.max_headers)
-    serve.add_argument("--max-connections", type=int, default=defaults.max_connections)
-    serve.add_argument("--header-timeout", type=float, default=defaults.header_timeout)
-    serve.add_argument("--body-timeout", type=float, default=defaults.body_timeout)
-    serve.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout)
-    serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
+    serve.add_argument("--max-headers", type=int, default=defaults.max_headers, help="most header lines (431 beyond)")
+    serve.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                       help="open connections at once; more are refused")
+    serve.add_argument("--header-timeout", type=float, default=defaults.header_timeout,
+                       help="seconds from a request's first byte to the end of its headers (408 beyond)")
+    serve.add_argument("--body-timeout", type=float, default=defaults.body_timeout,
+                       help="seconds from the end of the headers to the end of the body (408 beyond)")
+    serve.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout,
+                       help="seconds a keep-alive connection may wait with nothing in flight")
+    serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout,
+                       help="on SIGTERM, the longest wait for accepted requests to be answered")
     serve.add_argument("--execution-timeout", dest="execution_timeout_s", type=float,
                        default=defaults.execution_timeout_s,
                        help="seconds a batch may run before its requests fail (500) and the model is "
@@ -83,7 +101,7 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--log-level", default=os.environ.get("VIVACE_LOG_LEVEL", "INFO"))
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes sharing the port (SO_REUSEPORT) under a supervisor that restarts "
-                       "them; /metrics shows all of them merged (default: 1, no supervisor)")
+                       "them; /metrics shows all of them merged (1: no supervisor)")
     serve.add_argument("--drift-interval", type=float, default=10.0,
                        help="seconds between drift checks of models whose package has a reference profile")
     serve.add_argument("--drift-window", type=int, default=10_000, help="rows in the sliding drift window")
@@ -94,7 +112,7 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
                        help="append sampled requests and responses (JSON lines: request id, model, version, "
                        "latency) to FILE, size-capped with rotation; with --workers, one file per worker")
     serve.add_argument("--prediction-log-sample", type=float, default=0.01,
-                       help="share of requests logged (default 0.01)")
+                       help="share of requests logged")
     serve.add_argument("--prediction-log-max-mb", type=float, default=64.0,
                        help="size at which the log rotates (6 files are kept)")
     serve.add_argument("--follow-interval", type=float, default=1.0,

@@ -41,9 +41,17 @@ def register(subparsers) -> None:
     p.add_argument("--views", nargs="+", help="only these feature views")
     p.set_defaults(func=_materialize)
 
-    p = sub.add_parser("get", help="read online features for entity ids")
-    p.add_argument("--features", nargs="+", required=True)
-    p.add_argument("entity_ids", nargs="+", type=int)
+    p = sub.add_parser(
+        "get", help="read online features for entity ids",
+        description="Read the latest materialized features of entity ids from the online store.",
+        epilog="examples:\n  vivace features get --features customer_stats:age,customer_stats:spend 1 2 3\n"
+        "  vivace features get 1 2 3 --features churn_service --now 2026-01-31T00:00:00",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--features", nargs="+", required=True, metavar="REF",
+                   help="VIEW:FEATURE references (space- or comma-separated) or a feature service name")
+    p.add_argument("entity_ids", nargs="*", type=int, metavar="ENTITY_ID")
+    p.add_argument("--now", type=_when, default=None,
+                   help="ISO date/time at which the views' TTLs are checked (default: the clock)")
     p.set_defaults(func=_get)
 
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
@@ -178,12 +186,20 @@ def _get(args) -> int:
     def go() -> int:
         import numpy as np
 
-        refs = _features_arg(args.features)
+        # `--features a:f 1 2 3`: argparse hands the ids to --features; they are ids.
+        features, trailing = list(args.features), []
+        while features and features[-1].lstrip("-").isdigit():
+            trailing.insert(0, int(features.pop()))
+        entity_ids = trailing + args.entity_ids
+        if not features or not entity_ids:
+            raise FeatureStoreError("give feature references (--features VIEW:FEATURE ...) and at least one "
+                                    "entity id, e.g. vivace features get --features view:feature 1 2 3")
+        refs = _features_arg(features)
         store = _store(args)
-        values, found = store.get_online_features(refs, np.asarray(args.entity_ids, dtype=np.int64))
+        values, found = store.get_online_features(refs, np.asarray(entity_ids, dtype=np.int64), now=args.now)
         names = [f"{v.name}:{f}" for v, f in store.catalog.resolve(refs)]
         print("entity_id\tfound\t" + "\t".join(names))
-        for eid, row, ok in zip(args.entity_ids, values, found, strict=True):
+        for eid, row, ok in zip(entity_ids, values, found, strict=True):
             print(f"{eid}\t{bool(ok)}\t" + "\t".join(f"{x:g}" for x in row))
         return 0
     return _run(go)

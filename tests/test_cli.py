@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import timedelta
 
 from vivace.cli import COMMANDS, _command_in, build_parser
 
@@ -32,3 +33,39 @@ def test_score_does_not_import_the_other_modules(mlp_package, tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "0 []", out.stdout + out.stderr
+
+
+def vivace(*args: str, home=None) -> subprocess.CompletedProcess:
+    """The real console entry point, in a fresh process."""
+    extra = ["--home", str(home)] if home is not None else []
+    return subprocess.run([sys.executable, "-m", "vivace", *extra, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_python_dash_m_vivace_is_the_command():
+    result = vivace("--help")
+    assert result.returncode == 0 and "serve" in result.stdout and "features" in result.stdout
+
+
+def test_features_get_takes_ids_after_the_features_and_a_now(tmp_path):
+    from test_features_online import END, make_store
+
+    make_store(tmp_path, ttl="2h")
+    home = tmp_path / "home"
+    assert vivace("features", "materialize", "--end", END.isoformat(), home=home).returncode == 0
+    at_end = vivace("features", "get", "--features", "stats:f0", "4", "404", "--now", END.isoformat(), home=home)
+    assert at_end.returncode == 0, at_end.stderr
+    rows = [line.split("\t") for line in at_end.stdout.splitlines()[1:]]
+    assert [r[:2] for r in rows] == [["4", "True"], ["404", "False"]]  # ids not swallowed by --features
+    # A day later every row is older than the view's 2 h TTL.
+    later = (END + timedelta(days=1)).isoformat()
+    stale = vivace("features", "get", "4", "--features", "stats:f0", "--now", later, home=home)
+    assert stale.stdout.splitlines()[1].split("\t")[:2] == ["4", "False"]
+    missing = vivace("features", "get", "--features", "stats:f0", home=home)
+    assert missing.returncode == 1 and "at least one entity id" in missing.stderr
+
+
+def test_help_shows_runs_actions_and_serve_defaults():
+    runs = vivace("runs", "--help").stdout
+    assert all(action in runs for action in ("list", "show", "compare"))
+    serve = vivace("serve", "--help").stdout
+    assert "(default: 8000)" in serve and "(default: 10.0)" in serve
