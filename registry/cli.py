@@ -51,6 +51,58 @@ def _key_values(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _metrics(args: argparse.Namespace) -> dict[str, float]:
+    """--metrics FILE.json, then each --metric NAME=VALUE (which wins)."""
+    metrics: dict[str, Any] = {}
+    if args.metrics:
+        try:
+            with open(args.metrics, encoding="utf-8") as f:
+                metrics = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"cannot read metrics from {args.metrics}: {exc}") from None
+        if not isinstance(metrics, dict):
+            raise RegistryError(f"{args.metrics}: expected a JSON object of metric names to numbers")
+    metrics.update(_key_values(args.metric or []))
+    out = {}
+    for name, value in metrics.items():
+        try:
+            out[str(name)] = float(value)
+        except (TypeError, ValueError):
+            raise RegistryError(f"metric {name!r}: {value!r} is not a number") from None
+        if out[name] != out[name] or out[name] in (float("inf"), float("-inf")):
+            raise RegistryError(f"metric {name!r} must be a finite number, got {value!r}")
+    return out
+
+
+def _json_or_text(value: str) -> Any:
+    """A parameter value: JSON (numbers, booleans, lists) when it parses, else the text."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _package(args: argparse.Namespace) -> int:
+    from .packaging import package_torch_model
+
+    dynamic_batching: dict[str, Any] = {"max_queue_delay_microseconds": args.max_queue_delay_us}
+    if args.preferred_batch_size:
+        dynamic_batching["preferred_batch_size"] = args.preferred_batch_size
+    parameters = {k: _json_or_text(v) for k, v in _key_values(args.param or []).items()}
+    try:
+        package = package_torch_model(
+            args.model, args.out, name=args.name, version=args.version, inputs=args.input, outputs=args.output,
+            platform=args.platform, max_batch_size=args.max_batch_size, dynamic_batching=dynamic_batching,
+            parameters=parameters, metadata={"description": args.description} if args.description else None,
+            profile=args.profile, overwrite=args.force)
+    except (PackageError, RegistryError) as exc:
+        print(f"vivace package: error: {exc}", file=sys.stderr)
+        return 1
+    signature = ", ".join(f"{s.name} {s.datatype} {list(s.shape)}" for s in package.inputs)
+    print(f"wrote model package {package.name}/{package.version} ({package.platform}: {signature}) to {args.out}")
+    return 0
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
@@ -127,7 +179,7 @@ def _models_register(args: argparse.Namespace, home: Home) -> int:
             raise RegistryError(f"run {run.id} produced no package ({run.status})")
         package_dir = home.packages / run.package_sha
     mv = register_model(home, package_dir, args.name, run_id=args.run, description=args.description or "",
-                        tags=_key_values(args.tag or []))
+                        tags=_key_values(args.tag or []), metrics=_metrics(args))
     print(f"registered {mv.ref}  package sha256={mv.package_sha[:12]}" + (f"  run={mv.run_id}" if mv.run_id else ""))
     return 0
 
@@ -366,6 +418,33 @@ def _audit(args: argparse.Namespace, home: Home) -> int:
 
 def register(subparsers: Any) -> None:
     """Add the lifecycle commands to the `vivace` parser."""
+    p = subparsers.add_parser(
+        "package", help="package your own TorchScript / torch.export model for serving",
+        description="Write a verified model package from a TorchScript (.pt) or torch.export (.pt2) file: "
+        "the model is run on a batch of its declared inputs and must return its declared outputs.",
+        epilog="example:\n  vivace package model.pt --out models/mine --name mine --input x:FP32:32\n"
+        "  vivace models register models/mine --name mine --metric auc=0.91\n"
+        "  vivace serve models/mine",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="TorchScript (.pt) or torch.export (.pt2) file")
+    p.add_argument("--out", required=True, help="package directory to create")
+    p.add_argument("--name", required=True, help="model name clients use in /v2/models/NAME")
+    p.add_argument("--version", default="1")
+    p.add_argument("--input", action="append", required=True, metavar="NAME:DATATYPE:DIMS",
+                   help="an input and its row shape, e.g. x:FP32:32 or image:FP32:3x224x224 (repeat per input)")
+    p.add_argument("--output", action="append", metavar="NAME:DATATYPE:DIMS",
+                   help="name the outputs (default output__0...; shapes are checked against the model)")
+    p.add_argument("--platform", choices=["torchscript", "torch_export"], help="default: from the file suffix")
+    p.add_argument("--max-batch-size", type=int, default=128)
+    p.add_argument("--max-queue-delay-us", type=int, default=0)
+    p.add_argument("--preferred-batch-size", type=int, action="append", metavar="N")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="a package parameter, e.g. torch_num_threads=2")
+    p.add_argument("--profile", metavar="PROFILE.json",
+                   help="reference profile of the training data (vivace monitor profile): drift monitoring")
+    p.add_argument("--description")
+    p.add_argument("--force", action="store_true", help="replace an existing package")
+    p.set_defaults(func=_package)
+
     data = subparsers.add_parser("data", help="versioned, validated datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = dsub.add_parser("add", help="snapshot a file or folder (parquet, csv, npy) as a new version")
@@ -389,6 +468,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--run", help="training run that produced it (adds metrics, tests, lineage)")
     p.add_argument("--description")
     p.add_argument("--tag", action="append", metavar="KEY=VALUE")
+    p.add_argument("--metric", action="append", metavar="NAME=VALUE",
+                   help="a quality metric (repeatable), e.g. --metric auc=0.91: what promotion gates check")
+    p.add_argument("--metrics", metavar="FILE.json", help='metrics as a JSON object, e.g. {"auc": 0.91}')
     p.set_defaults(func=_models_register)
     p = msub.add_parser("alias", help="set NAME VERSION ALIAS, or NAME --delete ALIAS")
     p.add_argument("name")

@@ -21,6 +21,7 @@ COMMANDS = {
     "serve": "vivace.engine.commands", "score": "vivace.engine.commands", "demo": "vivace.engine.commands",
     "quantize": "vivace.engine.native.cli", "auth": "vivace.engine.auth",
     "bench": "vivace.bench.commands",
+    "package": "vivace.registry.cli",
     "data": "vivace.registry.cli", "models": "vivace.registry.cli", "runs": "vivace.registry.cli",
     "train": "vivace.registry.cli", "audit": "vivace.registry.cli",
     "features": "vivace.features.cli",

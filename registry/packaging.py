@@ -1,0 +1,219 @@
+"""Package a user's own torch model: `vivace package` and `package_torch_model`.
+
+Takes a torch module (traced to TorchScript or exported with torch.export), a TorchScript
+file (`.pt`) or a torch.export file (`.pt2`); names its inputs and outputs (from example
+inputs, or declared), sets batching and parameters, optionally attaches a reference
+profile (`vivace monitor profile`) so the served model is drift-monitored, runs the model
+on a batch to check that its outputs match the declared signature, and writes a verified
+package (registry/package.py `write_package`: hashes, atomic).
+
+    from vivace.registry.packaging import package_torch_model
+    package_torch_model(model, "models/mine", name="mine", example=torch.randn(4, 32))
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from .package import DATATYPES, ModelPackage, PackageError, TensorSpec, write_package
+
+# torch dtype name -> KServe v2 datatype (what the torch backend can feed and read)
+_TORCH_DATATYPES = {
+    "float32": "FP32", "float64": "FP64", "float16": "FP16", "bfloat16": "BF16", "int64": "INT64",
+    "int32": "INT32", "int16": "INT16", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL",
+}
+_PLATFORM_FILES = {"torchscript": "model.pt", "torch_export": "model.pt2"}
+
+
+def parse_tensor_arg(text: str, default_datatype: str = "FP32") -> dict[str, Any]:
+    """`NAME:DATATYPE:DIMS` (DIMS: row shape, e.g. 32 or 3x224x224; DATATYPE optional) as a
+    manifest tensor entry with the batch dimension -1."""
+    parts = text.split(":")
+    if len(parts) == 2:
+        parts = [parts[0], default_datatype, parts[1]]
+    if len(parts) != 3 or not parts[0]:
+        raise PackageError(f"tensor {text!r}: expected NAME:DATATYPE:DIMS, e.g. input__0:FP32:32")
+    name, datatype, dims = parts
+    datatype = datatype.upper()
+    if datatype not in DATATYPES or datatype == "BYTES":
+        raise PackageError(f"tensor {text!r}: unknown datatype {datatype!r}")
+    try:
+        row = [int(d) for d in dims.lower().split("x")] if dims else []
+    except ValueError:
+        raise PackageError(f"tensor {text!r}: dimensions must be integers like 32 or 3x224x224") from None
+    if any(d < 1 for d in row):
+        raise PackageError(f"tensor {text!r}: dimensions must be positive")
+    return {"name": name, "datatype": datatype, "shape": [-1, *row]}
+
+
+def _datatype_of(tensor: Any) -> str:
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in _TORCH_DATATYPES:
+        raise PackageError(f"tensors of dtype {name} cannot be served")
+    return _TORCH_DATATYPES[name]
+
+
+def _as_tuple(example: Any) -> tuple:
+    return tuple(example) if isinstance(example, (tuple, list)) else (example,)
+
+
+def _specs_from(tensors: Sequence[Any], prefix: str) -> list[dict[str, Any]]:
+    return [{"name": f"{prefix}__{i}", "datatype": _datatype_of(t), "shape": [-1, *t.shape[1:]]}
+            for i, t in enumerate(tensors)]
+
+
+def _serialize(model: Any, platform: str, example: tuple) -> bytes:
+    """TorchScript (`torch.jit.save`) or torch.export (`torch.export.save`) bytes of `model`."""
+    import torch
+
+    buffer = io.BytesIO()
+    if platform == "torchscript":
+        if not isinstance(model, torch.jit.ScriptModule):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = torch.jit.trace(model.eval(), example)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(model, buffer)
+    else:
+        if not isinstance(model, torch.export.ExportedProgram):
+            batch = torch.export.Dim("batch", min=1, max=1 << 20)
+            # Exported at batch 2 (batch 1 would be specialised as a constant).
+            rows2 = tuple(x[:1].expand(2, *x.shape[1:]).contiguous() for x in example)
+            model = torch.export.export(model.eval(), rows2, dynamic_shapes=tuple({0: batch} for _ in example))
+        torch.export.save(model, buffer)
+    return buffer.getvalue()
+
+
+def _load(data: bytes, platform: str) -> Any:
+    import torch
+
+    if platform == "torchscript":
+        return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
+    return torch.export.load(io.BytesIO(data)).module()
+
+
+def _batch_of(specs: list[dict[str, Any]], rows: int) -> tuple:
+    """Zeros of `rows` rows for each declared input."""
+    import numpy as np
+    import torch
+
+    from .package import NUMPY_DTYPES
+
+    return tuple(torch.from_numpy(np.zeros((rows, *s["shape"][1:]), NUMPY_DTYPES[s["datatype"]]))
+                 for s in specs)
+
+
+def package_torch_model(
+    model: Any,
+    out: str | os.PathLike,
+    *,
+    name: str,
+    version: str = "1",
+    example: Any = None,
+    inputs: Sequence[dict[str, Any] | str] | None = None,
+    outputs: Sequence[dict[str, Any] | str] | None = None,
+    platform: str | None = None,
+    max_batch_size: int = 128,
+    dynamic_batching: dict[str, Any] | None = None,
+    parameters: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    profile: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> ModelPackage:
+    """Write `model` as a verified model package at `out`.
+
+    `model`: a torch.nn.Module, a scripted module, a torch.export ExportedProgram, or the
+    path of a TorchScript (.pt) or torch.export (.pt2) file. `example`: a tensor (or tuple
+    of tensors) with a batch dimension, used to trace/export a module and to name and shape
+    the inputs and outputs (`input__0`..., `output__0`...). `inputs`/`outputs` declare them
+    instead (dicts like the manifest's, or "NAME:DATATYPE:DIMS" strings); declared names
+    replace the derived ones. `profile`: a reference profile (`vivace monitor profile`)
+    whose features are the input's columns in order; the served model is then monitored
+    for drift. Raises PackageError naming the problem; nothing is written then.
+    """
+    import torch
+
+    in_specs = [parse_tensor_arg(s) if isinstance(s, str) else dict(s) for s in inputs or ()]
+    if example is not None:
+        example_t = _as_tuple(example)
+    elif in_specs:  # a module can be traced on zeros of its declared inputs
+        example_t = _batch_of(in_specs, 2)
+    else:
+        raise PackageError("declare the inputs (NAME:DATATYPE:DIMS) or give example inputs")
+    if not in_specs:
+        in_specs = _specs_from(example_t, "input")
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise PackageError(f"{path}: no such model file")
+        platform = platform or ("torch_export" if path.suffix == ".pt2" else "torchscript")
+        data = path.read_bytes()
+    else:
+        platform = platform or "torchscript"
+        if platform not in _PLATFORM_FILES:
+            raise PackageError(f"platform must be torchscript or torch_export, got {platform!r}")
+        data = _serialize(model, platform, example_t)
+    if platform not in _PLATFORM_FILES:
+        raise PackageError(f"platform must be torchscript or torch_export, got {platform!r}")
+    try:
+        loaded = _load(data, platform)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise PackageError(f"cannot load the model as {platform}: {exc}") from exc
+
+    # Verification: the packaged model on a batch of 2 rows must give outputs of the
+    # declared shapes, or every served request would fail.
+    probe = tuple(x[:1].expand(2, *x.shape[1:]).contiguous() for x in example_t)
+    try:
+        with torch.inference_mode():
+            result = loaded(*probe)
+    except Exception as exc:
+        raise PackageError(f"the model failed on a batch of 2 rows of its declared inputs: {exc}") from exc
+    results = _as_tuple(result)
+    if not all(isinstance(r, torch.Tensor) for r in results):
+        raise PackageError("the model must return a tensor or a tuple of tensors")
+    derived = _specs_from(results, "output")
+    out_specs = [parse_tensor_arg(s) if isinstance(s, str) else dict(s) for s in outputs or ()]
+    if out_specs:
+        if len(out_specs) != len(derived):
+            raise PackageError(f"{len(out_specs)} outputs declared, the model returns {len(derived)}")
+        for spec, got, tensor in zip(out_specs, derived, results):
+            if spec["shape"] != got["shape"] or spec["datatype"] != got["datatype"]:
+                raise PackageError(f"output {spec['name']!r} declared {spec['datatype']} {spec['shape']}, the model "
+                                   f"returns {got['datatype']} {[-1, *tensor.shape[1:]]}")
+    else:
+        out_specs = derived
+    manifest: dict[str, Any] = {
+        "name": name, "version": str(version), "platform": platform, "model_file": _PLATFORM_FILES[platform],
+        "inputs": in_specs, "outputs": out_specs, "max_batch_size": max_batch_size,
+        "dynamic_batching": dynamic_batching or {}, "parameters": {"torch_num_threads": 1, **(parameters or {})},
+        "metadata": dict(metadata or {}),
+    }
+    files: dict[str, bytes | str | os.PathLike] = {_PLATFORM_FILES[platform]: data}
+    if profile is not None:
+        files["profile.json"] = _checked_profile(Path(profile), in_specs)
+        manifest["metadata"]["profile"] = "profile.json"
+    return write_package(out, manifest, files, overwrite=overwrite)
+
+
+def _checked_profile(path: Path, inputs: list[dict[str, Any]]) -> bytes:
+    """The profile's bytes, once it is known to describe the (single, flat) input's columns."""
+    try:
+        data = path.read_bytes()
+        profile = json.loads(data)
+    except (OSError, ValueError) as exc:
+        raise PackageError(f"cannot read the profile {path}: {exc}") from None
+    features = profile.get("features") if isinstance(profile, dict) else None
+    if not isinstance(features, dict) or not features:
+        raise PackageError(f"{path}: not a reference profile (write one with `vivace monitor profile`)")
+    if len(inputs) != 1 or len(inputs[0]["shape"]) != 2:
+        raise PackageError("a profile can be attached to a model with one input of shape [-1, N] only")
+    columns = inputs[0]["shape"][1]
+    if len(features) != columns:
+        raise PackageError(f"{path} profiles {len(features)} features, the input {inputs[0]['name']!r} has "
+                           f"{columns} columns")
+    return data
