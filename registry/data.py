@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -39,6 +40,8 @@ FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".npy": "npy"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _COLUMN_RULES = {"dtype", "nullable", "min", "max", "allowed", "unique"}
 _DTYPE_KINDS = {"int", "integer", "float", "number", "numeric", "string", "str", "category", "bool", "datetime"}
+
+log = logging.getLogger("vivace.registry")
 
 
 class SchemaViolation(RegistryError):
@@ -290,6 +293,34 @@ def summary_stats(df: pd.DataFrame) -> dict[str, Any]:
     return stats
 
 
+# Share of a text column's values that must parse as numbers for it to count as a numeric
+# column spoiled by a few bad values (rather than a genuine categorical).
+NUMERIC_LOOKALIKE_SHARE = 0.9
+
+
+def numeric_lookalikes(frame: Any) -> dict[str, list[str]]:
+    """Text columns whose values are nearly all numbers: {column: the values that are not}.
+
+    Typically a numeric column with a stray "n/a" or "12,5": read as text, it would be
+    one-hot encoded with one level per distinct number.
+    """
+    import pandas as pd
+    from pandas.api import types as t
+
+    found = {}
+    for col in frame.columns:
+        s = frame[col]
+        if t.is_numeric_dtype(s) or t.is_bool_dtype(s):
+            continue
+        present = s.dropna().astype(str)
+        if present.empty:
+            continue
+        parsed = pd.to_numeric(present, errors="coerce")
+        if parsed.notna().mean() >= NUMERIC_LOOKALIKE_SHARE:
+            found[str(col)] = present[parsed.isna()].unique().tolist()
+    return found
+
+
 # ---- versions ------------------------------------------------------------------------
 
 
@@ -336,6 +367,11 @@ def add_dataset(
             problems = validate_frame(df, declared)
             if problems:
                 raise SchemaViolation(str(source), problems)
+        if declared is None:
+            for col, bad in numeric_lookalikes(df).items():
+                log.warning("%s: column %r is numeric but for %d value(s) that are not numbers, e.g. %s: it is "
+                            "stored as text (declare it in a schema, or clean the values)",
+                            source, col, len(bad), bad[:5])
         stats = summary_stats(df)
         for tmp, digest in staged.values():
             home.commit_object(tmp, digest)

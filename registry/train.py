@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import get_dataset, open_dataset
+from .data import get_dataset, numeric_lookalikes, open_dataset
 from .models import _store_package
 from .package import write_package
 from .profile import build_profile
@@ -165,6 +165,11 @@ def load_training_data(home: Home, config: dict[str, Any]) -> TrainingData:
 # ---- encoding ------------------------------------------------------------------------
 
 
+# An undeclared text column with more distinct values than this is refused: one-hot
+# encoding it is rarely what was meant (an id, free text, a numeric column read as text).
+MAX_CATEGORIES = 100
+
+
 def feature_specs(
     frame: Any, config: dict[str, Any], not_features: list[str] = (), source: str = "the training data",
 ) -> list[dict[str, Any]]:
@@ -178,12 +183,22 @@ def feature_specs(
     if missing:
         raise RegistryError(f"columns {missing} are not in {source} (columns: {[str(c) for c in frame.columns]})")
     declared = set(config.get("categorical") or [])
+    lookalikes = numeric_lookalikes(frame[[n for n in names if n not in declared]])
     specs = []
     for name in names:
         col = frame[name]
         if name in declared or not (t.is_numeric_dtype(col) or t.is_bool_dtype(col)):
-            specs.append({"name": str(name), "kind": "categorical",
-                          "categories": sorted(col.dropna().astype(str).unique().tolist())})
+            categories = sorted(col.dropna().astype(str).unique().tolist())
+            if name in lookalikes:
+                bad = lookalikes[name]
+                raise RegistryError(
+                    f"column {name!r} in {source} is numeric but for {len(bad)} value(s) that are not numbers, "
+                    f"e.g. {bad[:5]}: clean them, or list the column under `categorical:` to one-hot it")
+            if name not in declared and len(categories) > MAX_CATEGORIES:
+                raise RegistryError(
+                    f"column {name!r} in {source} is text with {len(categories)} distinct values (more than "
+                    f"{MAX_CATEGORIES}): list it under `categorical:` to one-hot it anyway, or `drop:` it")
+            specs.append({"name": str(name), "kind": "categorical", "categories": categories})
         else:
             specs.append({"name": str(name), "kind": "numeric"})
     return specs

@@ -250,3 +250,35 @@ def test_fresh_process_reproduces_the_weights(home, first, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == first.weights_hash
+
+
+def test_a_numeric_column_spoiled_by_a_few_bad_values_is_flagged_then_refused(tmp_path):
+    frame = churn_frame(rows=600)
+    spoiled = frame["monthly_charges"].round(2).astype(str)
+    spoiled.iloc[[3, 70]] = ["n/a", "12,5"]
+    frame["monthly_charges"] = spoiled
+    frame.to_parquet(tmp_path / "churn.parquet")
+    home = tmp_path / "home"
+    added = subprocess.run([sys.executable, "-m", "vivace", "--home", str(home), "data", "add", "churn",
+                            str(tmp_path / "churn.parquet")], capture_output=True, text=True, timeout=120)
+    assert added.returncode == 0, added.stderr
+    assert "'monthly_charges' is numeric but for 2 value(s)" in added.stderr and "'n/a'" in added.stderr
+    with pytest.raises(RegistryError, match=r"column 'monthly_charges' .* numeric but for 2 value\(s\)"):
+        train(home, small_config())
+    # Declared categorical, the user gets what they asked for.
+    from vivace.registry.train import feature_specs
+
+    config = normalize_config(small_config(categorical=["monthly_charges"]))
+    specs = {s["name"]: s for s in feature_specs(frame, config)}
+    assert specs["monthly_charges"]["kind"] == "categorical" and "n/a" in specs["monthly_charges"]["categories"]
+
+
+def test_an_undeclared_text_column_with_too_many_levels_is_refused(tmp_path):
+    frame = churn_frame(rows=600)
+    frame["customer_note"] = [f"note {i}" for i in range(len(frame))]
+    frame.to_parquet(tmp_path / "churn.parquet")
+    with Home(tmp_path / "home") as h:
+        add_dataset(h, "churn", tmp_path / "churn.parquet")
+        with pytest.raises(RegistryError, match=r"'customer_note' .* 600 distinct values \(more than 100\)"):
+            train(h, small_config())
+        assert train(h, small_config(drop=["customer_id", "customer_note"])).run_id
