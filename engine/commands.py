@@ -5,8 +5,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from vivace.errors import VivaceCLIError
+
 from .config import ServerConfig
 from .options import OptionsError, ServeOptions
 from .serving import resolve_package
@@ -166,17 +168,36 @@ def _serve(args: argparse.Namespace) -> int:
     return run(options)
 
 
-def _read_table(path: Path, columns: str | None):
+def _read_table(path: Path, columns: str | None, package) -> tuple[Any, dict[str, Any]]:
+    """The model's input rows, and the columns carried through to a parquet output.
+
+    A package trained by `vivace train` names its raw feature columns (metadata.features):
+    a parquet holding them is encoded as training encoded it (categories as indexes), and
+    its other columns (ids, timestamps) are carried through to the output.
+    """
     import numpy as np
 
     if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        return np.load(path, allow_pickle=False), {}
+    if path.suffix != ".parquet":
+        raise VivaceCLIError(f"{path}: expected a .npy or .parquet file")
+    import pyarrow.parquet as pq
 
-        table = pq.read_table(path, columns=columns.split(",") if columns else None)
-        return np.column_stack([table.column(i).to_numpy(zero_copy_only=False) for i in range(table.num_columns)])
-    raise VivaceCLIError(f"{path}: expected a .npy or .parquet file")
+    specs = package.metadata.get("features")
+    names = pq.read_schema(path).names
+    if specs and columns is None and any(s["name"] in names for s in specs):
+        missing = [s["name"] for s in specs if s["name"] not in names]
+        if missing:
+            raise VivaceCLIError(f"{path} lacks the model's feature columns {missing} "
+                                 f"(it takes {[s['name'] for s in specs]})")
+        from vivace.registry.train import encode
+
+        frame = pq.read_table(path).to_pandas()
+        features = {s["name"] for s in specs}
+        carried = {c: frame[c].to_numpy() for c in frame.columns if c not in features}
+        return encode(frame, specs), carried
+    table = pq.read_table(path, columns=columns.split(",") if columns else None)
+    return np.column_stack([table.column(i).to_numpy(zero_copy_only=False) for i in range(table.num_columns)]), {}
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -189,9 +210,9 @@ def _score(args: argparse.Namespace) -> int:
         raise VivaceCLIError(f"{source}: no such file")
     if dest.suffix not in (".npy", ".parquet"):
         raise VivaceCLIError(f"{dest}: output must be a .npy or .parquet file")
-    scorer = Scorer(resolve_package(args.model, args.home), device=args.device, num_threads=args.threads,
-                    batch_size=args.batch_size)
-    data = _read_table(source, args.columns)
+    package = resolve_package(args.model, args.home)
+    data, carried = _read_table(source, args.columns, package)
+    scorer = Scorer(package, device=args.device, num_threads=args.threads, batch_size=args.batch_size)
     result = scorer.predict(data)
     outputs = result if isinstance(result, dict) else {scorer.package.outputs[0].name: result}
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
@@ -205,7 +226,7 @@ def _score(args: argparse.Namespace) -> int:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            columns = {}
+            columns = dict(carried)
             for name, values in outputs.items():
                 flat = values.reshape(values.shape[0], -1)
                 for k in range(flat.shape[1]):

@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 
 from vivace.errors import VivaceCLIError
+
 from .options import ServeOptions
 
 def is_registry_ref(ref: str) -> bool:

@@ -34,9 +34,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vivace.errors import VivaceCLIError
 from vivace.monitor.multiproc import SnapshotError, heartbeat_path, retire_worker
 
-from vivace.errors import VivaceCLIError
 from .options import ServeOptions
 
 log = logging.getLogger("vivace.workers")

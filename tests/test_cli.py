@@ -69,3 +69,36 @@ def test_help_shows_runs_actions_and_serve_defaults():
     assert all(action in runs for action in ("list", "show", "compare"))
     serve = vivace("serve", "--help").stdout
     assert "(default: 8000)" in serve and "(default: 10.0)" in serve
+
+
+def test_score_takes_the_raw_columns_of_a_trained_model_and_carries_ids_through(tmp_path):
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from vivace.registry.data import add_dataset
+    from vivace.registry.demo_data import TRAIN_CONFIG, churn_frame
+    from vivace.registry.package import load_package
+    from vivace.registry.train import encode, train
+
+    raw = churn_frame(rows=800)
+    raw.to_parquet(tmp_path / "churn.parquet")
+    home = tmp_path / "home"
+    add_dataset(home, "churn", tmp_path / "churn.parquet")
+    config = yaml.safe_load(TRAIN_CONFIG.read_text())
+    config["train"]["epochs"] = 2
+    package = train(home, config).package_dir
+    specs = load_package(package).metadata["features"]
+    assert any(s["kind"] == "categorical" for s in specs)  # string columns the user never encoded
+
+    scored = vivace("score", package, "--input", tmp_path / "churn.parquet", "--output", tmp_path / "out.parquet")
+    assert scored.returncode == 0, scored.stderr
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert list(out["customer_id"]) == list(raw["customer_id"])  # ids carried through, in order
+    np.save(tmp_path / "encoded.npy", encode(raw, specs))
+    assert vivace("score", package, "--input", tmp_path / "encoded.npy", "--output", tmp_path / "enc.npy").returncode == 0
+    np.testing.assert_allclose(out[out.columns[-1]].to_numpy(), np.load(tmp_path / "enc.npy").ravel(), rtol=1e-6)
+
+    raw.drop(columns=[specs[0]["name"]]).to_parquet(tmp_path / "partial.parquet")
+    partial = vivace("score", package, "--input", tmp_path / "partial.parquet", "--output", tmp_path / "p.parquet")
+    assert partial.returncode == 1 and specs[0]["name"] in partial.stderr and not (tmp_path / "p.parquet").exists()
