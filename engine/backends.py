@@ -172,7 +172,8 @@ class _CudaGraphRunner:
             self.buckets.append(b)
             b *= 2
         self.buckets.append(max_batch)
-        dt = {s.name: getattr(torch, datatypes.get(s.datatype).numpy) for s in (*package.inputs, *package.outputs)}
+        specs = (*package.inputs, *package.outputs)
+        dt = {s.name: getattr(torch, datatypes.get(s.datatype).numpy) for s in specs}
         dev = backend.device
         self.static_in = [torch.zeros((max_batch, *s.row_shape), dtype=dt[s.name], device=dev) for s in package.inputs]
         self.pinned_in = [torch.zeros((max_batch, *s.row_shape), dtype=dt[s.name]).pin_memory() for s in package.inputs]

@@ -11,13 +11,13 @@ when a package is written), as they always were.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
 from vivace.datatypes import TENSOR_DATATYPES, itemsize
 
-FORMAT = "vivace-model-package/1"
+FORMAT: Final = "vivace-model-package/1"
 MANIFEST = "package.json"
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
