@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vivace import spec
 from vivace.registry.package import MANIFEST, PackageError, load_package, write_package
@@ -265,3 +267,44 @@ def test_a_deep_manifest_given_as_objects_is_refused(tmp_path):
     with pytest.raises(PackageError, match="nested too deeply"):
         write_package(tmp_path / "out", _base(metadata=deep), {"model.pt": b"pt"})
     assert list(tmp_path.iterdir()) == []
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8) | st.sampled_from(["FP32", "BF16", "KIND_GPU", "model.pt", SHA, "-1"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _paths(value, prefix=()):
+    """Every place in a JSON value where another value could go."""
+    yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _paths(item, (*prefix, i))
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(sorted(KINDS)), data=st.data())
+def test_any_mutated_manifest_is_refused_by_path_or_round_trips(kind, data):
+    """Put an arbitrary JSON value anywhere in a valid manifest (or add a field): either the
+    spec refuses it with a ManifestError, or what it accepts encodes and decodes to itself."""
+    manifest = dict(copy.deepcopy(KINDS[kind][0]), format=spec.FORMAT)
+    places = list(_paths(manifest))[1:]
+    path = data.draw(st.sampled_from(places) | st.just(("new_field",)))
+    value = data.draw(json_values)
+    node = manifest
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    try:
+        decoded = spec.decode(json.dumps(manifest).encode())
+    except spec.ManifestError as exc:
+        assert str(exc)  # refused, with a reason
+        return
+    encoded = spec.encode(decoded)
+    assert spec.encode(spec.decode(encoded)) == encoded
