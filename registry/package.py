@@ -106,8 +106,7 @@ class ModelPackage:
 
     @classmethod
     def from_spec(cls, manifest: spec.Manifest, path: Path) -> "ModelPackage":
-        group = manifest.instance_group
-        assert group is not None and manifest.dynamic_batching is not None  # filled in by the spec
+        group = manifest.instance_group or spec.InstanceGroup()  # never None once decoded
         return cls(
             path=path,
             name=manifest.name,
@@ -117,7 +116,7 @@ class ModelPackage:
             inputs=manifest.inputs,
             outputs=manifest.outputs,
             max_batch_size=manifest.max_batch_size,
-            dynamic_batching=manifest.dynamic_batching,
+            dynamic_batching=manifest.dynamic_batching or DynamicBatching(),
             instance_count=group.count,
             instance_kind=group.kind,
             parameters=manifest.parameters,
