@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from vivace.registry.package import NUMPY_DTYPES, ModelPackage, PackageError, TensorSpec
+from vivace import datatypes
+from vivace.registry.package import ModelPackage, PackageError, TensorSpec
 
 TORCH_PLATFORMS = ("torchscript", "torch_export")
 
@@ -32,7 +33,7 @@ class SignatureMismatch(BackendError):
 
 def _buffer_arrays(buffers: Sequence[memoryview], specs: Sequence[TensorSpec], max_batch: int) -> list[np.ndarray]:
     return [
-        np.frombuffer(buf, dtype=NUMPY_DTYPES[spec.datatype]).reshape(max_batch, *spec.row_shape)
+        np.frombuffer(buf, dtype=datatypes.get(spec.datatype).numpy).reshape(max_batch, *spec.row_shape)
         for buf, spec in zip(buffers, specs)
     ]
 
@@ -65,7 +66,7 @@ class TorchBackend:
         self.device = torch.device(device)
         self.model = self._load()
         for spec in (*package.inputs, *package.outputs):
-            if spec.datatype not in NUMPY_DTYPES:
+            if not datatypes.numpy_native(spec.datatype):  # torch.from_numpy needs a numpy dtype
                 raise PackageError(f"{package.name}: datatype {spec.datatype} is not supported by the torch backend")
 
     def _load(self):
@@ -175,7 +176,8 @@ class _CudaGraphRunner:
             self.buckets.append(b)
             b *= 2
         self.buckets.append(max_batch)
-        dt = {s.name: getattr(torch, NUMPY_DTYPES[s.datatype]) for s in (*package.inputs, *package.outputs)}
+        specs = (*package.inputs, *package.outputs)
+        dt = {s.name: getattr(torch, datatypes.get(s.datatype).numpy) for s in specs}
         dev = backend.device
         self.static_in = [torch.zeros((max_batch, *s.row_shape), dtype=dt[s.name], device=dev) for s in package.inputs]
         self.pinned_in = [torch.zeros((max_batch, *s.row_shape), dtype=dt[s.name]).pin_memory() for s in package.inputs]

@@ -12,7 +12,8 @@ from typing import Any
 
 import msgspec
 
-from vivace.registry.package import DATATYPES, ModelPackage
+from vivace import datatypes
+from vivace.registry.package import ModelPackage
 
 
 class ProtocolError(Exception):
@@ -65,10 +66,7 @@ _encoder = msgspec.json.Encoder()
 encode = _encoder.encode
 
 # memoryview.cast formats for turning output bytes into JSON numbers.
-_CAST_FORMATS = {
-    "BOOL": "?", "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q",
-    "INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q", "FP32": "f", "FP64": "d",
-}
+_CAST_FORMATS = {d.name: d.struct_format for d in datatypes.TABLE if d.struct_format}
 
 
 @dataclass(slots=True)
@@ -268,10 +266,13 @@ def _to_list(chunk: memoryview, datatype: str) -> list:
     fmt = _CAST_FORMATS.get(datatype)
     if fmt is not None:
         return chunk.cast(fmt).tolist()
-    import numpy as np  # FP16: no memoryview format; rare enough to pay for numpy
+    import numpy as np  # FP16, BF16: no memoryview format; rare enough to pay for numpy
 
+    if datatype == "BF16":  # the top half of a float32: widen without a bfloat16 library
+        return (np.frombuffer(chunk, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).tolist()
     return np.frombuffer(chunk, dtype=np.float16).astype(np.float32).tolist()
 
 
 def supported_datatype(datatype: str) -> bool:
-    return datatype in DATATYPES and datatype != "BF16"
+    """Whether the codecs (and the batcher) carry tensors of this datatype."""
+    return datatype in datatypes.TENSOR_DATATYPES

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from vivace import __version__
-from vivace.registry.package import DATATYPES, ModelPackage, TensorSpec
+from vivace import datatypes
+from vivace.registry.package import ModelPackage, TensorSpec
 
 from . import routes
 from .model_table import version_key
@@ -31,12 +32,8 @@ _NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"
 MODEL_NAME_PATTERN = f"^{_NAME}$"
 MODEL_REF_PATTERN = f"^{_NAME}(@{_NAME}|/[0-9]+)$"
 
-_INT_RANGES = {
-    "UINT8": (0, 2**8 - 1), "UINT16": (0, 2**16 - 1), "UINT32": (0, 2**32 - 1), "UINT64": (0, 2**64 - 1),
-    "INT8": (-(2**7), 2**7 - 1), "INT16": (-(2**15), 2**15 - 1),
-    "INT32": (-(2**31), 2**31 - 1), "INT64": (-(2**63), 2**63 - 1),
-}
-_FLOAT_LIMITS = {"FP16": 65504.0, "BF16": 3.3895313892515355e38, "FP32": 3.4028234663852886e38}
+_INT_RANGES = {d.name: d.int_range for d in datatypes.TABLE if d.int_range}
+_FLOAT_LIMITS = {d.name: d.float_max for d in datatypes.TABLE if d.float_max}
 
 # Failures any request can meet before it reaches a route: framing, limits, load, bugs.
 _TRANSPORT_ERRORS = {
@@ -246,7 +243,7 @@ def _common_schemas() -> dict[str, Any]:
                "properties": {"count": {"type": "integer"}, "ns": {"type": "integer"}}}
     tensor_metadata = {
         "type": "object", "required": ["name", "datatype", "shape"],
-        "properties": {"name": {"type": "string"}, "datatype": {"enum": sorted(DATATYPES)},
+        "properties": {"name": {"type": "string"}, "datatype": {"enum": sorted(datatypes.TENSOR_DATATYPES)},
                        "shape": {"type": "array", "items": {"type": "integer"}}},
     }
     config_tensor = {

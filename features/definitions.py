@@ -27,8 +27,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Annotated, Any, Callable, Optional, TypeVar, Union
 
+import msgspec
 import yaml
 
 from .errors import FeatureDefinitionError
@@ -193,73 +194,118 @@ def to_dict(defn: Definition) -> dict[str, Any]:
     return d
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise FeatureDefinitionError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = set(cls.__dataclass_fields__)
-    unknown = set(data) - known
-    if unknown:
-        raise FeatureDefinitionError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(known)})")
+# The YAML (and registry.json) document, typed: msgspec checks its structure and names
+# the path of a bad value; the dataclasses above then check what the values mean.
+class _FieldDoc(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    dtype: str = "float32"
+    description: str = ""
+
+
+class _EntityDoc(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    join_key: str
+    dtype: str = "int64"
+    description: str = ""
+
+
+class _ViewDoc(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    entity: str
+    source: Annotated[str, msgspec.Meta(min_length=1)]
+    schema: Optional[list[_FieldDoc]] = None
+    ttl: Union[int, float, str, None] = None
+    timestamp_field: str = "event_timestamp"
+    created_timestamp_field: Optional[str] = None
+    tags: dict[str, Any] = msgspec.field(default_factory=dict)
+    description: str = ""
+
+
+class _ServiceDoc(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    features: list[str]
+    description: str = ""
+    tags: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class _Document(msgspec.Struct, forbid_unknown_fields=True):
+    entities: Optional[list[_EntityDoc]] = None
+    feature_views: Optional[list[_ViewDoc]] = None
+    feature_services: Optional[list[_ServiceDoc]] = None
+
+
+_D = TypeVar("_D")
+
+
+def _convert(data: Any, doc_type: type[_D], where: str) -> _D:
     try:
-        return cls(**data)
-    except TypeError as exc:
+        return msgspec.convert(data, doc_type)
+    except msgspec.ValidationError as exc:
         raise FeatureDefinitionError(f"{where}: {exc}") from None
 
 
+def _at(path: str, build: Callable[..., _D], *args: Any) -> _D:
+    """build(*args); the definition's own checks gain the document path in their errors."""
+    try:
+        return build(*args)
+    except FeatureDefinitionError as exc:
+        raise FeatureDefinitionError(f"{exc} - at `{path}`") from None
+
+
+def _entity(doc: _EntityDoc) -> Entity:
+    return Entity(doc.name, doc.join_key, doc.dtype, doc.description)
+
+
+def _view(doc: _ViewDoc, base_dir: Path | None, path: str) -> FeatureView:
+    schema = [_at(f"{path}.schema[{i}]", Field, f.name, f.dtype, f.description) for i, f in enumerate(doc.schema or [])]
+    source = doc.source
+    if base_dir is not None and not Path(source).is_absolute():
+        source = str((base_dir / source).resolve())
+    return _at(path, FeatureView, doc.name, doc.entity, source, tuple(schema), doc.ttl, doc.timestamp_field,
+               doc.created_timestamp_field, doc.tags, doc.description)
+
+
+def _service(doc: _ServiceDoc) -> FeatureService:
+    return FeatureService(doc.name, tuple(doc.features), doc.description, doc.tags)
+
+
 def entity_from_dict(data: dict[str, Any]) -> Entity:
-    return _build(Entity, data, f"entity {data.get('name', '?') if isinstance(data, dict) else '?'}")
+    return _at("$", _entity, _convert(data, _EntityDoc, "entity"))
 
 
 def view_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> FeatureView:
-    where = f"feature view {data.get('name', '?') if isinstance(data, dict) else '?'}"
-    if not isinstance(data, dict):
-        raise FeatureDefinitionError(f"{where}: expected a mapping")
-    data = dict(data)
-    schema = data.get("schema") or []
-    if not isinstance(schema, list):
-        raise FeatureDefinitionError(f"{where}: schema must be a list of fields")
-    data["schema"] = [_build(Field, f, f"{where}, schema entry {i}") for i, f in enumerate(schema)]
-    source = data.get("source")
-    if not isinstance(source, str) or not source:
-        raise FeatureDefinitionError(f"{where}: source must be a parquet file path")
-    if base_dir is not None and not Path(source).is_absolute():
-        data["source"] = str((base_dir / source).resolve())
-    return _build(FeatureView, data, where)
+    return _view(_convert(data, _ViewDoc, "feature view"), base_dir, "$")
 
 
 def service_from_dict(data: dict[str, Any]) -> FeatureService:
-    return _build(FeatureService, data, f"feature service {data.get('name', '?') if isinstance(data, dict) else '?'}")
+    return _at("$", _service, _convert(data, _ServiceDoc, "feature service"))
 
 
 def load_yaml(path: str | Path) -> list[Definition]:
-    """Definitions from a YAML file; relative sources are resolved against the file's folder."""
+    """Definitions from a YAML file; relative sources are resolved against the file's folder.
+
+    Errors name the file and the path inside it, e.g. `$.feature_views[0].schema[1]`."""
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise FeatureDefinitionError(f"definition file {path} not found") from None
     except yaml.YAMLError as exc:
         raise FeatureDefinitionError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(doc, dict):
+    if not isinstance(data, dict):
         raise FeatureDefinitionError(f"{path}: expected a mapping with entities/feature_views/feature_services")
-    unknown = set(doc) - {"entities", "feature_views", "feature_services"}
-    if unknown:
-        raise FeatureDefinitionError(f"{path}: unknown top-level keys {sorted(unknown)}")
+    doc = _convert(data, _Document, str(path))
     base = path.resolve().parent
     defs: list[Definition] = []
-    for item in _list(doc, "entities", path):
-        defs.append(entity_from_dict(item))
-    for item in _list(doc, "feature_views", path):
-        defs.append(view_from_dict(item, base))
-    for item in _list(doc, "feature_services", path):
-        defs.append(service_from_dict(item))
+    try:
+        for i, e in enumerate(doc.entities or []):
+            defs.append(_at(f"$.entities[{i}]", _entity, e))
+        for i, v in enumerate(doc.feature_views or []):
+            defs.append(_view(v, base, f"$.feature_views[{i}]"))
+        for i, s in enumerate(doc.feature_services or []):
+            defs.append(_at(f"$.feature_services[{i}]", _service, s))
+    except FeatureDefinitionError as exc:
+        raise FeatureDefinitionError(f"{path}: {exc}") from None
     if not defs:
         raise FeatureDefinitionError(f"{path}: defines nothing")
     return defs
-
-
-def _list(doc: dict[str, Any], key: str, path: Path) -> Iterable[Any]:
-    items = doc.get(key) or []
-    if not isinstance(items, list):
-        raise FeatureDefinitionError(f"{path}: {key} must be a list")
-    return items

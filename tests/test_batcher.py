@@ -444,3 +444,37 @@ def test_binary_data_of_the_wrong_size_is_refused():
 def test_invalid_configuration_is_refused(change, message):
     with pytest.raises(ValueError, match=message):
         Harness(**change)
+
+
+def test_bf16_json_values_round_to_nearest_even():
+    # bfloat16 is the top half of a float32; the bit patterns are written out so the
+    # test needs no bfloat16 library. 1 + 2**-8 and 1 + 3 * 2**-8 are ties: to even.
+    values = [1.0, -2.5, 1.00390625, 1.01171875, 3.0e38, 1e39, float("nan"), 0.0]
+    expected = [0x3F80, 0xC020, 0x3F80, 0x3F82, 0x7F62, 0x7F80, 0x7FC0, 0x0000]
+    seen = {}
+
+    def execute(executor, rows):
+        seen["bits"] = np.frombuffer(b.input_buffers(0)[0], np.uint16)[:8].tolist()
+
+    b = _core.Batcher("m", 4, [], 0, 1, 1, 0, True, 0, 0, [("BF16", [8])], [("FP32", [1])], 1, True, execute)
+    assert b.submit(1, [values], 1) == int(S.OK)
+    b.run_ready()
+    assert b.drain()[0][1] == int(S.OK)
+    assert seen["bits"] == expected
+
+
+def test_bf16_binary_rows_pass_through_to_bf16_outputs():
+    rows = np.array([[0x3F80, 0x4000, 0xC040], [0x0001, 0x7F7F, 0xFF80]], np.uint16)
+
+    def execute(executor, n):
+        out = np.frombuffer(b.output_buffers(0)[0], np.uint16).reshape(4, 3)
+        out[:n] = np.frombuffer(b.input_buffers(0)[0], np.uint16).reshape(4, 3)[:n]
+
+    b = _core.Batcher("m", 4, [], 0, 1, 1, 0, True, 0, 0, [("BF16", [3])], [("BF16", [3])], 1, True, execute)
+    with pytest.raises(ValueError, match="whole number of 2"):
+        b.submit(1, [rows.tobytes()[:-1]], 2)
+    assert b.submit(1, [rows.tobytes()], 2) == int(S.OK)
+    b.run_ready()
+    token, status, payload = b.drain()[0]
+    assert (token, status) == (1, int(S.OK))
+    assert bytes(payload) == rows.tobytes()

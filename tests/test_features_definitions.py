@@ -158,11 +158,24 @@ def test_bad_references(repo: Path) -> None:
 @pytest.mark.parametrize("text, message", [
     ("entities: [", "not valid YAML"),
     ("- 1\n- 2\n", "expected a mapping"),
-    ("views: []\n", "unknown top-level keys"),
-    ("entities:\n  - {name: d, join_key: id, dtype: float64}\n", "join key type 'float64'"),
-    ("entities:\n  - {name: d, join_key: id, colour: red}\n", "unknown keys"),
+    ("views: []\n", "unknown field `views`"),
+    ("entities:\n  - {name: d, join_key: id, dtype: float64}\n", r"join key type 'float64'.* - at `\$.entities\[0\]`"),
+    ("entities:\n  - {name: d, join_key: id, colour: red}\n", r"unknown field `colour` - at `\$.entities\[0\]`"),
     ("entities:\n  - {name: 'bad name', join_key: id}\n", "must match"),
-    ("feature_services:\n  - {name: s, features: [nocolon]}\n", "must be 'view:feature'"),
+    ("entities:\n  - {join_key: id}\n", r"missing required field `name` - at `\$.entities\[0\]`"),
+    ("entities: {name: d}\n", r"Expected `array | null`, got `object` - at `\$.entities`"),
+    ("feature_services:\n  - {name: s, features: [nocolon]}\n",
+     r"must be 'view:feature' - at `\$.feature_services\[0\]`"),
+    ("feature_services:\n  - {name: s, features: [v:a, 3]}\n",
+     r"Expected `str`, got `int` - at `\$.feature_services\[0\].features\[1\]`"),
+    ("feature_views:\n  - {name: v, entity: d, source: s.parquet, ttl: true, schema: [{name: a}]}\n",
+     r"got `bool` - at `\$.feature_views\[0\].ttl`"),
+    ("feature_views:\n  - {name: v, entity: d, source: s.parquet, ttl: soon, schema: [{name: a}]}\n",
+     r"ttl 'soon' is not a duration.* - at `\$.feature_views\[0\]`"),
+    ("feature_views:\n  - {name: v, entity: d, source: s.parquet, schema: [{name: a}, {name: b, dtype: float16}]}\n",
+     r"type 'float16' is not one of .* - at `\$.feature_views\[0\].schema\[1\]`"),
+    ("feature_views:\n  - {name: v, entity: d, schema: [{name: a}]}\n",
+     r"missing required field `source` - at `\$.feature_views\[0\]`"),
 ])
 def test_malformed_yaml(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "f.yaml").write_text(text)

@@ -14,6 +14,7 @@
 #include "batcher/batcher.h"
 #include "batcher/oip_json.h"
 #include "batcher/py_batcher.h"
+#include "common/datatypes.h"
 #include "featcache/featcache.h"
 #include "sketch/sketch.h"
 
@@ -22,25 +23,11 @@ namespace py = pybind11;
 namespace vivace {
 namespace {
 
-enum class DType { kBool, kU8, kU16, kU32, kU64, kI8, kI16, kI32, kI64, kF16, kF32, kF64 };
-
-struct DTypeInfo {
-  const char* name;
-  DType type;
-  int size;
-};
-
-constexpr DTypeInfo kDTypes[] = {
-    {"BOOL", DType::kBool, 1}, {"UINT8", DType::kU8, 1},   {"UINT16", DType::kU16, 2},
-    {"UINT32", DType::kU32, 4}, {"UINT64", DType::kU64, 8}, {"INT8", DType::kI8, 1},
-    {"INT16", DType::kI16, 2},  {"INT32", DType::kI32, 4},  {"INT64", DType::kI64, 8},
-    {"FP16", DType::kF16, 2},   {"FP32", DType::kF32, 4},   {"FP64", DType::kF64, 8},
-};
-
+// The datatype table is generated from vivace/datatypes.py (common/datatypes.h).
 const DTypeInfo& LookupDType(const std::string& name) {
-  for (const auto& d : kDTypes)
-    if (name == d.name) return d;
-  throw std::invalid_argument("unsupported datatype for batching: " + name);
+  const DTypeInfo* d = FindDType(name.c_str());
+  if (d == nullptr || !d->batchable) throw std::invalid_argument("unsupported datatype for batching: " + name);
+  return *d;
 }
 
 int64_t RowElements(const std::vector<int64_t>& row_shape) {
@@ -72,6 +59,15 @@ uint16_t FloatToHalf(float f) {
   uint32_t half = sign | (static_cast<uint32_t>(e) << 10) | (mant >> 13);
   if (mant & 0x1000u) half += 1;  // round to nearest; carries into the exponent correctly
   return static_cast<uint16_t>(half);
+}
+
+// bfloat16 is the top half of a float32: round to nearest even, keep NaN a (quiet) NaN.
+uint16_t FloatToBf16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+  x += 0x7fffu + ((x >> 16) & 1u);  // overflow rounds to infinity, as it should
+  return static_cast<uint16_t>(x >> 16);
 }
 
 // Writes JSON numbers (possibly nested lists) into `out` as `dtype`.
@@ -154,30 +150,37 @@ class ListWriter {
         out_[count_] = item == Py_True ? 1 : 0;
         return;
       }
-      case DType::kU8: return StoreInt<uint8_t>(item);
-      case DType::kU16: return StoreInt<uint16_t>(item);
-      case DType::kU32: return StoreInt<uint32_t>(item);
-      case DType::kU64: return StoreInt<uint64_t>(item);
-      case DType::kI8: return StoreInt<int8_t>(item);
-      case DType::kI16: return StoreInt<int16_t>(item);
-      case DType::kI32: return StoreInt<int32_t>(item);
-      case DType::kI64: return StoreInt<int64_t>(item);
-      case DType::kF16: {
+      case DType::kUint8: return StoreInt<uint8_t>(item);
+      case DType::kUint16: return StoreInt<uint16_t>(item);
+      case DType::kUint32: return StoreInt<uint32_t>(item);
+      case DType::kUint64: return StoreInt<uint64_t>(item);
+      case DType::kInt8: return StoreInt<int8_t>(item);
+      case DType::kInt16: return StoreInt<int16_t>(item);
+      case DType::kInt32: return StoreInt<int32_t>(item);
+      case DType::kInt64: return StoreInt<int64_t>(item);
+      case DType::kFp16: {
         const uint16_t h = FloatToHalf(static_cast<float>(AsDouble(item)));
         std::memcpy(out_ + count_ * 2, &h, 2);
         return;
       }
-      case DType::kF32: {
+      case DType::kBf16: {
+        const uint16_t b = FloatToBf16(static_cast<float>(AsDouble(item)));
+        std::memcpy(out_ + count_ * 2, &b, 2);
+        return;
+      }
+      case DType::kFp32: {
         const float f = static_cast<float>(AsDouble(item));
         std::memcpy(out_ + count_ * 4, &f, 4);
         return;
       }
-      case DType::kF64: {
+      case DType::kFp64: {
         const double d = AsDouble(item);
         std::memcpy(out_ + count_ * 8, &d, 8);
         return;
       }
+      case DType::kBytes: break;  // not batchable: LookupDType refuses it
     }
+    Fail(std::string("has datatype ") + dtype_.name + ", which the batcher cannot hold");
   }
 
   const DTypeInfo& dtype_;
@@ -283,7 +286,7 @@ class PyBatcher {
   // input buffer to the first output buffer, float32 rows, no Python and no GIL.
   void SetNativeForward(py::capsule model, py::capsule forward, py::object owner) {
     const auto& c = batcher_->config();
-    if (input_dtypes_.size() != 1 || input_dtypes_[0]->type != DType::kF32 || c.output_row_bytes.size() != 1)
+    if (input_dtypes_.size() != 1 || input_dtypes_[0]->type != DType::kFp32 || c.output_row_bytes.size() != 1)
       throw py::value_error("a native forward needs one FP32 input and one FP32 output");
     native_owner_ = std::move(owner);  // keeps the model alive as long as the batcher
     native_model_ = model.get_pointer();
@@ -419,7 +422,7 @@ class PyBatcher {
   void AttachSketches(py::object input_sketch, py::object output_sketch) {
     const auto& c = batcher_->config();
     const bool by_entity = !feature_rows_.empty();
-    if (!by_entity && (input_dtypes_.empty() || input_dtypes_[0]->type != DType::kF32))
+    if (!by_entity && (input_dtypes_.empty() || input_dtypes_[0]->type != DType::kFp32))
       throw py::value_error("drift sketches need an FP32 first input");
     std::shared_ptr<DriftSketch> in, out;
     if (!input_sketch.is_none()) in = input_sketch.cast<std::shared_ptr<DriftSketch>>();
@@ -443,7 +446,7 @@ class PyBatcher {
   // the found flags written into the last output (BOOL [max_batch, 1]).
   void AttachFeatureLookup(py::object lookup, py::list features) {
     const auto& c = batcher_->config();
-    if (input_dtypes_.size() != 1 || input_dtypes_[0]->type != DType::kI64 || input_row_elems_[0] != 1)
+    if (input_dtypes_.size() != 1 || input_dtypes_[0]->type != DType::kInt64 || input_row_elems_[0] != 1)
       throw py::value_error("serving by entity id needs one INT64 input of shape [-1, 1]");
     if (c.output_row_bytes.empty() || c.output_row_bytes.back() != 1)
       throw py::value_error("serving by entity id needs a last BOOL [-1, 1] output for the found flags");

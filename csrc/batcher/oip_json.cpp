@@ -1,5 +1,7 @@
 #include "batcher/oip_json.h"
 
+#include "common/datatypes.h"
+
 #include <charconv>
 #include <cmath>
 #include <cstring>
@@ -7,13 +9,18 @@
 
 namespace vivace {
 
+// The datatypes the fast path parses; names come from the shared table (common/datatypes.h).
 JsonType JsonTypeFromName(const std::string& datatype) {
-  if (datatype == "BOOL") return JsonType::kBool;
-  if (datatype == "INT32") return JsonType::kI32;
-  if (datatype == "INT64") return JsonType::kI64;
-  if (datatype == "FP32") return JsonType::kF32;
-  if (datatype == "FP64") return JsonType::kF64;
-  return JsonType::kUnsupported;
+  const DTypeInfo* d = FindDType(datatype.c_str());
+  if (d == nullptr) return JsonType::kUnsupported;
+  switch (d->type) {
+    case DType::kBool: return JsonType::kBool;
+    case DType::kInt32: return JsonType::kI32;
+    case DType::kInt64: return JsonType::kI64;
+    case DType::kFp32: return JsonType::kF32;
+    case DType::kFp64: return JsonType::kF64;
+    default: return JsonType::kUnsupported;
+  }
 }
 
 namespace {

@@ -1,0 +1,181 @@
+"""The model-package manifest (package.json, format "vivace-model-package/1") as typed Structs.
+
+Ground floor: imports msgspec and the datatype table (vivace.datatypes), nothing else of
+Vivace. registry/package.py reads and writes package.json only through `decode` and
+`encode` here, so the format has one definition and one writer.
+
+Field names follow Triton's model configuration where one exists. Constraints live in
+the types, so a bad manifest is refused with the field's path, e.g.
+"Expected `int` >= 1 - at `$.max_batch_size`". Unknown fields are ignored (and dropped
+when a package is written), as they always were.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from vivace.datatypes import TENSOR_DATATYPES, itemsize
+
+FORMAT: Final = "vivace-model-package/1"
+MANIFEST = "package.json"
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+# A plain file name inside the package directory: no path separator, not hidden.
+FILE_NAME_PATTERN = r"^[^/.][^/]*$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+FileName = Annotated[str, msgspec.Meta(pattern=FILE_NAME_PATTERN)]
+Sha256 = Annotated[str, msgspec.Meta(pattern=SHA256_PATTERN)]
+# The batcher holds counts and microseconds as int64 and priority levels as int.
+INT64_MAX, INT32_MAX = 2**63 - 1, 2**31 - 1
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+Positive = Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
+Level = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
+# A bound on one row of one tensor, so that size arithmetic in int64 never overflows.
+MAX_ROW_BYTES = 2**40
+Datatype = Literal[TENSOR_DATATYPES]  # type: ignore[valid-type]  # the table's batchable names
+InstanceKind = Literal["KIND_CPU", "KIND_GPU", "KIND_AUTO"]
+
+
+class TensorSpec(msgspec.Struct, frozen=True):
+    """One input or output: shapes include the batch dimension first, as -1."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    datatype: Datatype
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        # The types are only enforced when decoding; these checks also guard direct use.
+        if self.datatype not in TENSOR_DATATYPES:
+            raise ValueError(f"tensor {self.name!r} has unsupported datatype {self.datatype!r}")
+        if not self.shape or self.shape[0] != -1:
+            raise ValueError(f"tensor {self.name!r} shape must start with the batch dimension -1")
+        if any(d < 1 for d in self.shape[1:]):
+            raise ValueError(f"tensor {self.name!r} may only have a variable batch dimension; got {list(self.shape)}")
+        if self.row_bytes > MAX_ROW_BYTES:
+            raise ValueError(f"tensor {self.name!r} rows of shape {list(self.shape)} exceed {MAX_ROW_BYTES} bytes")
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+    @property
+    def row_elements(self) -> int:
+        n = 1
+        for d in self.row_shape:
+            n *= d
+        return n
+
+    @property
+    def row_bytes(self) -> int:
+        return self.row_elements * itemsize(self.datatype)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+class QueuePolicy(msgspec.Struct):
+    default_timeout_microseconds: NonNegative = 0
+    allow_timeout_override: bool = True
+    max_queue_size: NonNegative = 0
+
+
+class DynamicBatching(msgspec.Struct):
+    preferred_batch_size: list[Positive] = msgspec.field(default_factory=list)
+    max_queue_delay_microseconds: NonNegative = 0
+    priority_levels: Level = 1
+    default_priority_level: Level = 1
+    # null reads as the defaults, as it always has
+    default_queue_policy: QueuePolicy | None = msgspec.field(default_factory=QueuePolicy)
+
+    def __post_init__(self) -> None:
+        if self.default_queue_policy is None:
+            self.default_queue_policy = QueuePolicy()
+        if self.default_priority_level > self.priority_levels:
+            raise ValueError("default_priority_level must be within 1..priority_levels")
+        self.preferred_batch_size = sorted(self.preferred_batch_size)
+
+
+class InstanceGroup(msgspec.Struct):
+    count: Positive = 1
+    kind: InstanceKind = "KIND_CPU"
+
+
+class Manifest(msgspec.Struct, kw_only=True):
+    """package.json; field order is the order written."""
+
+    format: Literal["vivace-model-package/1"]
+    name: Name
+    # Written as a string; an integer (hand-written manifests) reads as its decimal form.
+    version: Name | int = "1"
+    platform: Annotated[str, msgspec.Meta(min_length=1)]
+    model_file: FileName
+    inputs: Annotated[list[TensorSpec], msgspec.Meta(min_length=1)]
+    outputs: Annotated[list[TensorSpec], msgspec.Meta(min_length=1)]
+    max_batch_size: Positive = 128
+    dynamic_batching: DynamicBatching | None = msgspec.field(default_factory=DynamicBatching)
+    instance_group: InstanceGroup | None = msgspec.field(default_factory=InstanceGroup)
+    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)  # free-form: run, lineage, profile, ...
+    files: dict[FileName, Sha256] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.version, int):
+            if self.version < 0:
+                raise ValueError(f"version must be a non-negative integer or match {NAME_PATTERN}")
+            self.version = str(self.version)
+        if self.dynamic_batching is None:
+            self.dynamic_batching = DynamicBatching()
+        if self.instance_group is None:
+            self.instance_group = InstanceGroup()
+        for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+            names = [t.name for t in specs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"duplicate {kind} names {names}")
+        if any(p > self.max_batch_size for p in self.dynamic_batching.preferred_batch_size):
+            raise ValueError(f"preferred_batch_size entries must be integers in 1..{self.max_batch_size}")
+
+
+_decoder = msgspec.json.Decoder(Manifest)
+_encoder = msgspec.json.Encoder()
+
+
+class ManifestError(ValueError):
+    """A manifest is not valid JSON or breaks the format; the message names the field path."""
+
+
+def decode(data: bytes) -> Manifest:
+    """Parse package.json bytes."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise ManifestError(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ManifestError(f"invalid JSON ({exc})") from None
+    except RecursionError:
+        raise ManifestError("invalid JSON (nested too deeply)") from None
+
+
+def convert(obj: Any) -> Manifest:
+    """Validate a manifest given as Python objects (a dict as json.loads returns it)."""
+    try:
+        return msgspec.convert(obj, Manifest)
+    except msgspec.ValidationError as exc:
+        raise ManifestError(str(exc)) from None
+    except RecursionError:
+        raise ManifestError("nested too deeply") from None
+
+
+def encode(manifest: Manifest) -> bytes:
+    """package.json bytes: indented, fields in declaration order, newline-terminated."""
+    try:
+        return msgspec.json.format(_encoder.encode(manifest), indent=2) + b"\n"
+    except RecursionError:
+        raise ManifestError("nested too deeply") from None
+
+
+def to_dict(manifest: Manifest) -> dict[str, Any]:
+    """The manifest as fresh JSON-typed Python objects (lists, not tuples)."""
+    return msgspec.json.decode(_encoder.encode(manifest))
