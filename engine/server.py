@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 import msgspec
 
-from vivace import __version__
+from vivace import __version__, datatypes
 from vivace.monitor.metrics import MetricsCollector, render_metrics
 
 from . import oip, routes
@@ -44,12 +44,6 @@ log = logging.getLogger("vivace.server")
 # (which follows the HTTP timeouts and may tick every few seconds).
 TOKEN_RELOAD_S = 0.2
 
-TRITON_TYPES = {
-    "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
-    "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32",
-    "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "BF16": "TYPE_BF16", "FP32": "TYPE_FP32",
-    "FP64": "TYPE_FP64",
-}
 TRITON_PLATFORMS = {"torchscript": "pytorch_libtorch", "torch_export": "pytorch_libtorch"}
 
 
@@ -497,7 +491,7 @@ def triton_config(runner: ModelRunner) -> dict[str, Any]:
     dynamic_batching["default_queue_policy"]["timeout_action"] = "REJECT"  # the only action Vivace has
 
     def tensor(spec):
-        return {"name": spec.name, "data_type": TRITON_TYPES[spec.datatype], "dims": list(spec.row_shape)}
+        return {"name": spec.name, "data_type": datatypes.triton_name(spec.datatype), "dims": list(spec.row_shape)}
 
     return {
         "name": package.name,

@@ -226,6 +226,17 @@ def _dtype_matches(series: pd.Series, dtype: str) -> bool:
     return str(series.dtype) == dtype
 
 
+def _odd_values(series: pd.Series) -> str:
+    """For a dtype mismatch of a text column: the values that are not numbers, if most are."""
+    import pandas as pd
+
+    present = series.dropna().astype(str)
+    odd = present[pd.to_numeric(present, errors="coerce").isna()]
+    if odd.empty or len(odd) == len(present):
+        return ""
+    return f" ({len(odd)} value(s) that are not numbers, e.g. {odd.unique().tolist()[:5]}, in rows {odd.index.tolist()[:5]})"
+
+
 def validate_frame(df: pd.DataFrame, schema: dict[str, Any]) -> list[tuple[str, str, str]]:
     """Every (column, rule, detail) the frame breaks; empty when it conforms."""
     import pandas as pd
@@ -247,10 +258,12 @@ def validate_frame(df: pd.DataFrame, schema: dict[str, Any]) -> list[tuple[str, 
             continue
         series = df[col]
         if "dtype" in rules and not _dtype_matches(series, rules["dtype"]):
-            problems.append((col, "dtype", f"expected {rules['dtype']}, got {series.dtype}"))
+            problems.append((col, "dtype", f"expected {rules['dtype']}, got {series.dtype}{_odd_values(series)}"))
         nulls = int(series.isna().sum())
         if not rules.get("nullable", True) and nulls:
-            problems.append((col, "nullable", f"{nulls} null value(s) in a non-nullable column"))
+            rows_with_null = series.index[series.isna()].tolist()
+            problems.append((col, "nullable", f"{nulls} null value(s) in a non-nullable column, in rows "
+                             f"{rows_with_null[:5]}{' …' if nulls > 5 else ''}"))
         present = series.dropna()
         if "min" in rules or "max" in rules:
             numeric = pd.to_numeric(present, errors="coerce")
@@ -269,7 +282,9 @@ def validate_frame(df: pd.DataFrame, schema: dict[str, Any]) -> list[tuple[str, 
                 shown = ", ".join(outside[:5]) + (" …" if len(outside) > 5 else "")
                 problems.append((col, "allowed", f"{len(outside)} value(s) not allowed: {shown}"))
         if rules.get("unique") and series.duplicated().any():
-            problems.append((col, "unique", f"{int(series.duplicated().sum())} duplicated value(s)"))
+            repeated = series[series.duplicated()].unique().tolist()
+            problems.append((col, "unique", f"{int(series.duplicated().sum())} duplicated value(s), e.g. "
+                             f"{[str(v) for v in repeated[:5]]}"))
     return problems
 
 

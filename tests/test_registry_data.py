@@ -123,6 +123,11 @@ def test_invalid_data_refused_with_every_failure_and_no_version(home, tmp_path, 
         ("region", "missing"),
     }
     assert "no version created" in str(info.value) and "'plan': allowed" in str(info.value)
+    details = {(col, rule): detail for col, rule, detail in info.value.violations}
+    # The rows and values to look at are named, not only the rule.
+    assert "in rows [4]" in details[("monthly_charges", "nullable")]
+    assert repr(str(bad.loc[3, "customer_id"])) in details[("customer_id", "unique")]
+    assert "gold" in details[("plan", "allowed")]
     with pytest.raises(NotFoundError):
         get_dataset(home, "churn")
     assert not list(home.objects.rglob("*")) and not list(home.tmp.iterdir())
