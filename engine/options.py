@@ -58,9 +58,12 @@ class ServeOptions:
                                "worker only; move aliases in the registry (vivace models alias) instead")
         if self.server.execution_timeout_s <= 0:
             raise OptionsError(f"--execution-timeout must be positive, got {self.server.execution_timeout_s:g}")
-        if self.server.http_frontend == "native" and (self.server.tls_cert or self.auth or self.server.auth_tokens):
-            raise OptionsError("the native HTTP front end does not implement TLS or --auth; "
-                               "use --http-frontend auto or python with them")
+        from .frontend import use_native  # the one place that knows what each front end implements
+
+        try:
+            use_native(self.server_config())
+        except ValueError as exc:
+            raise OptionsError(str(exc)) from None
 
     def server_config(self) -> ServerConfig:
         """The server's configuration with the home's defaults filled in: the token file
