@@ -4,8 +4,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-WITH_CUDA: bool
-
 class Status:
     """Outcome of a batcher request (the `status` in Batcher.drain() tuples)."""
 
