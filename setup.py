@@ -9,6 +9,7 @@ so a second `pip install -e .` (or `make test`) recompiles only what changed.
 Environment switches (read at build time):
   VIVACE_BUILD_TYPE   Release (default), Debug, RelWithDebInfo
   VIVACE_SANITIZE     "address,undefined" or "thread": sanitizer build of the core
+  VIVACE_BUILD_DIR    the CMake build directory, instead of the one under build/
   CMAKE_ARGS          extra arguments for the CMake configure step
   MAX_JOBS            parallel build jobs (default: CPU count)
   CMAKE_C_COMPILER_LAUNCHER / CCACHE: a compiler launcher such as ccache
@@ -35,6 +36,8 @@ class CMakeExtension(Extension):
 def build_directory(build_type: str, sanitize: str) -> Path:
     """One directory per configuration, so switching (e.g. a sanitizer build) never
     invalidates another's objects."""
+    if os.environ.get("VIVACE_BUILD_DIR"):
+        return Path(os.environ["VIVACE_BUILD_DIR"]).resolve()
     parts = [build_type] + ([sanitize.replace(",", "+")] if sanitize else []) + [sys.implementation.cache_tag]
     return ROOT / "build" / ("cmake-" + "-".join(parts))
 
