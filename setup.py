@@ -1,13 +1,15 @@
-"""Build the native core (csrc/) with CMake and install the Python packages under `vivace.*`.
+"""Build the native core (csrc/) with CMake into `vivace/_core*.so`.
 
-The repository keeps one folder per idea (engine/, registry/, ...); they are installed as
-subpackages of the `vivace` namespace. The folder vivace/ is only the package root;
-the compiled core lands there as `vivace/_core*.so`.
+Everything else (metadata, the folder -> `vivace.*` package mapping, package data, the
+version) is declared in pyproject.toml; this file only adds the CMake extension build.
+
+The CMake build directory persists in the checkout, build/cmake-<type>[-<sanitizers>]-<python>,
+so a second `pip install -e .` (or `make test`) recompiles only what changed.
 
 Environment switches (read at build time):
   VIVACE_BUILD_TYPE   Release (default), Debug, RelWithDebInfo
   VIVACE_SANITIZE     "address,undefined" or "thread": sanitizer build of the core
-  VIVACE_CUDA         "0" disables the CUDA parts even when nvcc is found
+  VIVACE_BUILD_DIR    the CMake build directory, instead of the one under build/
   CMAKE_ARGS          extra arguments for the CMake configure step
   MAX_JOBS            parallel build jobs (default: CPU count)
   CMAKE_C_COMPILER_LAUNCHER / CCACHE: a compiler launcher such as ccache
@@ -23,23 +25,6 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-SUBPACKAGES = ["engine", "registry", "features", "monitor", "bench"]
-VERSION = "0.1.0"
-
-
-def _find_packages():
-    """Map every package folder below the top-level idea folders to vivace.<folder>."""
-    packages, package_dir = ["vivace"], {"vivace": "vivace"}
-    for top in SUBPACKAGES:
-        folders = {init.parent for init in (ROOT / top).rglob("__init__.py")}
-        # data/ folders hold package data (configs, scripts), installed as data packages.
-        folders |= {d for d in (ROOT / top).rglob("data") if d.is_dir() and "__pycache__" not in d.parts}
-        for folder in sorted(folders):
-            rel = folder.relative_to(ROOT)
-            name = "vivace." + ".".join(rel.parts)
-            packages.append(name)
-            package_dir[name] = rel.as_posix()
-    return packages, package_dir
 
 
 class CMakeExtension(Extension):
@@ -48,20 +33,29 @@ class CMakeExtension(Extension):
         self.target = target
 
 
+def build_directory(build_type: str, sanitize: str) -> Path:
+    """One directory per configuration, so switching (e.g. a sanitizer build) never
+    invalidates another's objects."""
+    if os.environ.get("VIVACE_BUILD_DIR"):
+        return Path(os.environ["VIVACE_BUILD_DIR"]).resolve()
+    parts = [build_type] + ([sanitize.replace(",", "+")] if sanitize else []) + [sys.implementation.cache_tag]
+    return ROOT / "build" / ("cmake-" + "-".join(parts))
+
+
 class CMakeBuild(build_ext):
-    """Configure CMake once, build each extension target, copy it where setuptools wants it."""
+    """Configure CMake, build each extension target, copy it where setuptools wants it."""
 
     def run(self):
         if shutil.which("cmake") is None:
             raise RuntimeError("cmake is required to build vivace's native core")
         build_type = os.environ.get("VIVACE_BUILD_TYPE", "Release")
-        build_dir = Path(self.build_temp).resolve() / f"cmake-{build_type}"
+        sanitize = os.environ.get("VIVACE_SANITIZE", "")
+        build_dir = build_directory(build_type, sanitize)
         build_dir.mkdir(parents=True, exist_ok=True)
         args = [
             f"-DCMAKE_BUILD_TYPE={build_type}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DVIVACE_SANITIZE={os.environ.get('VIVACE_SANITIZE', '')}",
-            f"-DVIVACE_CUDA={'OFF' if os.environ.get('VIVACE_CUDA') == '0' else 'AUTO'}",
+            f"-DVIVACE_SANITIZE={sanitize}",
         ]
         try:
             import pybind11
@@ -69,7 +63,8 @@ class CMakeBuild(build_ext):
             args.append(f"-Dpybind11_DIR={pybind11.get_cmake_dir()}")
         except ImportError:
             pass
-        if shutil.which("ninja"):
+        # The generator is fixed when a build directory is first configured.
+        if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
             args += ["-G", "Ninja"]
         launcher = os.environ.get("CMAKE_C_COMPILER_LAUNCHER") or (
             "ccache" if os.environ.get("CCACHE") and shutil.which("ccache") else None
@@ -93,14 +88,7 @@ class CMakeBuild(build_ext):
             os.replace(tmp, dest)
 
 
-packages, package_dir = _find_packages()
-
 setup(
-    version=VERSION,
-    packages=packages,
-    package_dir=package_dir,
-    package_data={name: ["*.pyi", "py.typed", "*.json", "*.yaml", "*.yml", "*.lua", "*.html", "*.csv"] for name in packages},
     ext_modules=[CMakeExtension("vivace._core", target="_core")],
     cmdclass={"build_ext": CMakeBuild},
-    zip_safe=False,
 )

@@ -16,6 +16,7 @@ which the native one does not implement: `ServerConfig.http_frontend` picks.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -40,20 +41,28 @@ def use_native(config: ServerConfig) -> bool:
     return config.http_frontend != "python" and not python_only
 
 
-def listening_socket(config: ServerConfig) -> socket.socket:
-    """A listening TCP socket on config.host:port (SO_REUSEPORT, as the Python server binds)."""
+def listening_socket(config: ServerConfig, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on config.host:port. SO_REUSEPORT only for `--workers`: a
+    single server must not silently share its port with another one."""
     family, kind, proto, _, address = socket.getaddrinfo(
         config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
         sock.listen(4096)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise bind_error(config, exc) from None
     return sock
+
+
+def bind_error(config: ServerConfig, exc: OSError) -> OSError:
+    """The error of a failed bind, naming the address and port."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return OSError(exc.errno, f"cannot listen on {config.host}:{config.port}: {reason}")
 
 
 class NativeConnection:

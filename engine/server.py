@@ -26,7 +26,7 @@ from vivace.monitor.metrics import MetricsCollector, render_metrics
 from . import oip, routes
 from .auth import AuditLog, Authenticator, Principal
 from .config import ServerConfig
-from .frontend import NativeConnection, NativeFrontend, listening_socket, use_native
+from .frontend import NativeConnection, NativeFrontend, bind_error, listening_socket, use_native
 from .http import HttpProtocol, InferCall, error_body, http_response
 from .model_table import AliasFollower, ModelTable, registry_follower, version_key
 from .routes import OPEN_PATHS
@@ -568,8 +568,11 @@ async def serve(
     followers: list[AliasFollower] = (),
     loader: Callable[[str], ModelRunner] | None = None,
     home: str | None = None,
+    reuse_port: bool = False,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then drain: answer accepted requests, refuse new ones.
+
+    `reuse_port` (SO_REUSEPORT) lets the workers of `--workers` share the port.
 
     `loader` builds a runner for a registry reference (repository load, alias moves);
     `home` is the registry the server may move aliases in.
@@ -581,7 +584,7 @@ async def serve(
     tls = tls_context(config)
     server = None
     if use_native(config):
-        listener = sock if sock is not None else listening_socket(config)
+        listener = sock if sock is not None else listening_socket(config, reuse_port)
         try:
             app.frontend = NativeFrontend(app, listener)  # holds its own copy of the socket
             port = listener.getsockname()[1]
@@ -592,9 +595,12 @@ async def serve(
     elif sock is not None:
         server = await loop.create_server(lambda: HttpProtocol(app), sock=sock, backlog=4096, ssl=tls)
     else:
-        server = await loop.create_server(
-            lambda: HttpProtocol(app), config.host, config.port, backlog=4096, reuse_port=True, ssl=tls
-        )
+        try:
+            server = await loop.create_server(
+                lambda: HttpProtocol(app), config.host, config.port, backlog=4096, reuse_port=reuse_port, ssl=tls
+            )
+        except OSError as exc:
+            raise bind_error(config, exc) from None
     if server is not None:
         port = server.sockets[0].getsockname()[1]
     stop = loop.create_future()

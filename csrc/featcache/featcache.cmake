@@ -1,10 +1,13 @@
-# The feature cache reads the LMDB online store through the system liblmdb.
-find_path(LMDB_INCLUDE_DIR lmdb.h)
-find_library(LMDB_LIBRARY NAMES lmdb)
-if(NOT LMDB_INCLUDE_DIR OR NOT LMDB_LIBRARY)
-  message(FATAL_ERROR "vivace: the feature cache (csrc/featcache) needs liblmdb: "
-                      "apt-get install liblmdb-dev (Debian/Ubuntu), dnf install lmdb-devel, brew install lmdb")
-endif()
-target_include_directories(vivace_native PUBLIC ${LMDB_INCLUDE_DIR})
-target_link_libraries(vivace_native PUBLIC ${LMDB_LIBRARY})
-message(STATUS "vivace: featcache uses ${LMDB_LIBRARY}")
+target_sources(vivace_native PRIVATE ${CMAKE_CURRENT_LIST_DIR}/featcache.cpp)
+
+# The feature cache reads the LMDB online store that py-lmdb writes. LMDB is built from
+# the vendored sources (the release py-lmdb links, same on-disk format), so installing
+# needs no system liblmdb. Third-party code: its own warnings stay off, no sanitizers.
+add_library(vivace_lmdb STATIC
+  ${CMAKE_CURRENT_SOURCE_DIR}/csrc/third_party/lmdb/mdb.c
+  ${CMAKE_CURRENT_SOURCE_DIR}/csrc/third_party/lmdb/midl.c
+)
+target_include_directories(vivace_lmdb SYSTEM PUBLIC ${CMAKE_CURRENT_SOURCE_DIR}/csrc/third_party/lmdb)
+target_compile_options(vivace_lmdb PRIVATE -w)
+target_link_libraries(vivace_lmdb PUBLIC Threads::Threads)
+target_link_libraries(vivace_native PUBLIC vivace_lmdb)

@@ -1,3 +1,12 @@
+target_sources(vivace_native PRIVATE
+  ${CMAKE_CURRENT_LIST_DIR}/cpu_features.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/mlp.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/mlp_portable.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/mlp_avx2.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/mlp_avx512.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/mlp_amx.cpp
+)
+
 # Per-file ISA flags: only the level files get wide instructions; the dispatcher
 # (cpu_features.cpp) picks a level at run time, so the library runs on any x86-64 CPU.
 if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
@@ -9,7 +18,7 @@ if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
     PROPERTIES COMPILE_OPTIONS "-mamx-tile;-mamx-int8;-mavx512f;-mavx512bw;-mavx512vl;-mavx512vnni;-mavx2;-mfma")
 endif()
 
-# Native stress test (run by the sanitizer builds): tests/ is outside the library glob.
+# Native stress test (run by the sanitizer builds).
 if(VIVACE_BUILD_TESTS)
   add_executable(kernels_test ${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/tests/kernels_test.cpp)
   target_link_libraries(kernels_test PRIVATE vivace_native)

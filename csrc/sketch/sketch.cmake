@@ -1,0 +1,1 @@
+target_sources(vivace_native PRIVATE ${CMAKE_CURRENT_LIST_DIR}/sketch.cpp)
