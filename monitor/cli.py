@@ -95,7 +95,9 @@ def _profile(args: argparse.Namespace) -> int:
         profile = build_profile(load_table(args.data), bins=args.bins, categorical=categorical or None)
     except DriftInputError as exc:
         return _fail(str(exc))
-    _write_atomic(Path(args.out), json.dumps(profile, indent=1))
+    from vivace.profile import dumps
+
+    _write_atomic(Path(args.out), dumps(profile))
     return 0
 
 

@@ -13,6 +13,7 @@ For the batcher's executor (C++): ``vivace::DriftSketch`` in ``csrc/sketch/sketc
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,8 +71,9 @@ class ProfileSketch:
             else:
                 edges.append([float(e) for e in entry["edges"]])
                 ncat.append(0)
-                low.append(float(entry["min"]))
-                high.append(float(entry["max"]))
+                # An all-missing reference column has no range: one bin, nothing below/above.
+                low.append(float(entry.get("min", -math.inf)))
+                high.append(float(entry.get("max", math.inf)))
             cols.append(int(column))
             self.names.append(name)
             self.entries[name] = entry
@@ -91,7 +93,8 @@ class ProfileSketch:
         off = raw["bin_offset"]
         feats = {}
         for f, name in enumerate(self.names):
-            feats[name] = {"bins": raw["bins"][off[f]:off[f + 1]], "nan": int(raw["nan"][f]),
+            feats[name] = {"bins": raw["bins"][off[f]:off[f + 1]], "sums": raw["sums"][off[f]:off[f + 1]],
+                           "nan": int(raw["nan"][f]),
                            "below": int(raw["below"][f]), "above": int(raw["above"][f])}
         return {"rows": int(raw["rows"]), "features": feats}
 
@@ -116,7 +119,7 @@ class ProfileSketch:
                 values = np.append(bins, counts["above"]) if counts["above"] else bins
                 out.append(compare_categorical(name, self.entries[name], labels, values, counts["nan"], limits))
             else:
-                out.append(compare_numeric(name, self.entries[name], bins, int(bins.sum()), counts["nan"],
+                out.append(compare_numeric(name, self.entries[name], bins, counts["sums"], int(bins.sum()), counts["nan"],
                                            counts["below"], counts["above"], limits))
         return out
 
