@@ -40,6 +40,24 @@ class Window:
     span: float = 10_000
     buckets: int = 6
 
+    @classmethod
+    def last_rows(cls, rows: int, buckets: int = 6) -> Window:
+        """The newest `rows` rows, kept in `buckets` buckets of rows // buckets rows: the
+        live window holds at most `rows` rows (buckets * (rows // buckets)) and, once
+        full, at least (buckets - 1) / buckets of that (a full bucket drops out at once).
+        What ``vivace serve --drift-window N`` means."""
+        if rows < 1:
+            raise DriftInputError(f"a drift window needs at least 1 row, got {rows}")
+        buckets = max(1, min(buckets, rows))
+        return cls("rows", rows // buckets, buckets)
+
+    def describe(self) -> dict[str, Any]:
+        """The window for /drift: its most rows (or seconds) and its buckets."""
+        if self.kind == "time":
+            return {"kind": "time", "seconds": self.span * self.buckets, "buckets": self.buckets}
+        return {"kind": "rows", "rows": int(self.span) * self.buckets, "buckets": self.buckets,
+                "bucket_rows": int(self.span)}
+
     def native_span(self) -> int:
         if self.kind == "time":
             return max(int(self.span * 1e9), 1)
