@@ -174,12 +174,67 @@ def sketch_ns_per_row(batch_sizes: list[int], seconds: float = 0.5) -> dict[int,
     return out
 
 
+ACCURACY_FAMILIES: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
+    "lognormal s=1.25": lambda rng, n: rng.lognormal(3.0, 1.25, n),
+    "lognormal s=1.5": lambda rng, n: rng.lognormal(3.0, 1.5, n),
+    "student t(3)": lambda rng, n: rng.standard_t(3, n),
+    "pareto(3)": lambda rng, n: rng.pareto(3.0, n) + 1.0,
+    "normal": lambda rng, n: rng.normal(size=n),
+    "uniform": lambda rng, n: rng.uniform(size=n),
+    "exponential": lambda rng, n: rng.exponential(size=n),
+}
+
+
+def sketch_accuracy(windows: int) -> dict[str, dict[str, float]]:
+    """Issue 21's recipe: a profile of 16,000 rows, `windows` sketch windows of 12,000
+    fresh rows of the same distribution; share flagged, and the sketch's Wasserstein/std
+    against scipy's exact one on the same rows; then 1-std shifts. Profiles with per-bin
+    means ("profile") and without, as written before them ("old profile")."""
+    from scipy.stats import wasserstein_distance
+
+    from vivace.monitor.drift import build_profile
+    from vivace.monitor.sketch import Window, input_sketch
+
+    def window(profile: dict[str, Any], rows: np.ndarray) -> Any:
+        sketch = input_sketch(profile, window=Window("rows", len(rows), 1))
+        sketch.update(rows.reshape(-1, 1))
+        return sketch.drift()[0]
+
+    out = {}
+    for name, gen in ACCURACY_FAMILIES.items():
+        rng = np.random.default_rng(21)
+        ref = gen(rng, 16_000)
+        std = ref.std()
+        new = build_profile({"x": ref})
+        old = {**new, "features": {"x": {k: v for k, v in new["features"]["x"].items() if k != "means"}}}
+        flagged = {"profile": 0, "old profile": 0}
+        est, exact = [], []
+        for _ in range(windows):
+            cur = gen(rng, 12_000)
+            for label, prof in (("profile", new), ("old profile", old)):
+                f = window(prof, cur)
+                flagged[label] += f.drifted
+                if label == "profile":
+                    est.append(f.stats["wasserstein"])
+            exact.append(wasserstein_distance(ref, cur) / std)
+        shifted = gen(rng, 12_000) + std
+        true_shift = wasserstein_distance(ref, shifted) / std
+        out[name] = {"flagged": flagged["profile"] / windows, "flagged_old_profile": flagged["old profile"] / windows,
+                     "median": float(np.median(est)), "max": float(np.max(est)),
+                     "exact_median": float(np.median(exact)), "exact_max": float(np.max(exact)),
+                     "shift_1std": window(new, shifted).stats["wasserstein"] / true_shift,
+                     "shift_1std_old_profile": window(old, shifted).stats["wasserstein"] / true_shift}
+    return out
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("drift", help="drift report computation vs numpy/scipy; sketch ns/row")
     parser.add_argument("--rows", type=int, default=100_000, help="rows in reference and in current")
     parser.add_argument("--repeat", type=int, default=5, help="best of this many runs (baseline: 1/2 as many)")
     parser.add_argument("--batch-sizes", default="1,64,4096", help="sketch batch sizes")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--accuracy", type=int, default=0, metavar="WINDOWS",
+                        help="also run issue 21's false-alarm recipe over WINDOWS windows per distribution")
     peer = parser.add_mutually_exclusive_group()
     peer.add_argument("--evidently-python", metavar="PATH",
                       help="python of a venv with evidently and pandas<3 installed (the peer)")
@@ -203,6 +258,7 @@ def _run(args) -> int:
     evidently = evidently_seconds(args.evidently_python, ref, cur, args.repeat) if args.evidently_python else None
     evidently_s = evidently["seconds"] if evidently else None
     sketch = sketch_ns_per_row([int(s) for s in args.batch_sizes.split(",")])
+    accuracy = sketch_accuracy(args.accuracy) if args.accuracy else None
     agree = all(abs(report.feature(n).stats["ks"] - base[n]["ks"]) < 1e-12 for n in base if "ks" in base[n])
     figures = {
         "cpu": cpu, "rows": args.rows, "columns": f"{N_NUMERIC} numeric + {N_CATEGORICAL} categorical",
@@ -214,6 +270,7 @@ def _run(args) -> int:
         "speedup_vs_evidently": evidently_s / vivace_s if evidently_s else None,
         "ks_statistics_identical": agree, "drifted": report.drifted_features,
         "sketch_ns_per_row_32_features": sketch,
+        "sketch_accuracy": accuracy,
         "sketch_budget_ratio_cpu": {size: SKETCH_BUDGET_NS / v["cpu_ns"] for size, v in sketch.items()},
     }
     if args.json:
@@ -237,4 +294,12 @@ def _run(args) -> int:
         print(f"  batch {size:5d}: {v['wall_ns']:8.1f} ns/row wall {v['cpu_ns']:8.1f} ns/row CPU"
               f"   numpy searchsorted+bincount {v['numpy_cpu_ns']:8.1f} ns/row CPU ({v['numpy_cpu_ns'] / v['cpu_ns']:5.1f}x)"
               f"   budget {SKETCH_BUDGET_NS:.0f} ns/row: {SKETCH_BUDGET_NS / v['cpu_ns']:4.1f}x under (CPU)")
+    if accuracy:
+        print(f"sketch on unchanged data, {args.accuracy} windows of 12,000 rows vs a 16,000-row profile"
+              " (Wasserstein/std: sketch vs exact on the same rows; 1-std shift: sketch / exact):")
+        for name, a in accuracy.items():
+            print(f"  {name:17s} flagged {a['flagged']:6.1%} (old profile {a['flagged_old_profile']:6.1%})"
+                  f"   W median {a['median']:.4f} max {a['max']:.4f}, exact median {a['exact_median']:.4f}"
+                  f" max {a['exact_max']:.4f}   1-std shift {a['shift_1std']:.3f}"
+                  f" (old profile {a['shift_1std_old_profile']:.3f})")
     return 0

@@ -1,6 +1,8 @@
 """Online drift sketches: the serving path counts each batch into a native DriftSketch
-(histograms over the reference profile's bins, GIL released), and the monitor turns a
-snapshot into the same statistics as the offline report.
+(histograms over the reference profile's bins plus the sum of the values in each bin,
+GIL released), and the monitor turns a snapshot into the same statistics as an offline
+report against the profile (``vivace monitor report --profile``): PSI, JS, KS at the bin
+edges and the Wasserstein estimate from bin frequencies and means (vivace.monitor.drift).
 
 A model's sketch reads its input tensor rows ``[N, F]`` (float32/float64); ``columns``
 maps each profiled feature to its column in the row. Categorical features arrive as

@@ -1,5 +1,5 @@
-// Drift sketches: per-feature histogram counts over a reference profile's bin edges,
-// updated per batch by the serving path, kept over a sliding window of sub-window
+// Drift sketches: per-feature histogram counts (and per-bin value sums, for the
+// Wasserstein estimate) over a reference profile's bin edges, updated per batch by the serving path, kept over a sliding window of sub-window
 // buckets (by row count or by time); and the sorting/merging kernels behind the exact
 // offline statistics (two-sample KS, Wasserstein-1).
 //
