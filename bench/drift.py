@@ -292,7 +292,8 @@ def _run(args) -> int:
     print("online sketch, 32 features (counts + per-bin sums), DriftSketch.update from Python:")
     for size, v in sketch.items():
         print(f"  batch {size:5d}: {v['wall_ns']:8.1f} ns/row wall {v['cpu_ns']:8.1f} ns/row CPU"
-              f"   numpy searchsorted+bincount {v['numpy_cpu_ns']:8.1f} ns/row CPU ({v['numpy_cpu_ns'] / v['cpu_ns']:5.1f}x)"
+              f"   numpy searchsorted+bincount {v['numpy_cpu_ns']:8.1f} ns/row CPU"
+              f" ({v['numpy_cpu_ns'] / v['cpu_ns']:5.1f}x)"
               f"   {'within' if v['cpu_ns'] <= SKETCH_BUDGET_NS else 'over'} the {SKETCH_BUDGET_NS:.0f} ns/row budget"
               f" ({SKETCH_BUDGET_NS / v['cpu_ns']:.1f}x)")
     if accuracy:

@@ -139,8 +139,8 @@ class ProfileSketch:
                 values = np.append(bins, counts["above"]) if counts["above"] else bins
                 out.append(compare_categorical(name, self.entries[name], labels, values, counts["nan"], limits))
             else:
-                out.append(compare_numeric(name, self.entries[name], bins, counts["sums"], int(bins.sum()), counts["nan"],
-                                           counts["below"], counts["above"], limits))
+                out.append(compare_numeric(name, self.entries[name], bins, counts["sums"], int(bins.sum()),
+                                           counts["nan"], counts["below"], counts["above"], limits))
         return out
 
 
