@@ -106,7 +106,8 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
                        "them; /metrics shows all of them merged (1: no supervisor)")
     serve.add_argument("--drift-interval", type=float, default=10.0,
                        help="seconds between drift checks of models whose package has a reference profile")
-    serve.add_argument("--drift-window", type=int, default=10_000, help="rows in the sliding drift window")
+    serve.add_argument("--drift-window", type=int, default=10_000, help="rows in the sliding drift window "
+                       "(at most N; kept in 6 buckets, so at least 5/6 of N once full)")
     serve.add_argument("--drift-webhook", default=None, help="POST drift alerts to this URL")
     serve.add_argument("--drift-command", default=None, help="command run on a drift alert (retraining trigger)")
     serve.add_argument("--no-drift", action="store_true", help="do not sketch inputs and predictions")

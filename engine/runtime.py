@@ -224,7 +224,7 @@ class ModelRunner:
         from vivace.monitor.sketch import Window, sketches_for_package
 
         # The model's own inputs are sketched: for entity-id serving, the looked-up features.
-        inputs, predictions = sketches_for_package(self.model_package, Window(kind="rows", span=window_rows))
+        inputs, predictions = sketches_for_package(self.model_package, Window.last_rows(window_rows))
         self.batcher.attach_sketches(inputs.native, predictions.native if predictions else None)
         self.drift = DriftMonitor(self.name, self.version, [s for s in (inputs, predictions) if s],
                                   config=alerts or AlertConfig())

@@ -137,6 +137,7 @@ class DriftMonitor:
         """The latest statistics, as served by GET /v2/models/{m}/drift."""
         with self._lock:
             return {"model": self.model, "version": self.version, "rows": self.latest_rows,
+                    "window": self.sketches[0].window.describe() if self.sketches else None,
                     "drifting": sorted(self.drifting),
                     "features": [f.to_dict() for f in self.latest],
                     "last_alert_at": self.last_alert_at}

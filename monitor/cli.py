@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -95,7 +94,9 @@ def _profile(args: argparse.Namespace) -> int:
         profile = build_profile(load_table(args.data), bins=args.bins, categorical=categorical or None)
     except DriftInputError as exc:
         return _fail(str(exc))
-    _write_atomic(Path(args.out), json.dumps(profile, indent=1))
+    from vivace.profile import dumps
+
+    _write_atomic(Path(args.out), dumps(profile))
     return 0
 
 

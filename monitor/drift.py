@@ -3,25 +3,10 @@
 Reference profile
 -----------------
 A model version carries a profile of its training inputs and predictions (``profile.json``
-in the model package; the registry's training step writes it). The format is the one
-defined in ``vivace.registry.profile`` and is read and written here unchanged::
-
-    {"format": "vivace-reference-profile/1", "rows": N,
-     "features": {
-       "<numeric>": {"kind": "numeric", "count": n, "null_fraction": p,
-                     "edges": [e1, ..., eB-1], "frequencies": [f0, ..., fB-1],
-                     "min": ., "max": ., "mean": ., "std": .},
-       "<categorical>": {"kind": "categorical", "count": n, "null_fraction": p,
-                         "frequencies": {"<value>": f, ...}}},
-     "prediction": {numeric entry, optional}}
-
-* ``count`` is every row, ``null_fraction`` the share that is missing (NaN, null, +-inf).
-* Numeric ``edges`` are the distinct interior quantiles of the non-missing values
-  (default 10 bins: deciles, linear interpolation as ``numpy.quantile``); bin i holds
-  values in (edges[i-1], edges[i]], the outer bins are open-ended. ``frequencies`` are
-  fractions of non-missing values per bin; ``std`` is the population std (ddof=0).
-* Categorical ``frequencies`` map each value, as a string, to its share of non-missing
-  values.
+in the model package). Its format, its one writer and its validator are in
+``vivace.profile`` (shared by ``vivace train`` and ``vivace monitor profile``): numeric
+features as decile bins (edges, frequencies, per-bin means) plus min/max/mean/std,
+categorical ones as value frequencies.
 
 Statistics (per feature, reference R vs current C)
 --------------------------------------------------
@@ -38,9 +23,16 @@ Statistics (per feature, reference R vs current C)
   divided by the reference std.
 When only a profile is at hand (online, or a report against a model's profile), all four
 come from the binned distributions, with values below the reference min and above its
-max split off as two extra bins of reference mass 0: KS at the bin edges (a lower bound)
-and the CDF difference integrated over bins bounded by the reference min/max (so the
-Wasserstein distance does not see how far beyond the range current values go).
+max split off as two extra bins of reference mass 0 for PSI, JS and KS: KS at the bin
+edges (a lower bound). Wasserstein from bins (``binned_wasserstein``): per bin, the
+integral of F_R - F_C is exact given both samples' bin frequencies and bin means
+(int_a^b F = b F(b) - a F(a) - E[X; a < X <= b]), so the sum of its absolute values over
+the bins is the Wasserstein-1 distance whenever F_R - F_C keeps one sign inside each
+bin -- every location shift, of any distribution -- and otherwise a lower bound (the
+part lost is where the two CDFs cross inside a bin: sampling noise on unchanged data,
+or a scale change at the crossing point). The open outer bins need no width, so a long
+tail costs nothing. The sketch sums the values per bin for it; profiles without
+per-bin means estimate them (``vivace.profile.bin_means``).
 
 Default thresholds (``DriftThresholds``): a numeric feature drifts when any of
 ``psi >= 0.2``, ``js >= 0.1``, ``wasserstein >= 0.1`` (Evidently's defaults for large
@@ -64,14 +56,15 @@ from typing import Any
 import numpy as np
 
 from vivace import _core
+from vivace import profile as profiles
 
-PROFILE_FORMAT = "vivace-reference-profile/1"
+PROFILE_FORMAT = profiles.FORMAT
 REPORT_FORMAT = "vivace-drift-report/1"
 PSI_EPSILON = 1e-4
-DEFAULT_BINS = 10
+DEFAULT_BINS = profiles.DEFAULT_BINS
 
 
-class DriftInputError(ValueError):
+class DriftInputError(profiles.ProfileError):
     """Data or a profile given to the drift functions cannot be used; the message says why."""
 
 
@@ -160,21 +153,37 @@ def _proportions(v: np.ndarray) -> np.ndarray:
     return v / total if total > 0 else v
 
 
-def binned_ks_wasserstein(edges: np.ndarray, ref_freq: np.ndarray, cur_freq: np.ndarray,
-                          low: float, high: float) -> tuple[float, float]:
-    """KS and Wasserstein-1 from two histograms over the same bins (see module docs).
-
-    The outer bins are bounded by the reference `low`/`high`, widened to the edges.
-    """
+def binned_ks(ref_freq: np.ndarray, cur_freq: np.ndarray) -> float:
+    """KS statistic at the bin edges of two histograms over the same bins (a lower bound)."""
     p = _proportions(ref_freq)
     q = _proportions(cur_freq)
     diff = np.abs(np.cumsum(p)[:-1] - np.cumsum(q)[:-1])  # CDF gap at each interior edge
-    if len(diff) == 0:
-        return 0.0, 0.0
-    bounds = np.concatenate(([min(low, edges[0])], edges, [max(high, edges[-1])]))
-    # The gap at edge i holds over half of the bins on each side of it.
-    widths = 0.5 * (bounds[2:] - bounds[:-2])
-    return float(diff.max()), float(np.sum(diff * widths))
+    return float(diff.max()) if len(diff) else 0.0
+
+
+def binned_wasserstein(edges: np.ndarray, ref_freq: np.ndarray, ref_means: np.ndarray,
+                       cur_freq: np.ndarray, cur_means: np.ndarray) -> float:
+    """Wasserstein-1 estimate from two histograms over the same bins (outer bins open)
+    and the mean of each sample's values in each bin (module docs: exact while the CDF
+    gap keeps one sign inside each bin, else a lower bound).
+
+    Per bin (a, b] with CDF gap d = F_R - F_C at the edges, frequencies p, q and means
+    mu, nu: integral of F_R - F_C = d(a) (b - a) + p (b - mu) - q (b - nu), written with
+    distances inside the bin so that large offsets cancel nothing; the open first bin
+    has d(a) = 0 and the open last bin p (a - mu) - q (a - nu) measured from a."""
+    p = _proportions(ref_freq)
+    q = _proportions(cur_freq)
+    if len(p) < 2:
+        return abs(float(np.dot(p, ref_means) - np.dot(q, cur_means)))
+    e = np.asarray(edges, dtype=np.float64)
+    d = np.cumsum(p)[:-1] - np.cumsum(q)[:-1]
+    # Empty bins carry no weight; their mean may be anything (0 from an empty sketch bin).
+    mu = np.where(p > 0, ref_means, 0.0)
+    nu = np.where(q > 0, cur_means, 0.0)
+    upper = p[:-1] * (e - mu[:-1]) - q[:-1] * (e - nu[:-1])  # bins 0 .. B-2, up to their upper edge
+    upper[1:] += d[:-1] * np.diff(e)
+    last = q[-1] * (nu[-1] - e[-1]) - p[-1] * (mu[-1] - e[-1])
+    return float(np.abs(upper).sum() + abs(last))
 
 
 # ---------------------------------------------------------------------------- input data
@@ -326,43 +335,6 @@ def _number_label(v: float) -> str:
 # ---------------------------------------------------------------------------- profiles
 
 
-def _quantile_edges(sorted_values: np.ndarray, bins: int) -> np.ndarray:
-    """Distinct interior quantiles of sorted values (numpy.quantile, linear method)."""
-    n = len(sorted_values)
-    pos = np.linspace(0.0, 1.0, bins + 1)[1:-1] * (n - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, n - 1)
-    t = pos - lo
-    a, b = sorted_values[lo], sorted_values[hi]
-    return np.unique(np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t))
-
-
-def _bin_counts(sorted_values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Counts per (edges[i-1], edges[i]] bin, outer bins open, of sorted values."""
-    cum = np.searchsorted(sorted_values, edges, side="right")
-    return np.diff(np.concatenate(([0], cum, [len(sorted_values)])))
-
-
-def _numeric_entry(sorted_values: np.ndarray, total: int, bins: int) -> dict[str, Any]:
-    n = len(sorted_values)
-    edges = _quantile_edges(sorted_values, bins)
-    counts = _bin_counts(sorted_values, edges)
-    mean = float(sorted_values.mean())
-    return {
-        "kind": "numeric", "count": int(total), "null_fraction": 1.0 - n / total if total else 0.0,
-        "edges": edges.tolist(), "frequencies": (counts / n).tolist(),
-        "min": float(sorted_values[0]), "max": float(sorted_values[-1]),
-        "mean": mean, "std": float(np.sqrt(np.mean(np.square(sorted_values - mean)))),
-    }
-
-
-def _categorical_entry(labels: list[str], counts: np.ndarray, missing: int) -> dict[str, Any]:
-    present = int(counts.sum())
-    total = present + missing
-    return {"kind": "categorical", "count": total, "null_fraction": missing / total if total else 0.0,
-            "frequencies": {k: float(c) / present for k, c in zip(labels, counts.tolist())} if present else {}}
-
-
 def _split_kinds(columns: Mapping[str, np.ndarray], categorical: Iterable[str] | None) -> tuple[list[str], list[str]]:
     forced = set(categorical or ())
     unknown = forced - set(columns)
@@ -395,7 +367,10 @@ def _sorted_numeric(cols: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def build_profile(data: Any, *, bins: int = DEFAULT_BINS, categorical: Iterable[str] | None = None,
                   predictions: np.ndarray | None = None) -> dict[str, Any]:
-    """Reference profile (see the module docs) of `data` and optionally the predictions on it."""
+    """Reference profile (``vivace.profile``) of `data` and optionally the predictions on it.
+
+    A numeric column without finite values gets an all-missing entry (as in ``vivace
+    train``); reports leave its statistics undefined."""
     if bins < 2:
         raise DriftInputError(f"bins must be at least 2, got {bins}")
     columns = _checked_columns(as_columns(data), "reference")
@@ -404,50 +379,23 @@ def build_profile(data: Any, *, bins: int = DEFAULT_BINS, categorical: Iterable[
     sorted_ref, finite = _sorted_numeric([_numeric(columns[n], n, "the reference") for n in numeric])
     features: dict[str, Any] = {}
     for i, name in enumerate(numeric):
-        if finite[i] == 0:
-            raise DriftInputError(f"column {name!r} of the reference has no finite values")
-        features[name] = _numeric_entry(sorted_ref[i, : finite[i]], rows, bins)
+        features[name] = profiles.numeric_entry_sorted(sorted_ref[i, : finite[i]], rows, bins)
     for name in cats:
-        features[name] = _categorical_entry(*_category_counts(columns[name]))
-    profile: dict[str, Any] = {"format": PROFILE_FORMAT, "rows": rows,
-                               "features": {name: features[name] for name in columns}}
+        features[name] = profiles.categorical_entry(*_category_counts(columns[name]))
+    prediction = None
     if predictions is not None:
-        pred = np.asarray(predictions, dtype=np.float64).reshape(-1)
-        s, n = _core.drift_sort_finite([pred])
-        if n[0] == 0:
+        prediction = profiles.numeric_entry(predictions, bins)
+        if not profiles.has_values(prediction):
             raise DriftInputError("predictions have no finite values")
-        profile["prediction"] = _numeric_entry(s[0, : n[0]], len(pred), bins)
-    return profile
+    return profiles.make_profile({name: features[name] for name in columns}, rows, prediction)
 
 
 def validate_profile(profile: Any) -> dict[str, Any]:
-    """Check a profile's structure; returns it. Raises DriftInputError naming the problem."""
-    if not isinstance(profile, Mapping) or profile.get("format") != PROFILE_FORMAT:
-        raise DriftInputError(f"not a drift profile (expected format {PROFILE_FORMAT!r})")
-    feats = profile.get("features")
-    if not isinstance(feats, Mapping) or not feats:
-        raise DriftInputError("profile has no features")
-    entries = dict(feats)
-    if isinstance(profile.get("prediction"), Mapping):
-        entries["<prediction>"] = profile["prediction"]
-    for name, entry in entries.items():
-        kind = entry.get("kind") if isinstance(entry, Mapping) else None
-        if kind == "numeric":
-            edges, freqs = entry.get("edges"), entry.get("frequencies")
-            if not isinstance(edges, list) or not isinstance(freqs, list) or len(freqs) != len(edges) + 1:
-                raise DriftInputError(f"profile feature {name!r}: needs edges and len(edges)+1 frequencies")
-            e = np.asarray(edges, dtype=np.float64)
-            if not np.all(np.isfinite(e)) or np.any(np.diff(e) <= 0):
-                raise DriftInputError(f"profile feature {name!r}: edges must be finite and increasing")
-            for key in ("min", "max", "mean", "std"):
-                if not isinstance(entry.get(key), (int, float)):
-                    raise DriftInputError(f"profile feature {name!r}: missing {key}")
-        elif kind == "categorical":
-            if not isinstance(entry.get("frequencies"), Mapping):
-                raise DriftInputError(f"profile feature {name!r}: categorical needs a frequencies map")
-        else:
-            raise DriftInputError(f"profile feature {name!r}: kind must be numeric or categorical")
-    return dict(profile)
+    """Check a profile's structure (``vivace.profile.validate_profile``); returns it."""
+    try:
+        return profiles.validate_profile(profile)
+    except profiles.ProfileError as exc:
+        raise DriftInputError(str(exc)) from None
 
 
 def load_profile(path: str | os.PathLike) -> dict[str, Any]:
@@ -623,10 +571,10 @@ def drift_report(reference: Any, current: Any, *, thresholds: DriftThresholds | 
         for i, name in enumerate(numeric):
             r = sorted_ref[i, : n_ref[i]]
             c = sorted_cur[i, : n_cur[i]]
-            entry = _numeric_entry(r, ref_rows, bins)
+            entry = profiles.numeric_entry_sorted(r, ref_rows, bins)
             edges = np.asarray(entry["edges"])
             ref_counts = np.asarray(entry["frequencies"])
-            cur_counts = _bin_counts(c, edges)
+            cur_counts = profiles.bin_counts(c, edges)
             std = entry["std"]
             stats = {"psi": psi(ref_counts, cur_counts), "js": js_distance(ref_counts, cur_counts),
                      "ks": float(ks[i]), "ks_pvalue": float(pvalues[i]),
@@ -700,13 +648,16 @@ def _report_against_profile(profile: dict[str, Any], current: Any, thresholds: D
         entry = feats[name]
         c = sorted_cur[i, : n_cur[i]]
         edges = np.asarray(entry["edges"], dtype=np.float64)
-        counts = _bin_counts(c, edges)
-        below = int(np.searchsorted(c, entry["min"], "left"))
-        above = int(len(c) - np.searchsorted(c, entry["max"], "right"))
-        results[name] = compare_numeric(name, entry, counts, len(c), cur_rows - len(c), below, above,
+        counts = profiles.bin_counts(c, edges)
+        sums = profiles.bin_sums(c, edges)
+        known = profiles.has_values(entry)
+        below = int(np.searchsorted(c, entry["min"], "left")) if known else 0
+        above = int(len(c) - np.searchsorted(c, entry["max"], "right")) if known else 0
+        results[name] = compare_numeric(name, entry, counts, sums, len(c), cur_rows - len(c), below, above,
                                         _thresholds_for(name, thresholds, feature_thresholds), exact_pvalues)
-        results[name].stats["mean_shift"] = _normalised(float(c.mean()) - entry["mean"], entry["std"])
-        if plots:
+        if known:
+            results[name].stats["mean_shift"] = _normalised(float(c.mean()) - entry["mean"], entry["std"])
+        if plots and known:
             plot_data[name] = (edges, np.asarray(entry["frequencies"]), counts / len(c))
     for name, entry in feats.items():
         if entry["kind"] != "categorical":
@@ -724,43 +675,47 @@ def _report_against_profile(profile: dict[str, Any], current: Any, thresholds: D
                        plot_data, [n for n in cur if n not in feats])
 
 
-def compare_numeric(name: str, entry: Mapping[str, Any], counts: np.ndarray, present: int, missing: int,
-                    below: int, above: int, thresholds: DriftThresholds,
+def compare_numeric(name: str, entry: Mapping[str, Any], counts: np.ndarray, sums: np.ndarray, present: int,
+                    missing: int, below: int, above: int, thresholds: DriftThresholds,
                     exact_pvalues: bool = False) -> FeatureDrift:
-    """Drift of a numeric feature from current bin counts over the profile entry's bins.
+    """Drift of a numeric feature from current bin counts (and the sums of the values in
+    each bin) over the profile entry's bins.
 
-    Used by profile-based reports and by the online monitor (sketch snapshots).
+    Used by profile-based reports and by the online monitor (sketch snapshots). An entry
+    of an all-missing reference column has nothing to compare: its statistics are None.
     """
-    edges = np.asarray(entry["edges"], dtype=np.float64)
     ref_freq = np.asarray(entry["frequencies"], dtype=np.float64)
     counts = np.asarray(counts, dtype=np.float64)
-    if len(counts) != len(ref_freq):
+    sums = np.asarray(sums, dtype=np.float64)
+    if len(counts) != len(ref_freq) or len(sums) != len(ref_freq):
         raise DriftInputError(f"feature {name!r}: {len(counts)} bin counts for {len(ref_freq)} profile bins")
-    ref_present = max(round(entry["count"] * (1.0 - entry["null_fraction"])), 1)
-    std = float(entry["std"])
+    ref_present = round(entry["count"] * (1.0 - entry["null_fraction"]))
+    known = profiles.has_values(entry)
+    std = float(entry["std"]) if known else math.nan
     stats: dict[str, float | None]
-    if present == 0:
+    if present == 0 or not known:
         stats = {"psi": None, "js": None, "ks": None, "ks_pvalue": None, "wasserstein": None}
     else:
+        edges = np.asarray(entry["edges"], dtype=np.float64)
         # Split off the values beyond the reference range as two more bins (reference mass
         # 0): a shift outside the training range shows even when all of it lands in one
         # open outer bin (e.g. a constant reference has a single bin).
-        low, high = float(entry["min"]), float(entry["max"])
         inner = counts.copy()
         inner[0] -= below
         inner[-1] -= above
         cur_ext = np.concatenate(([below], inner, [above]))
         ref_ext = np.concatenate(([0.0], ref_freq, [0.0]))
-        edges_ext = np.concatenate(([low], edges, [high]))
-        ks, w1 = binned_ks_wasserstein(edges_ext, ref_ext, cur_ext, low, high)
+        ks = binned_ks(ref_ext, cur_ext)
+        w1 = binned_wasserstein(edges, ref_freq, profiles.bin_means(entry), counts,
+                                sums / np.maximum(counts, 1.0))
         stats = {"psi": psi(ref_ext, cur_ext), "js": js_distance(ref_ext, cur_ext), "ks": ks,
-                 "ks_pvalue": float(ks_pvalue(ks, ref_present, present, exact=exact_pvalues)),
+                 "ks_pvalue": float(ks_pvalue(ks, max(ref_present, 1), present, exact=exact_pvalues)),
                  "wasserstein": _normalised(w1, std)}
     total = present + missing
     return FeatureDrift(name, "numeric", stats, thresholds.crossed(stats, "numeric"), ref_present, present,
                         float(entry["null_fraction"]), missing / total if total else 0.0,
                         {"out_of_range": (below + above) / present if present else 0.0,
-                         "reference_mean": entry["mean"], "reference_std": std})
+                         "reference_mean": entry.get("mean"), "reference_std": entry.get("std")})
 
 
 def compare_categorical(name: str, entry: Mapping[str, Any], labels: list[str], counts: np.ndarray,

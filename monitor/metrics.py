@@ -145,7 +145,7 @@ class MetricsCollector:
             failures.add_metric([model, version, reason], count)
         drift = GaugeMetricFamily(
             "vivace_drift_statistic",
-            "Drift of each feature against the reference profile (psi, js, ks, wasserstein_norm, drifted)",
+            "Drift of each feature against the reference profile (psi, js, ks, ks_pvalue, wasserstein, drifted)",
             labels=[*LABELS, "feature", "statistic"],
         )
         for runner in runners:

@@ -1,6 +1,8 @@
 """Online drift sketches: the serving path counts each batch into a native DriftSketch
-(histograms over the reference profile's bins, GIL released), and the monitor turns a
-snapshot into the same statistics as the offline report.
+(histograms over the reference profile's bins plus the sum of the values in each bin,
+GIL released), and the monitor turns a snapshot into the same statistics as an offline
+report against the profile (``vivace monitor report --profile``): PSI, JS, KS at the bin
+edges and the Wasserstein estimate from bin frequencies and means (vivace.monitor.drift).
 
 A model's sketch reads its input tensor rows ``[N, F]`` (float32/float64); ``columns``
 maps each profiled feature to its column in the row. Categorical features arrive as
@@ -13,6 +15,7 @@ For the batcher's executor (C++): ``vivace::DriftSketch`` in ``csrc/sketch/sketc
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +41,24 @@ class Window:
     kind: str = "rows"
     span: float = 10_000
     buckets: int = 6
+
+    @classmethod
+    def last_rows(cls, rows: int, buckets: int = 6) -> Window:
+        """The newest `rows` rows, kept in `buckets` buckets of rows // buckets rows: the
+        live window holds at most `rows` rows (buckets * (rows // buckets)) and, once
+        full, at least (buckets - 1) / buckets of that (a full bucket drops out at once).
+        What ``vivace serve --drift-window N`` means."""
+        if rows < 1:
+            raise DriftInputError(f"a drift window needs at least 1 row, got {rows}")
+        buckets = max(1, min(buckets, rows))
+        return cls("rows", rows // buckets, buckets)
+
+    def describe(self) -> dict[str, Any]:
+        """The window for /drift: its most rows (or seconds) and its buckets."""
+        if self.kind == "time":
+            return {"kind": "time", "seconds": self.span * self.buckets, "buckets": self.buckets}
+        return {"kind": "rows", "rows": int(self.span) * self.buckets, "buckets": self.buckets,
+                "bucket_rows": int(self.span)}
 
     def native_span(self) -> int:
         if self.kind == "time":
@@ -70,8 +91,9 @@ class ProfileSketch:
             else:
                 edges.append([float(e) for e in entry["edges"]])
                 ncat.append(0)
-                low.append(float(entry["min"]))
-                high.append(float(entry["max"]))
+                # An all-missing reference column has no range: one bin, nothing below/above.
+                low.append(float(entry.get("min", -math.inf)))
+                high.append(float(entry.get("max", math.inf)))
             cols.append(int(column))
             self.names.append(name)
             self.entries[name] = entry
@@ -91,7 +113,8 @@ class ProfileSketch:
         off = raw["bin_offset"]
         feats = {}
         for f, name in enumerate(self.names):
-            feats[name] = {"bins": raw["bins"][off[f]:off[f + 1]], "nan": int(raw["nan"][f]),
+            feats[name] = {"bins": raw["bins"][off[f]:off[f + 1]], "sums": raw["sums"][off[f]:off[f + 1]],
+                           "nan": int(raw["nan"][f]),
                            "below": int(raw["below"][f]), "above": int(raw["above"][f])}
         return {"rows": int(raw["rows"]), "features": feats}
 
@@ -116,8 +139,8 @@ class ProfileSketch:
                 values = np.append(bins, counts["above"]) if counts["above"] else bins
                 out.append(compare_categorical(name, self.entries[name], labels, values, counts["nan"], limits))
             else:
-                out.append(compare_numeric(name, self.entries[name], bins, int(bins.sum()), counts["nan"],
-                                           counts["below"], counts["above"], limits))
+                out.append(compare_numeric(name, self.entries[name], bins, counts["sums"], int(bins.sum()),
+                                           counts["nan"], counts["below"], counts["above"], limits))
         return out
 
 

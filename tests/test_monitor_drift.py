@@ -234,7 +234,7 @@ def test_bad_profiles_are_refused():
 
 def test_profile_comparison_sees_values_beyond_the_reference_range():
     prof = build_profile({"const": np.zeros(20000), "x": np.random.default_rng(0).normal(size=20000)})
-    prof["features"]["const"].update(edges=[], frequencies=[1.0])  # a single open bin
+    prof["features"]["const"].update(edges=[], frequencies=[1.0], means=[0.0])  # a single open bin
     report = drift_report(prof, {"const": np.full(10000, 3.0), "x": np.random.default_rng(1).normal(size=10000)})
     const = report.feature("const")
     assert const.drifted and const.stats["ks"] == 1.0 and const.detail["out_of_range"] == 1.0

@@ -41,6 +41,10 @@ def test_counts_match_numpy(profile, dtype):
         f, entry = snap["features"][name], profile["features"][name]
         col = batch[:, j]
         assert np.array_equal(f["bins"], _numpy_bins(entry, col)), name
+        v = col[~np.isnan(col)].astype(np.float64)
+        sums = np.bincount(np.searchsorted(np.asarray(entry["edges"]), v, side="left"), weights=v,
+                           minlength=len(entry["edges"]) + 1)
+        assert f["sums"] == pytest.approx(sums, rel=1e-12, abs=1e-9), name  # the Wasserstein input
         assert f["nan"] == int(np.isnan(col).sum())
         assert f["below"] == int((col < entry["min"]).sum())
         assert f["above"] == int((col > entry["max"]).sum())

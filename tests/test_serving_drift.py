@@ -65,6 +65,9 @@ def test_drift_endpoint_and_gauges_follow_the_traffic(profiled_package):
 
         calm = wait_for(status)
         assert calm["drifting"] == []
+        # --drift-window N means N rows (issue 21 item 2), and /drift says so.
+        assert calm["rows"] == 3000
+        assert calm["window"] == {"kind": "rows", "rows": 3000, "buckets": 6, "bucket_rows": 500}
         names = {f["name"] for f in calm["features"]}
         assert {"f0", "f31", "prediction"} <= names
 
@@ -79,7 +82,14 @@ def test_drift_endpoint_and_gauges_follow_the_traffic(profiled_package):
 
         doc = wait_for(drifted)
         assert "f0" not in doc["drifting"]
+        assert 2500 < doc["rows"] <= 3000  # the shifted rows only, not 6 x 3000
         metrics = get(server.port, "/metrics")[1].decode()
+        # The HELP text names exactly the statistic label values exported (item 3).
+        import re
+
+        helped = re.search(r"# HELP vivace_drift_statistic .*\((.*)\)", metrics).group(1).split(", ")
+        exported = set(re.findall(r'vivace_drift_statistic\{[^}]*statistic="([a-z_]+)"', metrics))
+        assert exported == set(helped)
         assert 'vivace_drift_statistic{feature="f3",model="mlp",statistic="drifted",version="1"} 1.0' in metrics
         assert 'vivace_drift_statistic{feature="f0",model="mlp",statistic="drifted",version="1"} 0.0' in metrics
     finally:
@@ -108,7 +118,8 @@ def test_grafana_dashboard_queries_name_exported_metrics(profiled_package):
     server = ServerProcess([profiled_package], "--drift-interval", "0.2", "--drift-window", "1000")
     try:
         post_rows(server.port, np.random.default_rng(2).standard_normal((1000, 32)).astype(np.float32))
-        wait_for(lambda: json.loads(get(server.port, "/v2/models/mlp/drift")[1])["rows"] >= 1000)
+        # 6 buckets of 166 rows: after 1000 rows the seventh opened, the window holds 834
+        wait_for(lambda: json.loads(get(server.port, "/v2/models/mlp/drift")[1])["rows"] >= 834)
         time.sleep(0.5)  # one more drift check after the window filled
         text = get(server.port, "/metrics")[1].decode()
         exported = {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(r"^(vivace_[a-z_]+)", text, re.M)}

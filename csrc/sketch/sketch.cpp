@@ -81,6 +81,7 @@ DriftSketch::DriftSketch(std::vector<SketchFeature> features, SketchWindow windo
   ring_.resize(static_cast<size_t>(window_.buckets));
   for (Bucket& b : ring_) {
     b.bins.assign(static_cast<size_t>(bin_offset_.back()), 0);
+    b.sums.assign(static_cast<size_t>(bin_offset_.back()), 0.0);
     b.nan.assign(features_.size(), 0);
     b.below.assign(features_.size(), 0);
     b.above.assign(features_.size(), 0);
@@ -93,6 +94,7 @@ DriftSketch::Bucket& DriftSketch::BucketForEpoch(int64_t epoch) {
     b.epoch = epoch;
     b.rows = 0;
     std::fill(b.bins.begin(), b.bins.end(), 0);
+    std::fill(b.sums.begin(), b.sums.end(), 0.0);
     std::fill(b.nan.begin(), b.nan.end(), 0);
     std::fill(b.below.begin(), b.below.end(), 0);
     std::fill(b.above.begin(), b.above.end(), 0);
@@ -107,6 +109,7 @@ void DriftSketch::CountRows(Bucket& bucket, const T* data, int64_t rows, int64_t
     const SketchFeature& feat = features_[f];
     const T* col = data + feat.column;
     uint64_t* bins = bucket.bins.data() + bin_offset_[f];
+    double* sums = bucket.sums.data() + bin_offset_[f];
     uint64_t nan = 0, below = 0, above = 0;
     if (feat.num_categories > 0) {
       const double k = static_cast<double>(feat.num_categories);
@@ -133,6 +136,7 @@ void DriftSketch::CountRows(Bucket& bucket, const T* data, int64_t rows, int64_t
         int64_t pos = 0;  // number of edges < v, branch-free: bins are (e[i-1], e[i]]
         for (int64_t step = top; step > 0; step >>= 1) pos += (edges[pos + step - 1] < v) ? step : 0;
         ++bins[pos];
+        sums[pos] += v;
         below += v < low;
         above += v > high;
       }
@@ -194,6 +198,7 @@ SketchSnapshot DriftSketch::Snapshot(int64_t now_ns) const {
   SketchSnapshot s;
   s.bin_offset = bin_offset_;
   s.bins.assign(static_cast<size_t>(bin_offset_.back()), 0);
+  s.sums.assign(static_cast<size_t>(bin_offset_.back()), 0.0);
   s.nan.assign(features_.size(), 0);
   s.below.assign(features_.size(), 0);
   s.above.assign(features_.size(), 0);
@@ -201,7 +206,10 @@ SketchSnapshot DriftSketch::Snapshot(int64_t now_ns) const {
   for (const Bucket& b : ring_) {
     if (!Live(b, now_ns)) continue;
     s.rows += b.rows;
-    for (size_t i = 0; i < s.bins.size(); ++i) s.bins[i] += b.bins[i];
+    for (size_t i = 0; i < s.bins.size(); ++i) {
+      s.bins[i] += b.bins[i];
+      s.sums[i] += b.sums[i];
+    }
     for (size_t f = 0; f < features_.size(); ++f) {
       s.nan[f] += b.nan[f];
       s.below[f] += b.below[f];

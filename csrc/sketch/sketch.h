@@ -1,5 +1,5 @@
-// Drift sketches: per-feature histogram counts over a reference profile's bin edges,
-// updated per batch by the serving path, kept over a sliding window of sub-window
+// Drift sketches: per-feature histogram counts (and per-bin value sums, for the
+// Wasserstein estimate) over a reference profile's bin edges, updated per batch by the serving path, kept over a sliding window of sub-window
 // buckets (by row count or by time); and the sorting/merging kernels behind the exact
 // offline statistics (two-sample KS, Wasserstein-1).
 //
@@ -32,10 +32,13 @@ struct SketchWindow {
 };
 
 // Counts summed over the live window. Per feature f, bins[bin_offset[f] ..
-// bin_offset[f+1]) are its histogram; nan/below/above are per feature.
+// bin_offset[f+1]) are its histogram and sums[...] the sum of the values counted in each
+// numeric bin (the Wasserstein estimate needs each bin's mean); nan/below/above are per
+// feature.
 struct SketchSnapshot {
   std::vector<int64_t> bin_offset;
   std::vector<uint64_t> bins, nan, below, above;
+  std::vector<double> sums;
   uint64_t rows = 0;
 };
 
@@ -63,6 +66,7 @@ class DriftSketch {
     int64_t epoch = -1;  // time windows: the bucket's time slot; rows: its sequence number
     uint64_t rows = 0;
     std::vector<uint64_t> bins, nan, below, above;
+    std::vector<double> sums;
   };
   template <typename T>
   void UpdateImpl(const T* data, int64_t rows, int64_t row_stride, int64_t now_ns);

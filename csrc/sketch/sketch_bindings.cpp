@@ -81,7 +81,8 @@ int ResolveThreads(int threads) {
 
 void BindSketch(py::module_& m) {
   py::class_<DriftSketch, std::shared_ptr<DriftSketch>>(m, "DriftSketch", R"doc(
-Per-feature histogram counts over reference bin edges, over a sliding window.
+Per-feature histogram counts (and per-bin value sums) over reference bin edges, over a
+sliding window.
 
 Built by vivace.monitor.sketch.sketch_for_profile from a reference profile. Numeric
 feature f: bin i counts values in (edges[i-1], edges[i]], outer bins open-ended; values
@@ -118,6 +119,7 @@ window "rows": buckets of bucket_span rows; "time": buckets of bucket_span nanos
             }
             py::dict d;
             d["bins"] = ToArray(s.bins);
+            d["sums"] = ToArray(s.sums);
             d["bin_offset"] = ToArray(s.bin_offset);
             d["nan"] = ToArray(s.nan);
             d["below"] = ToArray(s.below);
@@ -126,7 +128,8 @@ window "rows": buckets of bucket_span rows; "time": buckets of bucket_span nanos
             return d;
           },
           py::arg("now_ns") = -1,
-          "Counts over the live window: dict of bins (flat, split by bin_offset), nan, below, above, rows.")
+          "Counts over the live window: dict of bins and per-bin value sums (flat, split by bin_offset),\n"
+          "nan, below, above, rows.")
       .def("reset", &DriftSketch::Reset, "Forget every counted row.")
       .def_property_readonly("num_features", &DriftSketch::num_features)
       .def_property_readonly("min_columns", &DriftSketch::min_row_stride);
