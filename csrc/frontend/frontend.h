@@ -23,6 +23,7 @@
 
 #include "batcher/batcher.h"
 #include "batcher/oip_json.h"
+#include "frontend/http_parse.h"
 
 namespace vivace {
 
@@ -124,6 +125,7 @@ class HttpFrontend final : public CompletionSink {
   bool ParseOne(Conn* c);
   bool ParseHead(Conn* c, const char* p, size_t size);
   bool ReadChunked(Conn* c);
+  void RejectParse(Conn* c, http::Error e);
   void Dispatch(Conn* c, const char* body, size_t body_size);
   bool SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<const InferRoute>& route, const char* body,
                     size_t body_size);
@@ -140,6 +142,7 @@ class HttpFrontend final : public CompletionSink {
   Conn* Find(uint64_t id);
 
   FrontendLimits limits_;
+  http::Limits parse_limits_;
   int listen_fd_ = -1, epoll_fd_ = -1, wake_fd_ = -1, python_fd_ = -1;
   std::thread thread_;
   std::atomic<bool> stop_{false}, stop_accepting_{false}, drain_{false};
