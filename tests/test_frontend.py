@@ -571,3 +571,51 @@ def test_sigterm_sends_answers_still_buffered_for_a_slow_reader(slow_models):
         slow_reader.close()
         busy.close()
         srv.stop()
+
+
+def test_sigterm_answers_every_request_sent_before_it(mlp_package):
+    # Keep-alive clients sending 128-row requests back to back; SIGTERM lands while some
+    # requests are in the kernel's buffers, not yet read. Every request fully sent before
+    # the signal is answered 200; requests sent after it may be refused or reset. It is a
+    # race: several drains.
+    payload = post("/v2/models/mlp/infer", infer_body(rows=128))
+    for attempt in range(3):
+        srv = ServerProcess([mlp_package], "--http-frontend", "native", "--drain-timeout", "20")
+        signalled = threading.Event()
+        lost: list = []
+        served = [0]
+
+        def client():
+            try:
+                s = connect(srv, timeout=30)
+            except OSError:
+                return
+            reader = Reader(s)
+            with s:
+                while True:
+                    try:
+                        s.sendall(payload)
+                    except OSError:
+                        return
+                    sent_before_signal = not signalled.is_set()
+                    try:
+                        response = reader.next()
+                    except (OSError, AssertionError) as exc:
+                        response = exc
+                    if isinstance(response, Response) and response.status == 200:
+                        served[0] += 1
+                        continue
+                    if sent_before_signal:
+                        lost.append(response)
+                    return
+
+        threads = [threading.Thread(target=client) for _ in range(24)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        signalled.set()
+        srv.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert srv.proc.wait(30) == 0
+        assert served[0] > 0 and not lost, (attempt, served[0], lost[:5])

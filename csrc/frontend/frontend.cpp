@@ -69,13 +69,13 @@ void AppendJsonString(std::string* out, const std::string& text) {
   out->push_back('"');
 }
 
-std::string ErrorResponse(int status, const std::string& message, const char* extra_headers, bool close) {
+std::string ErrorResponse(int status, const std::string& message, bool close) {
   std::string body = "{\"error\":";
   AppendJsonString(&body, message);
   body += "}";
   std::string out = "HTTP/1.1 " + std::to_string(status) + " " + Reason(status) +
                     "\r\ncontent-type: application/json\r\ncontent-length: " + std::to_string(body.size()) + "\r\n";
-  out += extra_headers;
+  if (status == 503) out += "retry-after: 1\r\n";  // every 503 tells the client when to retry
   if (close) out += "connection: close\r\n";
   out += "\r\n";
   out += body;
@@ -424,8 +424,7 @@ void HttpFrontend::Accept() {
       return;  // EAGAIN, or out of descriptors: the next round retries
     }
     if (static_cast<int64_t>(conns_.size()) >= limits_.max_connections || draining_) {
-      const std::string busy = ErrorResponse(503, draining_ ? "server is draining" : "too many connections",
-                                             "retry-after: 1\r\n", true);
+      const std::string busy = ErrorResponse(503, draining_ ? "server is draining" : "too many connections", true);
       ssize_t sent = send(fd, busy.data(), busy.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
       (void)sent;
       close(fd);
@@ -648,7 +647,8 @@ void HttpFrontend::Dispatch(Conn* c, const char* body, size_t body_size) {
     c->close_after = static_cast<int64_t>(seq);
     c->rejected = true;  // nothing after a Connection: close request is read
   }
-  if (!draining_ && !h.has_header_length && h.method == "POST") {
+  // Also while draining: only requests the drain lets through reach here (see ApplyDrain).
+  if (!h.has_header_length && h.method == "POST") {
     std::shared_ptr<const InferRoute> route;
     {
       std::lock_guard<std::mutex> lk(routes_mu_);
@@ -786,7 +786,7 @@ void HttpFrontend::ProcessOutbox() {
           std::lock_guard<std::mutex> lk(counters_mu_);
           ++failures_[{route.model, route.version, reason}];
         }
-        Answer(c, pending.seq, ErrorResponse(code, message, code == 503 ? "retry-after: 1\r\n" : "", false));
+        Answer(c, pending.seq, ErrorResponse(code, message, false));
       }
     }
     o.batcher->Release(r);
@@ -826,7 +826,7 @@ void HttpFrontend::Reject(Conn* c, int status, const std::string& message) {
   ++unanswered_;
   c->rejected = true;
   c->close_after = static_cast<int64_t>(seq);
-  Answer(c, seq, ErrorResponse(status, message, "", true));
+  Answer(c, seq, ErrorResponse(status, message, true));
 }
 
 void HttpFrontend::WatchWrites(Conn* c, bool on) {
@@ -908,6 +908,15 @@ void HttpFrontend::Close(Conn* c) {
 }
 
 void HttpFrontend::ApplyDrain() {
+  // Requests whose bytes reached the kernel before the drain began were sent before the
+  // signal: read and dispatch them now (fast routes still run), so that none is refused
+  // or lost to the reset a close with unread input causes.
+  std::vector<uint64_t> ids;
+  ids.reserve(conns_.size());
+  for (auto& [id, conn] : conns_)
+    if (!conn->closing && !conn->lingering && !conn->rejected) ids.push_back(id);
+  for (uint64_t id : ids)
+    if (Conn* c = Find(id)) OnReadable(c);
   draining_ = true;
   std::vector<Conn*> idle;
   for (auto& [id, conn] : conns_) {
@@ -942,7 +951,9 @@ void HttpFrontend::Sweep(double now) {
         Reject(c, 408, "timed out waiting for request headers");
       else if (c->head.parsed && now - c->headers_done_at > limits_.body_timeout_s)
         Reject(c, 408, "timed out waiting for the request body");
-    } else if (c->next_seq == c->next_write && c->out.empty() && now - c->last_active > limits_.idle_timeout_s) {
+    } else if (c->next_seq == c->next_write && c->out.empty() &&
+               // The first request must arrive within the header timeout.
+               now - c->last_active > (c->next_seq == 0 ? limits_.header_timeout_s : limits_.idle_timeout_s)) {
       expired.push_back(c);
     }
   }

@@ -77,8 +77,8 @@ class HttpFrontend final : public CompletionSink {
 
   // Closes the listening socket: new connections are refused from here on.
   void StopAccepting();
-  // Finish what was accepted on each connection, then close it; forward every new
-  // request on a connection still reading (Python refuses infer while draining).
+  // Finish what was accepted on each connection (what its socket already holds included),
+  // then close it; a request a connection is still sending is read and answered too.
   void BeginDrain();
   // Requests read and not yet answered, plus connections whose answers a slow reader has
   // not taken yet: a drain waits for both.
