@@ -687,7 +687,7 @@ void HttpFrontend::ToPython(ForwardedRequest f) {
 }
 
 // Declines (false) whatever the general path must handle or explain: requests the JSON
-// codec does not take, and refusals by the batcher (Python words them and counts them).
+// codec does not take, and invalid arguments. Refusals under load are answered here.
 bool HttpFrontend::SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<const InferRoute>& route,
                                 const char* body, size_t body_size) {
   thread_local std::vector<std::pair<const char*, const char*>> spans;
@@ -709,10 +709,13 @@ bool HttpFrontend::SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<con
   pending_.emplace(token, Pending{c->id, seq, route});
   // The thread that runs inline batches is told once, after the whole round is queued
   // (see Loop): waking it at the first row would hand it the core for a batch of one.
-  if (batcher.Enqueue(r, token, 0, 0, /*defer_ready=*/true) != Status::kOk) {
+  const Status status = batcher.Enqueue(r, token, 0, 0, /*defer_ready=*/true);
+  if (status != Status::kOk) {
     pending_.erase(token);
     batcher.Release(r);
-    return false;
+    if (status != Status::kQueueFull && status != Status::kOverloaded && status != Status::kShutdown) return false;
+    Refuse(c, seq, *route, status);
+    return true;
   }
   c->tokens.push_back(token);
   bool driven = false;
@@ -723,6 +726,27 @@ bool HttpFrontend::SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<con
                    [&](const std::shared_ptr<Batcher>& b) { return b.get() == &batcher; }))
     queued_this_round_.push_back(route->batcher);
   return true;
+}
+
+// A refusal by the batcher, answered here: under overload Python (busy running batches)
+// must not stand between a client and its 503. Same words and counts as engine/server.py.
+void HttpFrontend::Refuse(Conn* c, uint64_t seq, const InferRoute& route, Status status) {
+  const std::string model = "'" + route.model + "'";
+  std::string message;
+  if (status == Status::kQueueFull) {
+    message = "queue of model " + model + " is full";
+  } else if (status == Status::kOverloaded) {
+    char ms[32];
+    std::snprintf(ms, sizeof(ms), "%g", static_cast<double>(route.batcher->config().shed_queue_wait_us) / 1000.0);
+    message = "model " + model + " is overloaded: its queue holds more than " + ms + " ms of work; retry later";
+  } else {
+    message = "model " + model + " is shutting down";
+  }
+  {
+    std::lock_guard<std::mutex> lk(counters_mu_);
+    ++failures_[{route.model, route.version, status == Status::kShutdown ? "bad_request" : "rejected"}];
+  }
+  Answer(c, seq, ErrorResponse(503, message, false));
 }
 
 void HttpFrontend::ProcessOutbox() {

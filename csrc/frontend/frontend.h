@@ -129,6 +129,7 @@ class HttpFrontend final : public CompletionSink {
   void Dispatch(Conn* c, const char* body, size_t body_size);
   bool SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<const InferRoute>& route, const char* body,
                     size_t body_size);
+  void Refuse(Conn* c, uint64_t seq, const InferRoute& route, Status status);
   void Reject(Conn* c, int status, const std::string& message);
   void Answer(Conn* c, uint64_t seq, std::string response);
   void Flush(Conn* c);
