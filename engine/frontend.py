@@ -139,28 +139,25 @@ class NativeFrontend:
 
     def sync_routes(self) -> None:
         """Give the C++ side the fast routes of the models that take them now: JSON fast
-        path on, ready, no prediction log (sampling needs the Python path), and the
-        server not draining. Python models on executor threads stay on the Python path:
+        path on, ready, no prediction log (sampling needs the Python path). Python models on executor threads stay on the Python path:
         the watchdog fails a hung batch's requests from there (engine/runtime.py
         check_hung). Cheap when nothing changed."""
         app = self.app
         serving = [(name, runner, runner is app.latest.get(name))
                    for name, versions in app.models.items() for runner in versions.values()]
-        key = (app.draining,
-               tuple((id(runner), runner.ready, runner.prediction_log is None, latest) for _, runner, latest in serving))
+        key = (tuple((id(runner), runner.ready, runner.prediction_log is None, latest) for _, runner, latest in serving))
         if key == self._routed:
             return
         self._routed = key
         routes = []
-        if not app.draining:
-            for name, runner, latest in serving:
-                if not (runner.json_fast and runner.ready and runner.prediction_log is None
-                        and (runner.execution == "inline" or runner.native_kernel)):
-                    continue
-                targets = [f"/v2/models/{name}/versions/{runner.version}/infer"]
-                if latest:
-                    targets.append(f"/v2/models/{name}/infer")
-                routes += [(target, runner.batcher, name, runner.version) for target in targets]
+        for name, runner, latest in serving:
+            if not (runner.json_fast and runner.ready and runner.prediction_log is None
+                    and (runner.execution == "inline" or runner.native_kernel)):
+                continue
+            targets = [f"/v2/models/{name}/versions/{runner.version}/infer"]
+            if latest:
+                targets.append(f"/v2/models/{name}/infer")
+            routes += [(target, runner.batcher, name, runner.version) for target in targets]
         self.core.set_routes(routes)
         # Models served by a native kernel inline have their batches run by the C++ thread
         # right after it reads their requests: no hand-off to the loop per batch.
@@ -186,7 +183,8 @@ class NativeFrontend:
         self.core.stop_accepting()
 
     def begin_drain(self) -> None:
-        self.sync_routes()  # no fast routes while draining: Python refuses new infer requests
+        # Fast routes stay: the C++ side reads only what was sent before the drain (and the
+        # request a connection is still sending) and answers it.
         self.core.begin_drain()
 
     def in_flight(self) -> int:

@@ -42,7 +42,12 @@ HEALTH_PATHS = (b"/v2/health/live", b"/v2/health/ready")  # open even when auth 
 LINGER_SECONDS = 2.0
 
 
+RETRY_AFTER = b"retry-after: 1\r\n"
+
+
 def http_response(status: int, body: bytes, content_type: bytes = JSON, extra: bytes = b"", close: bool = False) -> bytes:
+    if status == 503 and b"retry-after:" not in extra.lower():  # every 503 tells the client when to retry
+        extra += RETRY_AFTER
     return b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s%s\r\n%s" % (
         status,
         REASONS.get(status, b"Unknown"),
@@ -56,6 +61,23 @@ def http_response(status: int, body: bytes, content_type: bytes = JSON, extra: b
 
 def error_body(message: str) -> bytes:
     return oip.encode({"error": message})
+
+
+def origin_form(target: bytes) -> bytes:
+    """absolute-form "http://host:port/path?q" → "/path?q" (RFC 9112 3.2.2: servers must accept
+    it); b"" when it names no host or no path. The native front end does the same
+    (csrc/frontend/http_parse.cpp OriginForm)."""
+    lower = target[:8].lower()
+    skip = 7 if lower.startswith(b"http://") else 8 if lower.startswith(b"https://") else 0
+    if not skip:
+        return target
+    end = len(target)
+    path = next((i for i in range(skip, end) if target[i] in b"/?#"), end)
+    if path == skip:
+        return b""
+    if path == end:
+        return b"/"
+    return target[path:] if target[path] == 0x2F else b""
 
 
 # Batcher outcomes that are not success → (HTTP status, reason label for metrics).
@@ -124,8 +146,7 @@ class InferCall:
         else:
             message = f"request for model {runner.name!r} was not run: {payload}"
         protocol.app.count_failure(runner, reason)
-        extra = b"retry-after: 1\r\n" if http_status == 503 else b""
-        protocol.respond(self.seq, http_response(http_status, error_body(message), extra=extra))
+        protocol.respond(self.seq, http_response(http_status, error_body(message)))
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -170,7 +191,7 @@ class HttpProtocol(asyncio.Protocol):
         app = self.app
         if len(app.connections) >= self.config.max_connections or app.draining:
             reason = "server is draining" if app.draining else "too many connections"
-            transport.write(http_response(503, error_body(reason), extra=b"retry-after: 1\r\n", close=True))
+            transport.write(http_response(503, error_body(reason), close=True))
             transport.close()
             self.closed = True
             return
@@ -252,6 +273,11 @@ class HttpProtocol(asyncio.Protocol):
                 raise httptools.HttpParserError("body limit")
 
     def on_headers_complete(self) -> None:
+        if self.url[:1] != b"/" and self.url != b"*":
+            self.url = origin_form(self.url)
+            if not self.url:
+                self.reject(400, "malformed HTTP request: invalid request target")
+                raise httptools.HttpParserError("request target")
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done_at = time.monotonic()
         if self.expect_continue:
@@ -335,7 +361,9 @@ class HttpProtocol(asyncio.Protocol):
                 self.reject(408, "timed out waiting for request headers")
             elif self.headers_done_at and now - self.headers_done_at > config.body_timeout:
                 self.reject(408, "timed out waiting for the request body")
-        elif not self.outstanding and not self.held and now - self.last_active > config.idle_timeout:
+        # The first request must arrive within the header timeout.
+        elif not self.outstanding and not self.held and now - self.last_active > (
+                config.idle_timeout if self.next_seq else config.header_timeout):
             self.closed = True
             self.transport.close()
 

@@ -571,3 +571,87 @@ def test_sigterm_sends_answers_still_buffered_for_a_slow_reader(slow_models):
         slow_reader.close()
         busy.close()
         srv.stop()
+
+
+def test_sigterm_answers_every_request_sent_before_it(mlp_package):
+    # Keep-alive clients sending 128-row requests back to back; SIGTERM lands while some
+    # requests are in the kernel's buffers, not yet read. Every request fully sent before
+    # the signal is answered 200; requests sent after it may be refused or reset. It is a
+    # race: several drains.
+    payload = post("/v2/models/mlp/infer", infer_body(rows=128))
+    for attempt in range(3):
+        # Shedding off: a refusal for overload on this busy machine is not what is tested.
+        srv = ServerProcess([mlp_package], "--http-frontend", "native", "--drain-timeout", "20",
+                            "--shed-queue-wait-ms", "0")
+        signalled = threading.Event()
+        lost: list = []
+        served = [0]
+
+        def client():
+            try:
+                s = connect(srv, timeout=30)
+            except OSError:
+                return
+            reader = Reader(s)
+            with s:
+                while True:
+                    try:
+                        s.sendall(payload)
+                    except OSError:
+                        return
+                    sent_before_signal = not signalled.is_set()
+                    try:
+                        response = reader.next()
+                    except (OSError, AssertionError) as exc:
+                        response = exc
+                    if isinstance(response, Response) and response.status == 200:
+                        served[0] += 1
+                        continue
+                    if sent_before_signal:
+                        lost.append(response)
+                    return
+
+        threads = [threading.Thread(target=client) for _ in range(24)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        signalled.set()
+        srv.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert srv.proc.wait(30) == 0
+        assert served[0] > 0 and not lost, (attempt, served[0], lost[:5])
+
+
+def test_queue_full_is_refused_without_waiting_for_python(mlp_package, tmp_path):
+    # An inline model: its ~3 s batch runs on the Python loop. A refusal that went through
+    # Python would wait for that batch; the front end answers it at once, with the words
+    # and the count the Python path uses.
+    from vivace.registry.package import load_package, write_package
+
+    manifest = load_package(mlp_package).manifest()
+    manifest.pop("files", None)
+    manifest.update(name="slowq", max_batch_size=1, parameters={"torch_num_threads": 1})
+    manifest["dynamic_batching"]["default_queue_policy"]["max_queue_size"] = 1
+    write_package(tmp_path / "slowq", manifest, {"model.pt": slow_model_bytes(1000)})
+    srv = ServerProcess([tmp_path / "slowq"], "--http-frontend", "native")
+    try:
+        running, queued, refused = (connect(srv, timeout=60) for _ in range(3))
+        running.sendall(post("/v2/models/slowq/infer", infer_body(id="running")))
+        time.sleep(0.3)  # its batch has begun (or it waits in the queue: then both others are refused)
+        queued.sendall(post("/v2/models/slowq/infer", infer_body(id="queued")))
+        time.sleep(0.05)
+        refused.sendall(post("/v2/models/slowq/infer", infer_body(id="refused")))
+        response = Reader(refused).next()
+        assert response.status == 503 and response.headers["retry-after"] == "1", response
+        assert response.json() == {"error": "queue of model 'slowq' is full"}
+        running.setblocking(False)
+        with pytest.raises(BlockingIOError):  # the batch is still running
+            running.recv(1)
+        running.setblocking(True)
+        assert Reader(running).next().status == 200
+        assert metric(srv, "vivace_request_failure_total", 'model="slowq",reason="rejected",version="1"') >= 1
+        for s in (running, queued, refused):
+            s.close()
+    finally:
+        assert srv.stop() == 0

@@ -376,3 +376,35 @@ def test_header_limits_are_configurable(mlp_package):
         assert raw_exchange(server, b"GET /v2 HTTP/1.1\r\nHost: x\r\n" + long + b"\r\n").startswith(b"HTTP/1.1 431")
     finally:
         assert server.stop() == 0
+
+
+# -- request targets, refusals, first-request timeout (issue 12 items 3, 6, 7) ------------
+
+def test_absolute_form_targets_are_routed_by_path(server):
+    # RFC 9112 3.2.2: a server must accept the absolute form (what proxies send).
+    url = f"http://127.0.0.1:{server.port}"
+    status, data, _ = request(server, "POST", url + "/v2/models/mlp/infer", infer_body(id="abs"))
+    assert status == 200 and json.loads(data)["id"] == "abs"
+    answer = raw_exchange(server, b"GET HTTP://example:1/v2/health/live?x=1 HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    for target in (b"http:///v2/health/live", b"http://host?q"):  # no host, no path
+        answer = raw_exchange(server, b"GET %s HTTP/1.1\r\n\r\n" % target)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+
+
+def test_every_503_carries_retry_after():
+    from vivace.engine.http import http_response
+
+    for extra in (b"", b"x-other: 1\r\n"):
+        assert b"\r\nretry-after: 1\r\n" in http_response(503, b"{}", extra=extra)
+    assert http_response(503, b"{}", extra=b"Retry-After: 7\r\n").lower().count(b"retry-after") == 1
+    assert b"retry-after" not in http_response(500, b"{}")
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(server):
+    # The server runs with --header-timeout 1 and the default --idle-timeout of 75 s.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        try:
+            assert s.recv(4096) == b""
+        except ConnectionResetError:
+            pass

@@ -10,7 +10,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -70,58 +69,17 @@ void AppendJsonString(std::string* out, const std::string& text) {
   out->push_back('"');
 }
 
-std::string ErrorResponse(int status, const std::string& message, const char* extra_headers, bool close) {
+std::string ErrorResponse(int status, const std::string& message, bool close) {
   std::string body = "{\"error\":";
   AppendJsonString(&body, message);
   body += "}";
   std::string out = "HTTP/1.1 " + std::to_string(status) + " " + Reason(status) +
                     "\r\ncontent-type: application/json\r\ncontent-length: " + std::to_string(body.size()) + "\r\n";
-  out += extra_headers;
+  if (status == 503) out += "retry-after: 1\r\n";  // every 503 tells the client when to retry
   if (close) out += "connection: close\r\n";
   out += "\r\n";
   out += body;
   return out;
-}
-
-bool IsTokenChar(unsigned char ch) {  // RFC 9110 tchar
-  if (ch >= '0' && ch <= '9') return true;
-  if ((ch | 0x20) >= 'a' && (ch | 0x20) <= 'z') return true;
-  return std::strchr("!#$%&'*+-.^_`|~", ch) != nullptr && ch != 0;
-}
-
-bool EqualsIgnoreCase(const char* a, size_t a_size, const char* b) {
-  const size_t b_size = std::strlen(b);
-  if (a_size != b_size) return false;
-  for (size_t i = 0; i < a_size; ++i)
-    if (std::tolower(static_cast<unsigned char>(a[i])) != b[i]) return false;
-  return true;
-}
-
-// Does the comma-separated header value hold `token` (case-insensitive)?
-bool HasToken(const std::string& value, const char* token) {
-  size_t start = 0;
-  while (start <= value.size()) {
-    size_t end = value.find(',', start);
-    if (end == std::string::npos) end = value.size();
-    size_t a = start, b = end;
-    while (a < b && (value[a] == ' ' || value[a] == '\t')) ++a;
-    while (b > a && (value[b - 1] == ' ' || value[b - 1] == '\t')) --b;
-    if (EqualsIgnoreCase(value.data() + a, b - a, token)) return true;
-    start = end + 1;
-  }
-  return false;
-}
-
-// A header or trailer field line (RFC 9110 5.5): token ":" OWS value, no control
-// characters but HTAB.
-bool ValidFieldLine(const char* line, const char* eol) {
-  const char* colon = static_cast<const char*>(std::memchr(line, ':', static_cast<size_t>(eol - line)));
-  if (colon == nullptr || colon == line) return false;
-  for (const char* q = line; q < colon; ++q)
-    if (!IsTokenChar(static_cast<unsigned char>(*q))) return false;
-  for (const char* q = colon + 1; q < eol; ++q)
-    if ((static_cast<unsigned char>(*q) < 0x20 && *q != '\t') || *q == 0x7f) return false;
-  return true;
 }
 
 std::string PeerName(const sockaddr_storage& addr) {
@@ -183,7 +141,8 @@ struct HttpFrontend::Conn {
   std::vector<uint64_t> tokens;  // fast-path requests still in a batcher
 };
 
-HttpFrontend::HttpFrontend(int listen_fd, FrontendLimits limits) : limits_(limits) {
+HttpFrontend::HttpFrontend(int listen_fd, FrontendLimits limits)
+    : limits_(limits), parse_limits_{limits.max_body_bytes, limits.max_header_bytes, limits.max_headers} {
   listen_fd_ = fcntl(listen_fd, F_DUPFD_CLOEXEC, 0);
   if (listen_fd_ < 0) throw std::runtime_error(std::string("dup of the listening socket: ") + std::strerror(errno));
   fcntl(listen_fd_, F_SETFL, fcntl(listen_fd_, F_GETFL) | O_NONBLOCK);
@@ -465,8 +424,7 @@ void HttpFrontend::Accept() {
       return;  // EAGAIN, or out of descriptors: the next round retries
     }
     if (static_cast<int64_t>(conns_.size()) >= limits_.max_connections || draining_) {
-      const std::string busy = ErrorResponse(503, draining_ ? "server is draining" : "too many connections",
-                                             "retry-after: 1\r\n", true);
+      const std::string busy = ErrorResponse(503, draining_ ? "server is draining" : "too many connections", true);
       ssize_t sent = send(fd, busy.data(), busy.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
       (void)sent;
       close(fd);
@@ -544,10 +502,10 @@ bool HttpFrontend::ParseOne(Conn* c) {
   if (c->close_after >= 0 && static_cast<int64_t>(c->next_seq) > c->close_after) return false;
   if (c->out.size() - c->out_sent > kMaxUnsentOutput) return false;  // resumes after Flush
   Head& h = c->head;
-  // Empty lines before a request line are ignored (RFC 9112 2.2).
-  while (!h.parsed && c->in.size() - c->in_start >= 2 && c->in[c->in_start] == '\r' && c->in[c->in_start + 1] == '\n') {
-    c->in_start += 2;
-    h.scanned = h.scanned > 2 ? h.scanned - 2 : 0;
+  if (!h.parsed) {
+    const size_t skip = http::SkipEmptyLines(c->in.data() + c->in_start, c->in.size() - c->in_start);
+    c->in_start += skip;
+    h.scanned = h.scanned > skip ? h.scanned - skip : 0;
   }
   const size_t avail = c->in.size() - c->in_start;
   if (avail == 0) {
@@ -558,28 +516,11 @@ bool HttpFrontend::ParseOne(Conn* c) {
   if (c->reading_since == 0) c->reading_since = now;
   const char* p = c->in.data() + c->in_start;
   if (!h.parsed) {
-    // Search only the bytes that arrived since the last look (a head trickling in byte by
-    // byte costs linear time), and refuse a bare LF now rather than at the header timeout.
-    const size_t limit = static_cast<size_t>(limits_.max_header_bytes) + 4;
-    const size_t stop = std::min(avail, limit);
-    size_t i = h.scanned, size = 0;
-    while (size == 0 && i < stop) {
-      const char* lf = static_cast<const char*>(std::memchr(p + i, '\n', stop - i));
-      if (lf == nullptr) {
-        i = stop;
-        break;
-      }
-      const size_t at = static_cast<size_t>(lf - p);
-      if (at == 0 || p[at - 1] != '\r') {
-        Reject(c, 400, "malformed HTTP request: bare LF (lines must end with CRLF)");
-        return false;
-      }
-      if (at >= 3 && p[at - 2] == '\n' && p[at - 3] == '\r') size = at + 1;
-      i = at + 1;
-    }
-    h.scanned = i;
-    if (size == 0) {
-      if (avail > limit) Reject(c, 431, "request line and headers exceed the size limit");
+    // A bare LF is refused as soon as it arrives rather than at the header timeout.
+    size_t size = 0;
+    const http::Error e = http::FindHeadEnd(p, avail, parse_limits_, &h.scanned, &size);
+    if (e != http::Error::kOk) {
+      if (e != http::Error::kIncomplete) RejectParse(c, e);
       return false;
     }
     if (!ParseHead(c, p, size)) return false;
@@ -620,96 +561,51 @@ bool HttpFrontend::ParseOne(Conn* c) {
   return true;
 }
 
+// The same statuses and words as the Python front end (engine/http.py).
+void HttpFrontend::RejectParse(Conn* c, http::Error e) {
+  const std::string too_large =
+      "request body exceeds the limit of " + std::to_string(limits_.max_body_bytes) + " bytes";
+  switch (e) {
+    case http::Error::kOk:
+    case http::Error::kIncomplete: return;
+    case http::Error::kBareLf: return Reject(c, 400, "malformed HTTP request: bare LF (lines must end with CRLF)");
+    case http::Error::kHeadTooLarge: return Reject(c, 431, "request line and headers exceed the size limit");
+    case http::Error::kBadRequestLine: return Reject(c, 400, "malformed HTTP request: invalid request line");
+    case http::Error::kTooManyHeaders:
+    case http::Error::kTrailersTooLarge: return Reject(c, 431, "too many or too large request headers");
+    case http::Error::kBadHeaderLine: return Reject(c, 400, "malformed HTTP request: invalid header line");
+    case http::Error::kBadContentLength: return Reject(c, 400, "malformed HTTP request: invalid Content-Length");
+    case http::Error::kBodyTooLarge: return Reject(c, 413, too_large);
+    case http::Error::kBadTransferEncoding:
+      return Reject(c, 400, "malformed HTTP request: unsupported Transfer-Encoding");
+    case http::Error::kLengthAndChunked:
+      return Reject(c, 400, "malformed HTTP request: both Content-Length and Transfer-Encoding");
+    case http::Error::kBadChunkSize: return Reject(c, 400, "malformed HTTP request: invalid chunk size line");
+    case http::Error::kBadChunkEnd: return Reject(c, 400, "malformed HTTP request: chunk data does not end with CRLF");
+    case http::Error::kBadTrailer: return Reject(c, 400, "malformed HTTP request: invalid trailer line");
+  }
+}
+
 bool HttpFrontend::ParseHead(Conn* c, const char* p, size_t size) {
+  http::RequestHead parsed;
+  const http::Error e = http::ParseRequestHead(p, size, parse_limits_, &parsed);
+  if (e != http::Error::kOk) {
+    RejectParse(c, e);
+    return false;
+  }
   Head& h = c->head;
-  const char* end = p + size - 2;  // the final CRLF
-  const char* line_end = static_cast<const char*>(memmem(p, static_cast<size_t>(end - p), "\r\n", 2));
-  // Request line: METHOD SP target SP HTTP/1.x
-  const char* sp1 = static_cast<const char*>(std::memchr(p, ' ', static_cast<size_t>(line_end - p)));
-  const char* sp2 = sp1 ? static_cast<const char*>(std::memchr(sp1 + 1, ' ', static_cast<size_t>(line_end - sp1 - 1)))
-                        : nullptr;
-  bool ok = sp1 != nullptr && sp2 != nullptr && sp1 > p && sp2 > sp1 + 1 && line_end - sp2 == 9 &&
-            std::memcmp(sp2 + 1, "HTTP/1.", 7) == 0 && (sp2[8] == '0' || sp2[8] == '1');
-  for (const char* q = p; ok && q < sp1; ++q) ok = *q >= 'A' && *q <= 'Z';
-  for (const char* q = sp1 + 1; ok && q < sp2; ++q) ok = static_cast<unsigned char>(*q) > 0x20 && *q != 0x7f;
-  if (!ok) {
-    Reject(c, 400, "malformed HTTP request: invalid request line");
-    return false;
-  }
-  const bool http10 = sp2[8] == '0';
-  h.method.assign(p, static_cast<size_t>(sp1 - p));
-  h.target.assign(sp1 + 1, static_cast<size_t>(sp2 - sp1 - 1));
-  bool has_length = false, close = false, keep_alive = false;
-  int64_t headers = 0;
-  for (const char* line = line_end + 2; line < end;) {
-    const char* eol = static_cast<const char*>(memmem(line, static_cast<size_t>(end + 2 - line), "\r\n", 2));
-    if (++headers > limits_.max_headers) {
-      Reject(c, 431, "too many or too large request headers");
-      return false;
-    }
-    const char* colon = static_cast<const char*>(std::memchr(line, ':', static_cast<size_t>(eol - line)));
-    bool valid = colon != nullptr && colon > line;
-    for (const char* q = line; valid && q < colon; ++q) valid = IsTokenChar(static_cast<unsigned char>(*q));
-    const char* v = colon ? colon + 1 : eol;
-    const char* v_end = eol;
-    while (v < v_end && (*v == ' ' || *v == '\t')) ++v;
-    while (v_end > v && (v_end[-1] == ' ' || v_end[-1] == '\t')) --v_end;
-    for (const char* q = v; valid && q < v_end; ++q)
-      valid = (static_cast<unsigned char>(*q) >= 0x20 && *q != 0x7f) || *q == '\t';
-    if (!valid) {
-      Reject(c, 400, "malformed HTTP request: invalid header line");
-      return false;
-    }
-    const size_t name_size = static_cast<size_t>(colon - line);
-    const std::string value(v, static_cast<size_t>(v_end - v));
-    if (EqualsIgnoreCase(line, name_size, "content-length")) {
-      int64_t length = 0;
-      bool digits = !value.empty() && value.size() <= 18;
-      for (char ch : value) {
-        digits = digits && ch >= '0' && ch <= '9';
-        if (digits) length = length * 10 + (ch - '0');
-      }
-      if (!digits || (has_length && length != h.content_length)) {
-        Reject(c, 400, "malformed HTTP request: invalid Content-Length");
-        return false;
-      }
-      if (length > limits_.max_body_bytes) {
-        Reject(c, 413, "request body exceeds the limit of " + std::to_string(limits_.max_body_bytes) + " bytes");
-        return false;
-      }
-      has_length = true;
-      h.content_length = length;
-    } else if (EqualsIgnoreCase(line, name_size, "transfer-encoding")) {
-      // Only "chunked" as the final coding frames a request body (RFC 9112 6.3).
-      const size_t last = value.rfind(',');
-      std::string final_coding = value.substr(last == std::string::npos ? 0 : last + 1);
-      final_coding.erase(0, final_coding.find_first_not_of(" \t"));
-      if (!EqualsIgnoreCase(final_coding.data(), final_coding.size(), "chunked") || h.chunked) {
-        Reject(c, 400, "malformed HTTP request: unsupported Transfer-Encoding");
-        return false;
-      }
-      h.chunked = true;
-    } else if (EqualsIgnoreCase(line, name_size, "connection")) {
-      close = close || HasToken(value, "close");
-      keep_alive = keep_alive || HasToken(value, "keep-alive");
-    } else if (EqualsIgnoreCase(line, name_size, "expect")) {
-      h.expect_continue = EqualsIgnoreCase(value.data(), value.size(), "100-continue");
-    } else if (EqualsIgnoreCase(line, name_size, "inference-header-content-length")) {
-      h.has_header_length = true;
-      h.header_length = value;
-    } else if (EqualsIgnoreCase(line, name_size, "authorization")) {
-      h.has_authorization = true;
-      h.authorization = value;
-    }
-    line = eol + 2;
-  }
-  if (h.chunked && has_length) {  // a classic request-smuggling vector: refuse, do not guess
-    Reject(c, 400, "malformed HTTP request: both Content-Length and Transfer-Encoding");
-    return false;
-  }
+  h.method.assign(parsed.method.data, parsed.method.size);
+  h.target.assign(parsed.target.data, parsed.target.size);
   // An Upgrade offer (curl --http2 sends h2c) is declined by answering in HTTP/1.1
   // (RFC 9110 7.8), as the Python front end answers the request that carries it.
-  h.keep_alive = http10 ? keep_alive && !close : !close;
+  h.keep_alive = parsed.keep_alive;
+  h.chunked = parsed.chunked;
+  h.content_length = parsed.content_length;
+  h.expect_continue = parsed.expect_continue;
+  h.has_header_length = parsed.has_header_length;
+  h.header_length.assign(parsed.header_length.data, parsed.header_length.size);
+  h.has_authorization = parsed.has_authorization;
+  h.authorization.assign(parsed.authorization.data, parsed.authorization.size);
   h.size = size;
   h.parsed = true;
   return true;
@@ -721,79 +617,25 @@ bool HttpFrontend::ReadChunked(Conn* c) {
   Head& h = c->head;
   const char* base = c->in.data() + c->in_start + h.size;
   const size_t avail = c->in.size() - c->in_start - h.size;
-  // Decoded chunks leave the input buffer: what waits for the rest of the body is the body
-  // itself, not its encoding (tiny chunks with long extensions would multiply it).
-  auto incomplete = [c, &h] {
-    if (h.chunk_pos > 0) {
-      c->in.erase(c->in_start + h.size, h.chunk_pos);
-      h.chunk_pos = 0;
-    }
-    return false;
-  };
   for (;;) {
-    const char* p = base + h.chunk_pos;
-    const size_t left = avail - h.chunk_pos;
-    const char* eol = static_cast<const char*>(memmem(p, left, "\r\n", 2));
-    if (eol == nullptr) {
-      if (left > 1024) {
-        Reject(c, 400, "malformed HTTP request: invalid chunk size line");
-        return false;
+    http::Chunk chunk;
+    const http::Error e = http::DecodeChunk(base + h.chunk_pos, avail - h.chunk_pos, h.body.size(), parse_limits_, &chunk);
+    if (e == http::Error::kIncomplete) {
+      // Decoded chunks leave the input buffer: what waits for the rest of the body is the
+      // body itself, not its encoding (tiny chunks with long extensions would multiply it).
+      if (h.chunk_pos > 0) {
+        c->in.erase(c->in_start + h.size, h.chunk_pos);
+        h.chunk_pos = 0;
       }
-      return incomplete();
-    }
-    // chunk-size [BWS ";" chunk-ext]: hex digits, then nothing or an extension free of
-    // control characters (a bare LF there would end the line for another parser).
-    uint64_t chunk = 0;
-    bool over = false;
-    const char* q = p;
-    for (; q < eol && std::isxdigit(static_cast<unsigned char>(*q)); ++q) {
-      if (over) continue;
-      chunk = chunk * 16 + static_cast<uint64_t>(std::isdigit(static_cast<unsigned char>(*q)) ? *q - '0' : (*q | 0x20) - 'a' + 10);
-      over = chunk > static_cast<uint64_t>(limits_.max_body_bytes);
-    }
-    const char* ext = q;
-    while (ext < eol && (*ext == ' ' || *ext == '\t')) ++ext;
-    bool valid = q > p && (q == eol || (ext < eol && *ext == ';'));
-    for (const char* e = ext; valid && e < eol; ++e)
-      valid = (static_cast<unsigned char>(*e) >= 0x20 || *e == '\t') && *e != 0x7f;
-    if (!valid) {
-      Reject(c, 400, "malformed HTTP request: invalid chunk size line");
       return false;
     }
-    if (h.body.size() + chunk > static_cast<uint64_t>(limits_.max_body_bytes)) {
-      Reject(c, 413, "request body exceeds the limit of " + std::to_string(limits_.max_body_bytes) + " bytes");
+    if (e != http::Error::kOk) {
+      RejectParse(c, e);
       return false;
     }
-    const size_t line = static_cast<size_t>(eol - p) + 2;
-    if (chunk == 0) {  // trailers, then the blank line; they count against the header limit
-      const char* trailers = eol + 2;
-      const size_t limit = static_cast<size_t>(limits_.max_header_bytes);
-      for (const char* t = trailers;;) {
-        const size_t t_left = avail - static_cast<size_t>(t - base);
-        const char* t_eol = static_cast<const char*>(memmem(t, t_left, "\r\n", 2));
-        if (static_cast<size_t>((t_eol ? t_eol : t + t_left) - trailers) > limit) {
-          Reject(c, 431, "too many or too large request headers");
-          return false;
-        }
-        if (t_eol == nullptr) return incomplete();
-        if (t_eol == t) {
-          h.chunk_pos = static_cast<size_t>(t_eol + 2 - base);
-          return true;
-        }
-        if (!ValidFieldLine(t, t_eol)) {
-          Reject(c, 400, "malformed HTTP request: invalid trailer line");
-          return false;
-        }
-        t = t_eol + 2;
-      }
-    }
-    if (left < line + chunk + 2) return incomplete();
-    if (p[line + chunk] != '\r' || p[line + chunk + 1] != '\n') {
-      Reject(c, 400, "malformed HTTP request: chunk data does not end with CRLF");
-      return false;
-    }
-    h.body.append(p + line, static_cast<size_t>(chunk));
-    h.chunk_pos += line + chunk + 2;
+    h.body.append(chunk.data.data, chunk.data.size);
+    h.chunk_pos += chunk.consumed;
+    if (chunk.last) return true;
   }
 }
 
@@ -805,7 +647,8 @@ void HttpFrontend::Dispatch(Conn* c, const char* body, size_t body_size) {
     c->close_after = static_cast<int64_t>(seq);
     c->rejected = true;  // nothing after a Connection: close request is read
   }
-  if (!draining_ && !h.has_header_length && h.method == "POST") {
+  // Also while draining: only requests the drain lets through reach here (see ApplyDrain).
+  if (!h.has_header_length && h.method == "POST") {
     std::shared_ptr<const InferRoute> route;
     {
       std::lock_guard<std::mutex> lk(routes_mu_);
@@ -844,7 +687,7 @@ void HttpFrontend::ToPython(ForwardedRequest f) {
 }
 
 // Declines (false) whatever the general path must handle or explain: requests the JSON
-// codec does not take, and refusals by the batcher (Python words them and counts them).
+// codec does not take, and invalid arguments. Refusals under load are answered here.
 bool HttpFrontend::SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<const InferRoute>& route,
                                 const char* body, size_t body_size) {
   thread_local std::vector<std::pair<const char*, const char*>> spans;
@@ -866,10 +709,13 @@ bool HttpFrontend::SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<con
   pending_.emplace(token, Pending{c->id, seq, route});
   // The thread that runs inline batches is told once, after the whole round is queued
   // (see Loop): waking it at the first row would hand it the core for a batch of one.
-  if (batcher.Enqueue(r, token, 0, 0, /*defer_ready=*/true) != Status::kOk) {
+  const Status status = batcher.Enqueue(r, token, 0, 0, /*defer_ready=*/true);
+  if (status != Status::kOk) {
     pending_.erase(token);
     batcher.Release(r);
-    return false;
+    if (status != Status::kQueueFull && status != Status::kOverloaded && status != Status::kShutdown) return false;
+    Refuse(c, seq, *route, status);
+    return true;
   }
   c->tokens.push_back(token);
   bool driven = false;
@@ -880,6 +726,27 @@ bool HttpFrontend::SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<con
                    [&](const std::shared_ptr<Batcher>& b) { return b.get() == &batcher; }))
     queued_this_round_.push_back(route->batcher);
   return true;
+}
+
+// A refusal by the batcher, answered here: under overload Python (busy running batches)
+// must not stand between a client and its 503. Same words and counts as engine/server.py.
+void HttpFrontend::Refuse(Conn* c, uint64_t seq, const InferRoute& route, Status status) {
+  const std::string model = "'" + route.model + "'";
+  std::string message;
+  if (status == Status::kQueueFull) {
+    message = "queue of model " + model + " is full";
+  } else if (status == Status::kOverloaded) {
+    char ms[32];
+    std::snprintf(ms, sizeof(ms), "%g", static_cast<double>(route.batcher->config().shed_queue_wait_us) / 1000.0);
+    message = "model " + model + " is overloaded: its queue holds more than " + ms + " ms of work; retry later";
+  } else {
+    message = "model " + model + " is shutting down";
+  }
+  {
+    std::lock_guard<std::mutex> lk(counters_mu_);
+    ++failures_[{route.model, route.version, status == Status::kShutdown ? "bad_request" : "rejected"}];
+  }
+  Answer(c, seq, ErrorResponse(503, message, false));
 }
 
 void HttpFrontend::ProcessOutbox() {
@@ -943,7 +810,7 @@ void HttpFrontend::ProcessOutbox() {
           std::lock_guard<std::mutex> lk(counters_mu_);
           ++failures_[{route.model, route.version, reason}];
         }
-        Answer(c, pending.seq, ErrorResponse(code, message, code == 503 ? "retry-after: 1\r\n" : "", false));
+        Answer(c, pending.seq, ErrorResponse(code, message, false));
       }
     }
     o.batcher->Release(r);
@@ -983,7 +850,7 @@ void HttpFrontend::Reject(Conn* c, int status, const std::string& message) {
   ++unanswered_;
   c->rejected = true;
   c->close_after = static_cast<int64_t>(seq);
-  Answer(c, seq, ErrorResponse(status, message, "", true));
+  Answer(c, seq, ErrorResponse(status, message, true));
 }
 
 void HttpFrontend::WatchWrites(Conn* c, bool on) {
@@ -1065,6 +932,15 @@ void HttpFrontend::Close(Conn* c) {
 }
 
 void HttpFrontend::ApplyDrain() {
+  // Requests whose bytes reached the kernel before the drain began were sent before the
+  // signal: read and dispatch them now (fast routes still run), so that none is refused
+  // or lost to the reset a close with unread input causes.
+  std::vector<uint64_t> ids;
+  ids.reserve(conns_.size());
+  for (auto& [id, conn] : conns_)
+    if (!conn->closing && !conn->lingering && !conn->rejected) ids.push_back(id);
+  for (uint64_t id : ids)
+    if (Conn* c = Find(id)) OnReadable(c);
   draining_ = true;
   std::vector<Conn*> idle;
   for (auto& [id, conn] : conns_) {
@@ -1099,7 +975,9 @@ void HttpFrontend::Sweep(double now) {
         Reject(c, 408, "timed out waiting for request headers");
       else if (c->head.parsed && now - c->headers_done_at > limits_.body_timeout_s)
         Reject(c, 408, "timed out waiting for the request body");
-    } else if (c->next_seq == c->next_write && c->out.empty() && now - c->last_active > limits_.idle_timeout_s) {
+    } else if (c->next_seq == c->next_write && c->out.empty() &&
+               // The first request must arrive within the header timeout.
+               now - c->last_active > (c->next_seq == 0 ? limits_.header_timeout_s : limits_.idle_timeout_s)) {
       expired.push_back(c);
     }
   }

@@ -23,6 +23,7 @@
 
 #include "batcher/batcher.h"
 #include "batcher/oip_json.h"
+#include "frontend/http_parse.h"
 
 namespace vivace {
 
@@ -76,8 +77,8 @@ class HttpFrontend final : public CompletionSink {
 
   // Closes the listening socket: new connections are refused from here on.
   void StopAccepting();
-  // Finish what was accepted on each connection, then close it; forward every new
-  // request on a connection still reading (Python refuses infer while draining).
+  // Finish what was accepted on each connection (what its socket already holds included),
+  // then close it; a request a connection is still sending is read and answered too.
   void BeginDrain();
   // Requests read and not yet answered, plus connections whose answers a slow reader has
   // not taken yet: a drain waits for both.
@@ -124,9 +125,11 @@ class HttpFrontend final : public CompletionSink {
   bool ParseOne(Conn* c);
   bool ParseHead(Conn* c, const char* p, size_t size);
   bool ReadChunked(Conn* c);
+  void RejectParse(Conn* c, http::Error e);
   void Dispatch(Conn* c, const char* body, size_t body_size);
   bool SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<const InferRoute>& route, const char* body,
                     size_t body_size);
+  void Refuse(Conn* c, uint64_t seq, const InferRoute& route, Status status);
   void Reject(Conn* c, int status, const std::string& message);
   void Answer(Conn* c, uint64_t seq, std::string response);
   void Flush(Conn* c);
@@ -140,6 +143,7 @@ class HttpFrontend final : public CompletionSink {
   Conn* Find(uint64_t id);
 
   FrontendLimits limits_;
+  http::Limits parse_limits_;
   int listen_fd_ = -1, epoll_fd_ = -1, wake_fd_ = -1, python_fd_ = -1;
   std::thread thread_;
   std::atomic<bool> stop_{false}, stop_accepting_{false}, drain_{false};

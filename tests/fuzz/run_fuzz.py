@@ -4,7 +4,7 @@
     python tests/fuzz/run_fuzz.py --seconds 10 --target http --workdir /tmp/fuzz
 
 Targets: the Python ones of targets.py under atheris (oip_decoder, native_json, http,
-featcache) and the libFuzzer harnesses of csrc/fuzz/ (oip_json, sketch; built with clang,
+featcache) and the libFuzzer harnesses of csrc/fuzz/ (oip_json, sketch, http_parse; built with clang,
 skipped when clang++ is missing). Each starts from the committed seeds tests/fuzz/corpus/<target>/ and
 the inputs of past findings tests/fuzz/regressions/<target>/ (both read-only: new inputs
 go to the work folder). A crash's input is kept in <workdir>/crashes/<target>/; replay it
@@ -29,7 +29,7 @@ CORPUS = HERE / "corpus"
 REGRESSIONS = HERE / "regressions"  # inputs of past findings: replayed by tests/test_fuzz.py, seeds too
 DICTIONARY = HERE / "oip.dict"
 PYTHON_TARGETS = ("oip_decoder", "native_json", "http", "featcache")
-NATIVE_TARGETS = ("oip_json", "sketch")
+NATIVE_TARGETS = ("oip_json", "sketch", "http_parse")
 TARGETS = PYTHON_TARGETS + NATIVE_TARGETS
 SETUP_SECONDS = 120  # process start, imports, the http target's torch model; beyond --seconds
 

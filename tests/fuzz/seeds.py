@@ -153,6 +153,24 @@ def oip_json_seeds() -> dict[str, bytes]:
     return seeds
 
 
+def http_parse_seeds() -> dict[str, bytes]:
+    """Request framing seeds (csrc/fuzz/fuzz_http_parse.cpp): a limits byte (bit 0: small
+    limits), then the bytes a client sent: heads, absolute-form targets, chunked bodies."""
+    body = b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}]}'
+    return {
+        "content_length": b"\x00POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                          % (len(body), body),
+        "absolute_form": b"\x00POST http://127.0.0.1:8000/v2/models/m/infer HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        "leading_crlf_http10": b"\x00\r\n\r\nGET /v2/health/live HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        "chunked_ext_trailer": b"\x00POST /x HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                               b"5;name=v\r\nhello\r\n1 \t;x\r\n!\r\n0\r\nChecksum: 1\r\n\r\n",
+        "small_limits": b"\x01POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nA: 1\r\nB: 2\r\n\r\n40\r\n"
+                        + b"a" * 64 + b"\r\n1\r\nb\r\n0\r\n\r\n",
+        "smuggling": b"\x00POST /x HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "bare_lf": b"\x00GET / HTTP/1.1\nHost: x\r\n\r\n",
+    }
+
+
 def sketch_seeds() -> dict[str, bytes]:
     """Drift sketch seeds (csrc/fuzz/fuzz_sketch.cpp): window byte, features byte, rows."""
     floats = struct.pack("<8f", 0.5, -3.0, float("nan"), float("inf"), 2.0, 1e30, -0.0, 3.0)
@@ -184,7 +202,7 @@ def featcache_seeds() -> dict[str, bytes]:
 
 SEEDS = {"oip_decoder": decoder_seeds, "native_json": native_json_seeds, "http": http_seeds,
          "featcache": featcache_seeds,
-         "oip_json": oip_json_seeds, "sketch": sketch_seeds}
+         "oip_json": oip_json_seeds, "sketch": sketch_seeds, "http_parse": http_parse_seeds}
 
 
 def main() -> None:
