@@ -139,9 +139,9 @@ class NativeFrontend:
 
     def sync_routes(self) -> None:
         """Give the C++ side the fast routes of the models that take them now: JSON fast
-        path on, ready, no prediction log (sampling needs the Python path). Python models on executor threads stay on the Python path:
-        the watchdog fails a hung batch's requests from there (engine/runtime.py
-        check_hung). Cheap when nothing changed."""
+        path on, ready, no prediction log (sampling needs the Python path). Python models
+        on executor threads stay on the Python path: the watchdog fails a hung batch's
+        requests from there (engine/runtime.py check_hung). Cheap when nothing changed."""
         app = self.app
         serving = [(name, runner, runner is app.latest.get(name))
                    for name, versions in app.models.items() for runner in versions.values()]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from . import oip
+from .routes import OPEN_PATHS
 from .runtime import (
     STATUS_CANCELLED,
     STATUS_ERROR,
@@ -38,7 +39,6 @@ REASONS = {
     503: b"Service Unavailable",
 }
 JSON = b"application/json"
-HEALTH_PATHS = (b"/v2/health/live", b"/v2/health/ready")  # open even when auth is on
 LINGER_SECONDS = 2.0
 
 
@@ -282,7 +282,7 @@ class HttpProtocol(asyncio.Protocol):
         self.headers_done_at = time.monotonic()
         if self.expect_continue:
             auth = self.app.auth
-            open_path = self.url.split(b"?", 1)[0] in HEALTH_PATHS
+            open_path = self.url.split(b"?", 1)[0] in OPEN_PATHS
             refused = auth.authenticate(self.authorization) if auth is not None and not open_path else None
             if isinstance(refused, str):  # refuse before the client sends the body it announced
                 self.reject(401, refused, b'www-authenticate: Bearer realm="vivace"\r\n')

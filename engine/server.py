@@ -285,8 +285,7 @@ class App:
             message, code = "invalid priority or timeout parameter", 400
         else:
             message, code = f"request refused (status {status})", 503
-        extra = b"retry-after: 1\r\n" if code == 503 else b""
-        protocol.respond(seq, http_response(code, error_body(message), extra=extra))
+        protocol.respond(seq, http_response(code, error_body(message)))  # 503s get Retry-After there
 
     def _live(self, protocol, seq, runner, body) -> None:
         protocol.respond(seq, http_response(200, b'{"live":true}'))

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .package import DATATYPES, ModelPackage, PackageError, TensorSpec, write_package
+from .package import DATATYPES, ModelPackage, PackageError, write_package
 
 # torch dtype name -> KServe v2 datatype (what the torch backend can feed and read)
 _TORCH_DATATYPES = {

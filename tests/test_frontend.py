@@ -587,7 +587,7 @@ def test_sigterm_answers_every_request_sent_before_it(mlp_package):
         lost: list = []
         served = [0]
 
-        def client():
+        def client(srv=srv, signalled=signalled, served=served, lost=lost):
             try:
                 s = connect(srv, timeout=30)
             except OSError:

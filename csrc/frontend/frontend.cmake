@@ -1,1 +1,4 @@
-target_sources(vivace_native PRIVATE ${CMAKE_CURRENT_LIST_DIR}/frontend.cpp)
+target_sources(vivace_native PRIVATE
+  ${CMAKE_CURRENT_LIST_DIR}/frontend.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/http_parse.cpp
+)
