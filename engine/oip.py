@@ -100,11 +100,92 @@ def _int_param(params: dict | None, key: str, where: str) -> int:
     return value
 
 
+# Datatypes a numeric raw feature may arrive as (JSON numbers either way).
+_NUMERIC_DATATYPES = frozenset(d.name for d in datatypes.TABLE if d.numpy and d.name not in ("BOOL", "BF16"))
+
+
+class RawFeatures:
+    """The named raw columns of a model `vivace train` made, encoded into its one input.
+
+    Such a package takes `input__0 [-1, F]` FP32 in the order of `metadata.features`, with
+    a categorical column sent as the index of its value in that feature's `categories`.
+    A client may instead send one input per feature, named as the feature: numbers (null
+    for missing) for a numeric one, strings (BYTES) for a categorical one. They are encoded
+    exactly as `registry.train.encode` encodes training rows: an unseen or null category
+    becomes -1, a null number NaN.
+    """
+
+    def __init__(self, specs: list[dict[str, Any]], model: str):
+        self.model = model
+        self.names = [s["name"] for s in specs]
+        self.position = {name: j for j, name in enumerate(self.names)}
+        # per column: None (numeric) or {category: code}
+        self.codes = [None if s["kind"] == "numeric" else {c: float(k) for k, c in enumerate(s["categories"])}
+                      for s in specs]
+
+    @classmethod
+    def of(cls, package: ModelPackage) -> "RawFeatures | None":
+        specs = package.metadata.get("features") if isinstance(package.metadata, dict) else None
+        if not specs or len(package.inputs) != 1:
+            return None
+        spec = package.inputs[0]
+        if spec.datatype != "FP32" or list(spec.shape[1:]) != [len(specs)]:
+            return None
+        return cls(specs, package.name)
+
+    def encode(self, inputs: list[RequestInput]) -> tuple[bytes, int]:
+        """(the FP32 rows as bytes, number of rows) from one input per feature."""
+        import numpy as np
+
+        columns: list[Any] = [None] * len(self.names)
+        rows = -1
+        for inp in inputs:
+            j = self.position.get(inp.name)
+            if j is None:
+                raise ProtocolError(f"unknown input {inp.name!r} for model {self.model!r}; send its features "
+                                    f"{self.names} by name, or its one input as a tensor")
+            if columns[j] is not None:
+                raise ProtocolError(f"input {inp.name!r} given more than once")
+            if len(inp.shape) not in (1, 2) or inp.shape[1:] not in ([], [1]) or inp.shape[0] < 1:
+                raise ProtocolError(f"feature {inp.name!r} has shape {inp.shape}; a feature column is [rows] or [rows, 1]")
+            if rows == -1:
+                rows = inp.shape[0]
+            elif inp.shape[0] != rows:
+                raise ProtocolError(f"feature {inp.name!r} has {inp.shape[0]} rows, other features have {rows}")
+            values = inp.data
+            if values.__class__ is not list:
+                raise ProtocolError(f"feature {inp.name!r} has no data (raw features are sent as JSON lists)")
+            if inp.shape[1:] == [1]:
+                values = [v[0] if v.__class__ is list and len(v) == 1 else v for v in values]
+            if len(values) != rows:
+                raise ProtocolError(f"feature {inp.name!r} declares {rows} rows and holds {len(values)} values")
+            codes = self.codes[j]
+            if codes is None:
+                if inp.datatype not in _NUMERIC_DATATYPES:
+                    raise ProtocolError(f"feature {inp.name!r} is numeric: send it as FP32/FP64/INT*, not {inp.datatype}")
+                if any(v is not None and (v.__class__ not in (int, float)) for v in values):
+                    raise ProtocolError(f"feature {inp.name!r} is numeric: its values must be numbers or null")
+                columns[j] = values
+            else:
+                if inp.datatype != "BYTES":
+                    raise ProtocolError(f"feature {inp.name!r} is categorical: send it as BYTES (strings), "
+                                        f"not {inp.datatype}")
+                if any(v is not None and v.__class__ is not str for v in values):
+                    raise ProtocolError(f"feature {inp.name!r} is categorical: its values must be strings or null")
+                columns[j] = [codes.get(v, -1.0) for v in values]
+        missing = [name for name, col in zip(self.names, columns) if col is None]
+        if missing:
+            raise ProtocolError(f"missing features {missing} for model {self.model!r} (it takes {self.names})")
+        matrix = np.array(columns, dtype=np.float32).T  # None -> NaN
+        return np.ascontiguousarray(matrix).tobytes(), rows
+
+
 class InferDecoder:
     """Decodes and validates infer bodies for one model; per-model facts are computed once."""
 
     def __init__(self, package: ModelPackage):
         self.package = package
+        self.raw_features = RawFeatures.of(package)
         self.specs = package.inputs
         self.index = {s.name: i for i, s in enumerate(package.inputs)}
         # name → (position, datatype, full shape as a list, bytes per row)
@@ -143,6 +224,11 @@ class InferDecoder:
 
         package = self.package
         expect = self.expect
+        if self.raw_features is not None and request.inputs and request.inputs[0].name not in expect:
+            if binary is not None:
+                raise ProtocolError(f"model {package.name!r}: raw features are sent as JSON, not binary tensors")
+            encoded, rows = self.raw_features.encode(request.inputs)
+            return self._outputs(request, rows, [encoded])
         data: list[Any] = [None] * len(self.specs)
         rows = -1
         offset = 0
@@ -197,7 +283,11 @@ class InferDecoder:
         if None in data:
             missing = [self.specs[i].name for i, d in enumerate(data) if d is None]
             raise ProtocolError(f"missing inputs {missing} for model {package.name!r}")
+        return self._outputs(request, rows, data)
 
+    def _outputs(self, request: InferRequest, rows: int, data: list[Any]) -> DecodedInfer:
+        """The decoded request, with the outputs it asks for and its scheduling parameters."""
+        package = self.package
         n_out = self.n_outputs
         params = request.parameters
         if params is None and request.outputs is None:

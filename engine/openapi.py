@@ -20,6 +20,7 @@ from vivace.registry.package import ModelPackage, TensorSpec
 
 from . import routes
 from .model_table import version_key
+from .oip import RawFeatures
 
 if TYPE_CHECKING:
     from .server import App
@@ -269,6 +270,14 @@ def _common_schemas() -> dict[str, Any]:
                 "platform": {"type": "string"},
                 "inputs": {"type": "array", "items": {"$ref": SCHEMAS + "TensorMetadata"}},
                 "outputs": {"type": "array", "items": {"$ref": SCHEMAS + "TensorMetadata"}},
+                "parameters": {"type": "object", "properties": {"features": {
+                    "description": "A model `vivace train` made: its input columns in order; a categorical "
+                                   "one is sent as the index of its value in `categories` (-1 unseen), or "
+                                   "by name as strings.",
+                    "type": "array", "items": {
+                        "type": "object", "required": ["name", "kind"],
+                        "properties": {"name": {"type": "string"}, "kind": {"enum": ["numeric", "categorical"]},
+                                       "categories": {"type": "array", "items": {"type": "string"}}}}}}},
             },
         },
         "ModelConfig": {
@@ -415,6 +424,9 @@ def _infer_request(package: ModelPackage, max_body_bytes: int) -> dict[str, Any]
             "allOf": [{"contains": {"type": "object", "properties": {"name": {"const": s.name}}, "required": ["name"]},
                        "minContains": 1, "maxContains": 1} for s in specs],
         }
+    features = RawFeatures.of(package)
+    if features is not None:  # or one input per raw feature, by name (engine/oip.py RawFeatures)
+        inputs = {"anyOf": [inputs, _feature_inputs(package.metadata["features"], max_rows)]}
     parameters = {"allOf": [{"$ref": SCHEMAS + "InferParameters"}, {"properties": {
         "priority": {"maximum": package.dynamic_batching.priority_levels}}}]}
     return {
@@ -466,6 +478,36 @@ def _input_tensor(spec: TensorSpec, max_rows: int) -> dict[str, Any]:
             "parameters": {"type": "object", "not": {"required": ["binary_data_size"]}},
         },
         "anyOf": [one_row, batch],
+    }
+
+
+def _feature_inputs(specs: list[dict[str, Any]], max_rows: int) -> dict[str, Any]:
+    """Every raw feature of a trained model exactly once, in any order, as a column: numbers
+    (or null) for a numeric feature, strings (or null) as BYTES for a categorical one."""
+    def column(spec: dict[str, Any]) -> dict[str, Any]:
+        if spec["kind"] == "numeric":
+            datatype: dict[str, Any] = {"enum": ["FP16", "FP32", "FP64", *sorted(_INT_RANGES)]}
+            value: dict[str, Any] = {"type": ["number", "null"]}
+        else:
+            datatype, value = {"const": "BYTES"}, {"type": ["string", "null"]}
+        rows = {"type": "integer", "minimum": 1, "maximum": max_rows}
+        return {
+            "type": "object", "required": ["name", "shape", "datatype", "data"],
+            "properties": {
+                "name": {"const": spec["name"]}, "datatype": datatype,
+                "shape": {"type": "array", "prefixItems": [rows, {"const": 1}], "items": False,
+                          "minItems": 1, "maxItems": 2},
+                "data": {"type": "array", "minItems": 1,
+                         "items": {"anyOf": [value, {"type": "array", "items": value, "minItems": 1, "maxItems": 1}]}},
+            },
+        }
+
+    return {
+        "type": "array", "minItems": len(specs), "maxItems": len(specs),
+        "description": "the model's raw features by name (see the model metadata's parameters.features)",
+        "items": {"anyOf": [column(s) for s in specs]},
+        "allOf": [{"contains": {"type": "object", "properties": {"name": {"const": s["name"]}}, "required": ["name"]},
+                   "minContains": 1, "maxContains": 1} for s in specs],
     }
 
 

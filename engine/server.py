@@ -305,13 +305,17 @@ class App:
 
     def _model_metadata(self, protocol, seq, runner: ModelRunner, body) -> None:
         package = runner.package
-        protocol.respond(seq, _ok({
+        metadata = {
             "name": package.name,
             "versions": self.table.versions(package.name),
             "platform": TRITON_PLATFORMS.get(package.platform, package.platform),
             "inputs": [s.to_json() for s in package.inputs],
             "outputs": [s.to_json() for s in package.outputs],
-        }))
+        }
+        features = package.metadata.get("features")
+        if features:  # a model `vivace train` made: its input columns, in order, and category codes
+            metadata["parameters"] = {"features": features}
+        protocol.respond(seq, _ok(metadata))
 
     def _model_ready(self, protocol, seq, runner: ModelRunner, body) -> None:
         ready = runner.ready and not self.draining
@@ -492,6 +496,10 @@ def triton_config(runner: ModelRunner) -> dict[str, Any]:
     def tensor(spec):
         return {"name": spec.name, "data_type": datatypes.triton_name(spec.datatype), "dims": list(spec.row_shape)}
 
+    parameters = {k: {"string_value": str(v)} for k, v in package.parameters.items()}
+    if package.metadata.get("features"):  # Triton parameters are strings: the feature table as JSON
+        parameters["features"] = {"string_value": oip.encode(package.metadata["features"]).decode()}
+
     return {
         "name": package.name,
         "platform": TRITON_PLATFORMS.get(package.platform, package.platform),
@@ -502,7 +510,7 @@ def triton_config(runner: ModelRunner) -> dict[str, Any]:
         "output": [tensor(s) for s in package.outputs],
         "dynamic_batching": dynamic_batching,
         "instance_group": [{"name": package.name, "kind": package.instance_kind, "count": package.instance_count}],
-        "parameters": {k: {"string_value": str(v)} for k, v in package.parameters.items()},
+        "parameters": parameters,
     }
 
 

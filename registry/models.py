@@ -426,6 +426,15 @@ def model_card(home: Home | str | os.PathLike | None, ref: str) -> str:
     if config.get("model"):
         lines.append(f"- architecture: {json.dumps(config['model'], sort_keys=True)}")
     lines.append("")
+    if features:
+        lines += ["## Features", "",
+                  "Send them as the columns of the one input, in this order, or by name (numbers; strings "
+                  "for a categorical feature, coded as below, -1 when unseen).", "",
+                  "| # | feature | kind | codes |", "| --- | --- | --- | --- |"]
+        lines += [f"| {j} | {_cell(f['name'])} | {f['kind']} | "
+                  + _cell(", ".join(f"{k}={c}" for k, c in enumerate(f.get("categories") or []))) + " |"
+                  for j, f in enumerate(features)]
+        lines.append("")
     lines += ["## Data", ""]
     datasets = mv.lineage.get("datasets") or []
     if datasets:
