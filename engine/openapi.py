@@ -319,12 +319,16 @@ def _common_schemas() -> dict[str, Any]:
             }}},
         },
         "DriftStatus": {
-            "type": "object", "required": ["model", "version", "rows", "drifting", "features"],
+            "type": "object", "required": ["model", "version", "rows", "min_rows", "state", "drifting", "features"],
             "properties": {
                 "model": {"type": "string"},
                 "version": {"type": "string"},
                 "rows": {"type": "integer", "minimum": 0},
-                "drifting": {"type": "array", "items": {"type": "string"}},
+                "min_rows": {"type": "integer", "minimum": 0,
+                             "description": "rows the window needs before a feature can enter the alert state"},
+                "state": {"enum": ["collecting", "stable", "drifting"]},
+                "drifting": {"type": "array", "items": {"type": "string"},
+                             "description": "features in the alert state (hysteresis applies)"},
                 "features": {"type": "array", "items": {
                     "type": "object", "required": ["name", "kind", "drifted", "stats"],
                     "properties": {

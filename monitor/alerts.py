@@ -134,9 +134,18 @@ class DriftMonitor:
         return self.thresholds
 
     def status(self) -> dict[str, Any]:
-        """The latest statistics, as served by GET /v2/models/{m}/drift."""
+        """The latest statistics, as served by GET /v2/models/{m}/drift.
+
+        A feature's `drifted` says its statistics crossed a threshold in the latest check;
+        `drifting` lists the features in the alert state, which needs `min_rows` rows in the
+        window: `state` is "collecting" until then, and "drifting" or "stable" after."""
         with self._lock:
+            if self.latest_rows < self.config.min_rows:
+                state = "collecting"
+            else:
+                state = "drifting" if self.drifting else "stable"
             return {"model": self.model, "version": self.version, "rows": self.latest_rows,
+                    "min_rows": self.config.min_rows, "state": state,
                     "window": self.sketches[0].window.describe() if self.sketches else None,
                     "drifting": sorted(self.drifting),
                     "features": [f.to_dict() for f in self.latest],

@@ -190,3 +190,27 @@ def test_prediction_log_refuses_bad_settings_and_records(tmp_path):
     assert (tmp_path / "p.jsonl").read_text() == ""  # nothing half-written
     with pytest.raises(ValueError, match="closed"):
         plog.log("r", "m", "1", 0.0, [1], [])
+
+
+def test_status_says_alerts_wait_for_min_rows(profile):
+    """Under min_rows a shifted feature crosses its thresholds (`drifted`) but enters no
+    alert state (`drifting`); the status says why (issue 13 item 9)."""
+    sketch = input_sketch(profile, window=Window("rows", 5000, 2))
+    monitor = DriftMonitor("mlp", "3", [sketch], config=AlertConfig(min_rows=1000))
+    sketch.update(_batch(0.6, 0, rows=500))
+    assert monitor.check() is None
+    status = monitor.status()
+    assert status["drifting"] == [] and status["state"] == "collecting" and status["min_rows"] == 1000
+    assert next(f for f in status["features"] if f["name"] == "f2")["drifted"]
+    sketch.update(_batch(0.6, 1, rows=1000))
+    assert monitor.check() is not None
+    status = monitor.status()
+    assert status["state"] == "drifting" and status["drifting"] == ["f2"]
+
+
+def test_status_is_stable_with_enough_unchanged_rows(profile):
+    sketch = input_sketch(profile, window=Window("rows", 5000, 2))
+    monitor = DriftMonitor("mlp", "3", [sketch], config=AlertConfig(min_rows=1000))
+    sketch.update(_batch(0.0, 3, rows=2000))
+    assert monitor.check() is None
+    assert monitor.status()["state"] == "stable" and monitor.status()["drifting"] == []
