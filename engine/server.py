@@ -679,4 +679,8 @@ async def serve(
             token_task.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        # Give the frozen heap back to the collector: extensions that check for leaks at
+        # exit (triton's nanobind bindings, imported by torch's optimizers in `vivace demo`)
+        # otherwise report every frozen object as leaked, hundreds of lines.
+        gc.unfreeze()
     return 0
