@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from vivace import _core
 
 from .config import ServerConfig
+from .http import http_answer
+from .infer import Outcome
 
 if TYPE_CHECKING:
     from .runtime import ModelRunner
@@ -66,8 +68,9 @@ def bind_error(config: ServerConfig, exc: OSError) -> OSError:
 
 
 class NativeConnection:
-    """One connection of the native front end, as App.dispatch and InferCall see a
-    protocol: the current request's headers, the connection's queued tokens, respond()."""
+    """One connection of the native front end, as App.dispatch sees a protocol (the
+    current request's headers, respond()) and an infer call its sink (engine/infer.py:
+    the connection's queued tokens, answer())."""
 
     __slots__ = ("app", "core", "conn", "peer", "header_length", "authorization", "auth_cache", "outstanding", "closed",
                  "held")
@@ -87,6 +90,9 @@ class NativeConnection:
     def respond(self, seq: int, data: bytes) -> None:
         if not self.closed:
             self.core.respond(self.conn, seq, data)
+
+    def answer(self, seq: int, outcome: Outcome) -> None:
+        self.respond(seq, http_answer(outcome))
 
     def lost(self) -> None:
         """The client went away: drop its requests that have not run yet."""

@@ -18,15 +18,8 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from . import oip
+from .infer import Outcome
 from .routes import OPEN_PATHS
-from .runtime import (
-    STATUS_CANCELLED,
-    STATUS_ERROR,
-    STATUS_OK,
-    STATUS_QUEUE_FULL,
-    STATUS_SHUTDOWN,
-    STATUS_TIMEOUT,
-)
 
 if TYPE_CHECKING:
     from .server import App
@@ -80,73 +73,16 @@ def origin_form(target: bytes) -> bytes:
     return target[path:] if target[path] == 0x2F else b""
 
 
-# Batcher outcomes that are not success → (HTTP status, reason label for metrics).
-FAILURES = {
-    STATUS_QUEUE_FULL: (503, "rejected"),
-    STATUS_TIMEOUT: (503, "timeout"),
-    STATUS_SHUTDOWN: (503, "shutdown"),
-    STATUS_ERROR: (500, "backend_error"),
-    STATUS_CANCELLED: (503, "cancelled"),
-}
-
-
-class InferCall:
-    """One infer request waiting for its batch; `done` is called from the loop."""
-
-    __slots__ = ("protocol", "seq", "runner", "decoded", "token", "logged")
-
-    def __init__(self, protocol: "HttpProtocol", seq: int, runner, decoded: oip.DecodedInfer | None):
-        self.protocol = protocol
-        self.seq = seq
-        self.runner = runner
-        self.decoded = decoded
-        self.token = 0
-        self.logged: tuple | None = None  # sampled for the prediction log: (start, body, JSON length)
-
-    def done(self, status: int, payload: Any) -> None:
-        protocol = self.protocol
-        protocol.outstanding.pop(self.token, None)
-        if protocol.closed:
-            return
-        runner = self.runner
-        if status == STATUS_OK:
-            if runner.entity is not None and runner.entity.policy == "error":
-                missing = runner.unknown_entities(self.decoded, payload)
-                if missing:
-                    protocol.app.count_failure(runner, "unknown_entity")
-                    message = f"model {runner.name!r}: unknown entity ids {missing[:20]} in the online store"
-                    protocol.respond(self.seq, http_response(404, error_body(message)))
-                    return
-            if self.decoded is None:  # native JSON path: payload is the response body
-                body, header_length = payload, None
-            else:
-                body, header_length = runner.encoder.encode(self.decoded, payload)
-            if self.logged is not None:
-                runner.log_prediction(self.token, *self.logged, body, header_length)
-            if header_length is None:
-                protocol.respond(
-                    self.seq,
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                    % (len(body), body),
-                )
-            else:
-                protocol.respond(
-                    self.seq,
-                    http_response(
-                        200, body, b"application/octet-stream",
-                        b"inference-header-content-length: %d\r\n" % header_length,
-                    ),
-                )
-            return
-        http_status, reason = FAILURES.get(status, (500, "backend_error"))
-        if status == STATUS_ERROR:
-            message = f"model {runner.name!r} version {runner.version} failed: {payload}"
-        elif status == STATUS_TIMEOUT:
-            message = f"request for model {runner.name!r} timed out in the queue"
-        else:
-            message = f"request for model {runner.name!r} was not run: {payload}"
-        protocol.app.count_failure(runner, reason)
-        protocol.respond(self.seq, http_response(http_status, error_body(message)))
+def http_answer(outcome: Outcome) -> bytes:
+    """An infer call's outcome as an HTTP response (both front ends send these)."""
+    status, body, header_length = outcome
+    if status != 200:
+        return http_response(status, body)
+    if header_length is None:
+        return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+            len(body), body)
+    return http_response(200, body, b"application/octet-stream",
+                         b"inference-header-content-length: %d\r\n" % header_length)
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -312,6 +248,10 @@ class HttpProtocol(asyncio.Protocol):
         self.app.dispatch(self, seq, method, self.url, body)
 
     # -- responses ----------------------------------------------------------------------
+    def answer(self, seq: int, outcome: Outcome) -> None:
+        """The answer to infer request `seq` (engine/infer.py Sink)."""
+        self.respond(seq, http_answer(outcome))
+
     def respond(self, seq: int, data: bytes) -> None:
         """Send the response for request `seq`, keeping pipelined responses in order."""
         if self.closed:

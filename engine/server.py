@@ -11,7 +11,6 @@ import asyncio
 import functools
 import gc
 import logging
-import random
 import signal
 import socket
 import ssl
@@ -27,16 +26,12 @@ from . import oip, routes
 from .auth import AuditLog, Authenticator, Principal
 from .config import ServerConfig
 from .frontend import NativeConnection, NativeFrontend, bind_error, listening_socket, use_native
-from .http import HttpProtocol, InferCall, error_body, http_response
+from .http import HttpProtocol, error_body, http_response
+from .infer import Inference, LocalSink, Outcome
+from .infer import error as infer_error
 from .model_table import AliasFollower, ModelTable, registry_follower, version_key
 from .routes import OPEN_PATHS
-from .runtime import (
-    STATUS_INVALID,
-    STATUS_OVERLOADED,
-    STATUS_QUEUE_FULL,
-    STATUS_SHUTDOWN,
-    ModelRunner,
-)
+from .runtime import ModelRunner
 
 log = logging.getLogger("vivace.server")
 
@@ -84,6 +79,7 @@ class App:
         self.draining = False
         self._http_errors: dict[int, int] = {}
         self._failures: dict[tuple[str, str, str], int] = {}
+        self.inference = Inference(self.count_failure, config.shed_queue_wait_ms)
         self.metrics = MetricsCollector(self)
 
     # -- the served models (engine/model_table.py) -------------------------------------------
@@ -221,71 +217,42 @@ class App:
                 raise oip.ProtocolError("model control is off: start vivace serve with --repository-control "
                                         "to load, unload or move aliases over HTTP", 403)
             return functools.partial(handler, params["model_name"]), None, route.scope
-        runner = None
-        if route.model:
-            name = params["model_name"]
-            versions = self.table.models.get(name)
-            if versions is None:
-                raise oip.ProtocolError(f"unknown model {name!r}", 404)
-            version = params.get("model_version")
-            runner = self.table.latest[name] if version is None else versions.get(version)
-            if runner is None:
-                raise oip.ProtocolError(f"unknown version {version!r} of model {name!r}", 404)
+        runner = self._runner(params["model_name"], params.get("model_version")) if route.model else None
         return handler, runner, route.scope
+
+    def _runner(self, name: str, version: str | None) -> ModelRunner:
+        """The served runner of model `name` (its latest version when `version` is None)."""
+        versions = self.table.models.get(name)
+        if versions is None:
+            raise oip.ProtocolError(f"unknown model {name!r}", 404)
+        runner = self.table.latest[name] if version is None else versions.get(version)
+        if runner is None:
+            raise oip.ProtocolError(f"unknown version {version!r} of model {name!r}", 404)
+        return runner
 
     # -- handlers -----------------------------------------------------------------------
     def _infer(self, protocol: HttpProtocol, seq: int, runner: ModelRunner, body: bytes) -> None:
-        if self.draining or not runner.ready:
-            reason = "draining" if self.draining else runner.why_unavailable()
-            raise oip.ProtocolError(f"model {runner.name!r} is not accepting requests ({reason})", 503)
-        header_length = protocol.header_length
-        # Sampled for the prediction log: its start time (0.0: not sampled).
-        sampled_at = (time.monotonic() if runner.prediction_log is not None
-                      and random.random() < runner.prediction_log.sample_rate else 0.0)
-        if header_length is None and runner.json_fast:
-            call = InferCall(protocol, seq, runner, None)
-            if sampled_at:
-                call.logged = (sampled_at, body, None)
-            token = runner.submit_json(call, body)
-            if token:
-                self._queued(protocol, seq, runner, call, token)
-                return
-        elif header_length is not None:
-            try:
-                header_length = int(header_length)
-            except ValueError:
-                raise oip.ProtocolError("Inference-Header-Content-Length must be an integer") from None
-        decoded = runner.decoder.decode(body, header_length)
-        call = InferCall(protocol, seq, runner, decoded)
-        if sampled_at:
-            call.logged = (sampled_at, body, header_length)
-        try:
-            token = runner.submit(call, decoded.data, decoded.rows, decoded.priority, decoded.timeout_us)
-        except (ValueError, TypeError) as exc:
-            raise oip.ProtocolError(str(exc)) from None
-        self._queued(protocol, seq, runner, call, token)
+        self.inference.submit(protocol, seq, runner, body, protocol.header_length, self.draining)
 
-    def _queued(self, protocol: HttpProtocol, seq: int, runner: ModelRunner, call: InferCall, token: int) -> None:
-        """Record a queued request, or answer a refusal (token = minus the batcher status)."""
-        if token > 0:
-            call.token = token
-            protocol.outstanding[token] = runner
-            return
-        status = -token
-        self.count_failure(runner, "rejected" if status in (STATUS_QUEUE_FULL, STATUS_OVERLOADED) else "bad_request")
-        if status == STATUS_QUEUE_FULL:
-            message, code = f"queue of model {runner.name!r} is full", 503
-        elif status == STATUS_OVERLOADED:
-            message = (f"model {runner.name!r} is overloaded: its queue holds more than "
-                       f"{self.config.shed_queue_wait_ms:g} ms of work; retry later")
-            code = 503
-        elif status == STATUS_SHUTDOWN:
-            message, code = f"model {runner.name!r} is shutting down", 503
-        elif status == STATUS_INVALID:
-            message, code = "invalid priority or timeout parameter", 400
-        else:
-            message, code = f"request refused (status {status})", 503
-        protocol.respond(seq, http_response(code, error_body(message)))  # 503s get Retry-After there
+    async def infer(self, model: str, body: bytes, version: str | None = None,
+                    header_length: int | None = None) -> Outcome:
+        """Answer one infer request in-process, without a connection (a caller that is not
+        an HTTP client): the same batcher, refusals, metrics and prediction log as over
+        HTTP. `header_length`: the JSON header's length of a binary-extension body."""
+        sink = LocalSink()
+        answered = sink.call(0)
+        try:
+            runner = self._runner(model, version)
+            self.inference.submit(sink, 0, runner, body, None if header_length is None else b"%d" % header_length,
+                                  self.draining)
+        except oip.ProtocolError as exc:
+            self.count_http_error(exc.status)
+            return infer_error(exc.status, str(exc))
+        try:
+            return await answered
+        except asyncio.CancelledError:
+            sink.cancel()
+            raise
 
     def _live(self, protocol, seq, runner, body) -> None:
         protocol.respond(seq, http_response(200, b'{"live":true}'))
