@@ -11,6 +11,7 @@
 #include <string>
 #include <tuple>
 
+#include "batcher/batch_hooks.h"
 #include "batcher/batcher.h"
 #include "batcher/oip_json.h"
 #include "batcher/py_batcher.h"
@@ -289,17 +290,12 @@ class PyBatcher {
     if (input_dtypes_.size() != 1 || input_dtypes_[0]->type != DType::kFp32 || c.output_row_bytes.size() != 1)
       throw py::value_error("a native forward needs one FP32 input and one FP32 output");
     native_owner_ = std::move(owner);  // keeps the model alive as long as the batcher
-    native_model_ = model.get_pointer();
-    native_forward_ = reinterpret_cast<void*>(forward.get_pointer());
+    native_ = {model.get_pointer(), reinterpret_cast<NativeForward::Fn>(forward.get_pointer())};
   }
 
   bool RunNative(int executor, int64_t rows) {
-    if (native_forward_ == nullptr) return false;
-    using Forward = int (*)(const void*, const float*, int64_t, float*);
-    const int rc = reinterpret_cast<Forward>(native_forward_)(
-        native_model_, reinterpret_cast<const float*>(batcher_->input_buffer(executor, 0)), rows,
-        reinterpret_cast<float*>(batcher_->output_buffer(executor, 0)));
-    if (rc != 0) throw std::runtime_error("native kernel failed with code " + std::to_string(rc));
+    if (!native_) return false;
+    native_.Run(*batcher_, executor, rows);
     return true;
   }
 
@@ -333,7 +329,7 @@ class PyBatcher {
   }
 
   std::shared_ptr<Batcher> Native() const {
-    if (native_forward_ == nullptr || !batcher_->config().inline_execution)
+    if (!native_ || !batcher_->config().inline_execution)
       throw py::value_error("only an inline batcher running a native kernel can be driven natively");
     return batcher_;
   }
@@ -420,59 +416,37 @@ class PyBatcher {
   // or, when serving by entity id, the features looked up for the batch (attach the
   // lookup first). Both must be FP32.
   void AttachSketches(py::object input_sketch, py::object output_sketch) {
-    const auto& c = batcher_->config();
     const bool by_entity = !feature_rows_.empty();
     if (!by_entity && (input_dtypes_.empty() || input_dtypes_[0]->type != DType::kFp32))
       throw py::value_error("drift sketches need an FP32 first input");
     std::shared_ptr<DriftSketch> in, out;
     if (!input_sketch.is_none()) in = input_sketch.cast<std::shared_ptr<DriftSketch>>();
     if (!output_sketch.is_none()) out = output_sketch.cast<std::shared_ptr<DriftSketch>>();
-    const int64_t in_stride = by_entity ? feature_width_ : input_row_elems_[0];
-    const int64_t out_stride = c.output_row_bytes.empty() ? 0 : c.output_row_bytes[0] / 4;
-    if (in && in->min_row_stride() > in_stride) throw py::value_error("input sketch reads past the input row");
-    if (out && out->min_row_stride() > out_stride) throw py::value_error("prediction sketch reads past the output row");
-    Batcher* b = batcher_.get();
-    batcher_->set_after_batch([b, in, out, in_stride, out_stride, features = feature_rows_](int executor,
-                                                                                           int64_t rows) {
-      const float* inputs = features.empty() ? reinterpret_cast<const float*>(b->input_buffer(executor, 0))
-                                             : features[static_cast<size_t>(executor)];
-      if (in) in->Update(inputs, rows, in_stride);
-      if (out) out->Update(reinterpret_cast<const float*>(b->output_buffer(executor, 0)), rows, out_stride);
-    });
+    AttachDriftSketches(*batcher_, std::move(in), std::move(out), feature_rows_,
+                        by_entity ? feature_width_ : input_row_elems_[0]);
   }
 
   // Serving by entity id: before each batch, the INT64 keys of the first input are looked
   // up natively into `features[executor]` (float32 [max_batch, F], the model's input) and
   // the found flags written into the last output (BOOL [max_batch, 1]).
   void AttachFeatureLookup(py::object lookup, py::list features) {
-    const auto& c = batcher_->config();
     if (input_dtypes_.size() != 1 || input_dtypes_[0]->type != DType::kInt64 || input_row_elems_[0] != 1)
       throw py::value_error("serving by entity id needs one INT64 input of shape [-1, 1]");
-    if (c.output_row_bytes.empty() || c.output_row_bytes.back() != 1)
-      throw py::value_error("serving by entity id needs a last BOOL [-1, 1] output for the found flags");
-    auto shared = lookup.cast<std::shared_ptr<featcache::FeatureLookup>>();
-    const auto executors = static_cast<size_t>(c.executors);
-    if (static_cast<size_t>(py::len(features)) != executors)
-      throw py::value_error("one feature buffer per executor is needed");
+    const int64_t max_batch = batcher_->config().max_batch_size;
     std::vector<float*> buffers;
     int64_t width = 0;
-    for (size_t e = 0; e < executors; ++e) {
-      py::buffer_info info = py::cast<py::buffer>(features[e]).request(true);
-      if (info.itemsize != 4 || info.ndim != 2 || info.shape[0] < c.max_batch_size ||
+    for (py::handle item : features) {
+      py::buffer_info info = py::cast<py::buffer>(item).request(true);
+      if (info.itemsize != 4 || info.ndim != 2 || info.shape[0] < max_batch ||
           info.strides[1] != 4 || info.strides[0] != 4 * info.shape[1])
         throw py::value_error("feature buffers must be C-contiguous float32 [max_batch_size, F] arrays");
       width = info.shape[1];
       buffers.push_back(static_cast<float*>(info.ptr));
     }
+    vivace::AttachFeatureLookup(*batcher_, lookup.cast<std::shared_ptr<featcache::FeatureLookup>>(), buffers);
     feature_buffers_ = features;  // keeps the arrays alive as long as the hook
-    feature_rows_ = buffers;
+    feature_rows_ = std::move(buffers);
     feature_width_ = width;
-    Batcher* b = batcher_.get();
-    const size_t found_output = c.output_row_bytes.size() - 1;
-    batcher_->set_before_batch([b, shared, buffers, found_output](int executor, int64_t rows) {
-      shared->LookupInto(reinterpret_cast<const int64_t*>(b->input_buffer(executor, 0)), static_cast<size_t>(rows),
-                         buffers[static_cast<size_t>(executor)], b->output_buffer(executor, found_output));
-    });
   }
 
   // Turns on the native JSON path; false when a datatype has none (the general path then
@@ -623,8 +597,7 @@ class PyBatcher {
   std::vector<float*> feature_rows_;  // per executor: the looked-up features of its batch
   int64_t feature_width_ = 0;
   py::object native_owner_;
-  const void* native_model_ = nullptr;
-  void* native_forward_ = nullptr;
+  NativeForward native_;
   std::vector<const DTypeInfo*> input_dtypes_;
   std::vector<int64_t> input_row_elems_;
   std::shared_ptr<Batcher> batcher_;
