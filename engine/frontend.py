@@ -149,7 +149,9 @@ class NativeFrontend:
         on executor threads stay on the Python path: the watchdog fails a hung batch's
         requests from there (engine/runtime.py check_hung). Cheap when nothing changed."""
         app = self.app
-        serving = [(name, runner, runner is app.latest.get(name))
+        # A name under a rollout keeps its unversioned infer route on the Python path,
+        # which picks the version per request (engine/rollout.py).
+        serving = [(name, runner, runner is app.latest.get(name) and name not in app.table.splits)
                    for name, versions in app.models.items() for runner in versions.values()]
         key = (tuple((id(runner), runner.ready, runner.prediction_log is None, latest) for _, runner, latest in serving))
         if key == self._routed:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Any, Callable
 
+from .rollout import Split
 from .runtime import STATUS_ERROR, ModelRunner
 
 log = logging.getLogger("vivace.server")
@@ -27,6 +28,7 @@ class ModelTable:
         self.latest: dict[str, ModelRunner] = {}
         self.followers: dict[str, asyncio.Task] = {}  # model name -> task following its alias
         self.retiring: set[ModelRunner] = set()  # replaced or unloaded, finishing their queues
+        self.splits: dict[str, Split] = {}  # model name -> its rollout's split (engine/rollout.py)
         self.on_change = on_change
 
     def runners(self) -> list[ModelRunner]:
@@ -51,6 +53,19 @@ class ModelTable:
         it replaces finish there (see retire)."""
         self.models[new.name] = {new.version: new}
         self.latest[new.name] = new
+        self.splits.pop(new.name, None)
+        self.on_change()
+
+    def apply_split(self, name: str, stable: ModelRunner, split: Split | None) -> None:
+        """Serve `name` by `split` (its stable, canary and shadow runners, each also under
+        its version), or by `stable` alone when None."""
+        runners = split.runners() if split is not None else [stable]
+        self.models[name] = {r.version: r for r in runners}
+        self.latest[name] = stable
+        if split is None:
+            self.splits.pop(name, None)
+        else:
+            self.splits[name] = split
         self.on_change()
 
     def remove(self, name: str) -> dict[str, ModelRunner]:
@@ -58,6 +73,7 @@ class ModelTable:
         self.stop_following(name)
         versions = self.models.pop(name)
         self.latest.pop(name, None)
+        self.splits.pop(name, None)
         self.on_change()
         for previous in versions.values():
             self.retire(previous)
@@ -131,21 +147,26 @@ class ModelTable:
 
 
 class AliasFollower:
-    """Keeps a served `name@alias` on the version the alias points to.
+    """Keeps a served `name@alias` on the version the alias points to, and applies the
+    alias's rollout (a canary and/or shadow version, registry/rollouts.py) when it has one.
 
     `current()` returns the version the registry resolves now; `load(version)` builds a
-    runner for it (in a worker thread: loading a model must not stall the loop). When the
-    alias moves - a promotion or a rollback - the new version takes new requests at once
-    and the old one finishes what it had queued, then closes: no request fails.
+    runner for it (in a worker thread: loading a model must not stall the loop);
+    `rollout()` returns the alias's rollout or None. When the alias moves - a promotion or
+    a rollback - the new version takes new requests at once and the old one finishes what
+    it had queued, then closes: no request fails.
     """
 
-    def __init__(self, ref: str, runner: ModelRunner, current, load, interval: float = 1.0):
+    def __init__(self, ref: str, runner: ModelRunner, current, load, interval: float = 1.0,
+                 rollout: Callable[[], Any] | None = None):
         self.ref = ref
         self.runner = runner
         self.current = current
         self.load = load
         self.interval = interval
-        self.refused: str | None = None  # a version that failed warm-up: not loaded again
+        self.rollout = rollout
+        self.refused: set[str] = set()  # versions that failed warm-up: not loaded again
+        self.extra: dict[str, ModelRunner] = {}  # version -> canary or shadow runner
 
     async def follow(self, table: ModelTable) -> None:
         loop = asyncio.get_running_loop()
@@ -153,37 +174,92 @@ class AliasFollower:
             await asyncio.sleep(self.interval)
             try:
                 version = await loop.run_in_executor(None, self.current)
-                if version in (self.runner.version, self.refused):
-                    continue
-                loading = loop.run_in_executor(None, self.load, version)
-                try:
-                    new = await asyncio.shield(loading)
-                except asyncio.CancelledError:  # unfollowed while loading: free what the load builds
-                    loading.add_done_callback(_close_unused)
-                    raise
-            except Exception as exc:  # the registry or the new package failed: keep serving
-                log.error("%s: cannot follow to the new version: %s", self.ref, exc)
-                continue
-            if new.unavailable_reason:  # never replace a serving version with a broken one
-                log.error("%s: not following to version %s: %s", self.ref, new.version, new.unavailable_reason)
-                self.refused = new.version
-                new.close(drain=False)
-                continue
-            old, self.runner = self.runner, new
-            new.attach(loop)
-            table.replace(new)
-            log.info("%s moved: serving %s version %s (was %s)", self.ref, new.name, new.version, old.version)
+                rollout = await loop.run_in_executor(None, self.rollout) if self.rollout is not None else None
+                if version != self.runner.version and version not in self.refused:
+                    await self._move(table, version)
+                await self._apply(table, rollout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the registry or a new package failed: keep serving
+                log.error("%s: cannot follow the registry: %s", self.ref, exc)
+
+    async def _runner(self, version: str) -> ModelRunner | None:
+        """A loaded, attached runner for `version` (one already held is reused), or None
+        when it fails warm-up."""
+        held = self.extra.pop(version, None)
+        if held is not None:
+            return held
+        loop = asyncio.get_running_loop()
+        loading = loop.run_in_executor(None, self.load, version)
+        try:
+            new = await asyncio.shield(loading)
+        except asyncio.CancelledError:  # unfollowed while loading: free what the load builds
+            loading.add_done_callback(_close_unused)
+            raise
+        if new.unavailable_reason:  # never serve a broken version
+            log.error("%s: not serving version %s: %s", self.ref, new.version, new.unavailable_reason)
+            self.refused.add(new.version)
+            new.close(drain=False)
+            return None
+        new.attach(loop)
+        return new
+
+    async def _move(self, table: ModelTable, version: str) -> None:
+        new = await self._runner(version)
+        if new is None:
+            return
+        old, self.runner = self.runner, new
+        split = table.splits.get(new.name)
+        table.replace(new)
+        log.info("%s moved: serving %s version %s (was %s)", self.ref, new.name, new.version, old.version)
+        if split is not None and old in (split.canary, split.shadow):
+            self.extra[old.version] = old  # still the rollout's; _apply decides
+        else:
             table.retire(old)
+
+    async def _apply(self, table: ModelTable, rollout: Any) -> None:
+        """Serve the rollout's canary and shadow next to the stable runner (or stop)."""
+        stable = self.runner
+        wanted = {} if rollout is None else {
+            role: str(v) for role, v in (("canary", rollout.canary), ("shadow", rollout.shadow))
+            if v is not None and str(v) != stable.version and str(v) not in self.refused}
+        runners: dict[str, ModelRunner] = {}
+        for role, version in wanted.items():
+            runner = next((r for r in runners.values() if r.version == version), None) or await self._runner(version)
+            if runner is not None:
+                runners[role] = runner
+        for runner in self.extra.values():  # versions the rollout no longer names
+            if runner not in runners.values():
+                table.retire(runner)
+        self.extra = {r.version: r for r in runners.values()}
+        current = table.splits.get(stable.name)
+        if not runners:
+            if current is not None:
+                table.apply_split(stable.name, stable, None)
+                log.info("%s: rollout over; every request to version %s", self.ref, stable.version)
+            return
+        args = (stable, runners.get("canary"), float(rollout.weight), rollout.sticky, runners.get("shadow"),
+                float(rollout.shadow_sample))
+        if current is not None and current.same(*args):
+            return
+        table.apply_split(stable.name, stable, Split(self.ref, *args))
+        log.info("%s: rollout applied: canary %s at %g%%, shadow %s", self.ref,
+                 runners["canary"].version if "canary" in runners else "none", rollout.weight,
+                 runners["shadow"].version if "shadow" in runners else "none")
 
 
 def registry_follower(ref: str, runner: ModelRunner, home: str, loader: Callable[[str], ModelRunner],
                       interval: float = 1.0) -> AliasFollower:
-    """An AliasFollower for NAME@ALIAS that resolves it in the registry at `home`."""
+    """An AliasFollower for NAME@ALIAS that resolves it, and its rollout, in the registry
+    at `home`."""
     from vivace.registry.models import get_version
+    from vivace.registry.rollouts import get_rollout
 
-    name = ref.partition("@")[0]
+    name, _, alias = ref.partition("@")
+    has_rollouts = alias != "latest" and not alias.isdigit()
     return AliasFollower(ref, runner, lambda: str(get_version(home, ref).version),
-                         lambda version: loader(f"{name}/{version}"), interval)
+                         lambda version: loader(f"{name}/{version}"), interval,
+                         rollout=(lambda: get_rollout(home, ref)) if has_rollouts else None)
 
 
 def _close_unused(loading: asyncio.Future) -> None:

@@ -318,6 +318,27 @@ def _common_schemas() -> dict[str, Any]:
                 },
             }}},
         },
+        "RolloutStatus": {
+            "type": "object", "required": ["ref", "stable", "canary", "weight", "sticky", "routed", "shadow"],
+            "properties": {
+                "ref": {"type": ["string", "null"], "description": "NAME@ALIAS of the rollout; null: none"},
+                "stable": {"type": "string"},
+                "canary": {"type": ["string", "null"]},
+                "weight": {"type": "number", "minimum": 0, "maximum": 100},
+                "sticky": {"type": "string"},
+                "routed": {"type": "object", "additionalProperties": {"type": "integer"},
+                           "description": "requests routed to each version since the rollout was applied"},
+                "shadow": {"anyOf": [{"type": "null"}, {
+                    "type": "object",
+                    "required": ["version", "sample", "requests", "failed", "label_disagreements", "max_abs_diff"],
+                    "properties": {
+                        "version": {"type": "string"}, "sample": {"type": "number"},
+                        "requests": {"type": "integer"}, "failed": {"type": "integer"},
+                        "label_disagreements": {"type": "integer"}, "max_abs_diff": {"type": "number"},
+                        "mean_abs_diff": {"type": ["number", "null"]},
+                        "mean_latency_s": {"type": "object"}}}]},
+            },
+        },
         "DriftStatus": {
             "type": "object", "required": ["model", "version", "rows", "min_rows", "state", "drifting", "features"],
             "properties": {

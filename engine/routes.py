@@ -70,6 +70,9 @@ ROUTES: tuple[Route, ...] = (
            "Statistics of the model (Triton statistics extension).", "Statistics"),
     _model("/drift", "GET", "_drift", "read", "model_drift",
            "Drift statistics against the reference profile (404 without one).", "DriftStatus"),
+    _model("/rollout", "GET", "_rollout", "read", "model_rollout",
+           "The rollout being served on the model: canary weight, requests per version, shadow "
+           "comparison (ref null: no rollout).", "RolloutStatus"),
     _model("/infer", "POST", "_infer", "infer", "infer",
            "Run inference (JSON, or Triton's binary tensor extension)."),
     Route("POST", "/v2/repository/index", "_repository_index", "read", "repository_index",

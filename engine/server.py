@@ -30,6 +30,7 @@ from .http import HttpProtocol, error_body, http_response
 from .infer import Inference, LocalSink, Outcome
 from .infer import error as infer_error
 from .model_table import AliasFollower, ModelTable, registry_follower, version_key
+from .rollout import Split, TeeSink
 from .routes import OPEN_PATHS
 from .runtime import ModelRunner
 
@@ -80,6 +81,7 @@ class App:
         self._http_errors: dict[int, int] = {}
         self._failures: dict[tuple[str, str, str], int] = {}
         self.inference = Inference(self.count_failure, config.shed_queue_wait_ms)
+        self._shadow_tasks: set[asyncio.Task] = set()  # shadow copies in flight (kept referenced)
         self.metrics = MetricsCollector(self)
 
     # -- the served models (engine/model_table.py) -------------------------------------------
@@ -98,6 +100,10 @@ class App:
         self._routes = {}
         if self.frontend is not None:
             self.frontend.sync_routes()
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        """The status of each rollout being served (for /metrics)."""
+        return [split.status() for split in self.table.splits.values()]
 
     # -- accounting ---------------------------------------------------------------------
     def count_http_error(self, status: int) -> None:
@@ -218,6 +224,10 @@ class App:
                                         "to load, unload or move aliases over HTTP", 403)
             return functools.partial(handler, params["model_name"]), None, route.scope
         runner = self._runner(params["model_name"], params.get("model_version")) if route.model else None
+        if route.handler == "_infer" and "model_version" not in params:
+            split = self.table.splits.get(params["model_name"])
+            if split is not None:  # a rollout picks the version per request
+                handler = functools.partial(self._infer_split, split)
         return handler, runner, route.scope
 
     def _runner(self, name: str, version: str | None) -> ModelRunner:
@@ -233,6 +243,29 @@ class App:
     # -- handlers -----------------------------------------------------------------------
     def _infer(self, protocol: HttpProtocol, seq: int, runner: ModelRunner, body: bytes) -> None:
         self.inference.submit(protocol, seq, runner, body, protocol.header_length, self.draining)
+
+    def _infer_split(self, split: Split, protocol: HttpProtocol, seq: int, runner: ModelRunner, body: bytes) -> None:
+        """Infer on the version the rollout routes this request to; a sampled share is
+        also copied to the shadow version, whose answer is compared, never returned."""
+        target = split.choose(body)
+        if not split.shadows():
+            self.inference.submit(protocol, seq, target, body, protocol.header_length, self.draining)
+            return
+        tee = TeeSink(protocol)
+        self.inference.submit(tee, seq, target, body, protocol.header_length, self.draining)
+        task = asyncio.get_running_loop().create_task(self._shadow(split, tee, body, protocol.header_length))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(self, split: Split, tee: TeeSink, body: bytes, header_length: bytes | None) -> None:
+        shadow = split.shadow
+        assert shadow is not None
+        started = time.monotonic()
+        copy = await self.infer(shadow.name, body, shadow.version,
+                                None if header_length is None else int(header_length))
+        copy_s = time.monotonic() - started
+        primary, primary_s = await tee.answered
+        split.compare(primary, primary_s, copy, copy_s)
 
     async def infer(self, model: str, body: bytes, version: str | None = None,
                     header_length: int | None = None) -> Outcome:
@@ -295,6 +328,15 @@ class App:
         runners = [runner] if runner is not None else self.runners()
         samples = model_samples(self.metrics.collect())
         protocol.respond(seq, _ok({"model_stats": [triton_stats(r, samples) for r in runners]}))
+
+    def _rollout(self, protocol, seq, runner: ModelRunner, body) -> None:
+        split = self.table.splits.get(runner.name)
+        if split is None:  # no rollout: every request goes to the latest (or followed) version
+            status = {"ref": None, "stable": self.table.latest[runner.name].version, "canary": None, "weight": 0.0,
+                      "sticky": "", "routed": {}, "shadow": None}
+        else:
+            status = split.status()
+        protocol.respond(seq, _ok(status))
 
     def _drift(self, protocol, seq, runner: ModelRunner, body) -> None:
         if runner.drift is None:

@@ -153,6 +153,7 @@ class MetricsCollector:
             if monitor is not None:
                 for feature, statistic, value in monitor.gauge_samples():
                     drift.add_metric([runner.name, runner.version, feature, statistic], value)
+        yield from self._rollout_families()
         http_errors = CounterMetricFamily("vivace_http_errors", "HTTP error responses by status code", labels=["code"])
         for code, count in sorted(self.source.http_errors.items()):
             http_errors.add_metric([str(code)], count)
@@ -166,6 +167,32 @@ class MetricsCollector:
         yield from histograms.values()
         yield drift
         yield http_errors
+
+    def _rollout_families(self) -> Iterator[Metric]:
+        """Rollouts being served (the server's `rollouts()`: each split's status)."""
+        weight = GaugeMetricFamily("vivace_rollout_canary_weight", "Percent of requests a rollout sends to its canary",
+                                   labels=["model", "canary"])
+        routed = CounterMetricFamily("vivace_rollout_routed", "Requests a rollout routed, by the version chosen",
+                                     labels=LABELS)
+        shadowed = CounterMetricFamily("vivace_shadow_requests", "Requests copied to a shadow version", labels=LABELS)
+        disagreed = CounterMetricFamily("vivace_shadow_label_disagreements",
+                                        "Shadow copies whose labels differ from the answer returned", labels=LABELS)
+        max_diff = GaugeMetricFamily("vivace_shadow_max_abs_diff",
+                                     "Largest output difference between a shadow copy and the answer returned",
+                                     labels=LABELS)
+        for status in getattr(self.source, "rollouts", list)():
+            model = status["ref"].partition("@")[0]
+            if status["canary"] is not None:
+                weight.add_metric([model, status["canary"]], status["weight"])
+            for version, count in status["routed"].items():
+                routed.add_metric([model, version], count)
+            shadow = status["shadow"]
+            if shadow is not None:
+                labels = [model, shadow["version"]]
+                shadowed.add_metric(labels, shadow["requests"])
+                disagreed.add_metric(labels, shadow["label_disagreements"])
+                max_diff.add_metric(labels, shadow["max_abs_diff"])
+        yield from (weight, routed, shadowed, disagreed, max_diff)
 
 
 def render_metrics(collector: MetricsCollector) -> tuple[bytes, bytes]:

@@ -416,6 +416,69 @@ def _audit(args: argparse.Namespace, home: Home) -> int:
     return 0
 
 
+def _print_rollout(rollout) -> None:
+    canary = (f"canary version {rollout.canary} at {rollout.weight:g}%"
+              + (f", sticky by {rollout.sticky}" if rollout.sticky else "")) if rollout.canary is not None else "no canary"
+    shadow = (f"shadow version {rollout.shadow} on {rollout.shadow_sample:.0%} of requests"
+              if rollout.shadow is not None else "no shadow")
+    print(f"{rollout.ref}: stable version {rollout.stable}; {canary}; {shadow} (since {_when(rollout.started_at)})")
+
+
+@_handler
+def _rollout_start(args: argparse.Namespace, home: Home) -> int:
+    from .rollouts import start_rollout
+
+    _print_rollout(start_rollout(home, args.ref, canary=args.canary, weight=args.weight, sticky=args.sticky or "",
+                                 shadow=args.shadow, shadow_sample=args.shadow_sample, reason=args.reason or ""))
+    return 0
+
+
+@_handler
+def _rollout_status(args: argparse.Namespace, home: Home) -> int:
+    from .rollouts import get_rollout, list_rollouts
+
+    rollouts = [r for r in [get_rollout(home, args.ref)] if r] if args.ref else list_rollouts(home)
+    if args.json:
+        print(json.dumps([r.to_json() for r in rollouts], indent=1))
+        return 0
+    for rollout in rollouts:
+        _print_rollout(rollout)
+    if not rollouts:
+        print(f"no rollout on {args.ref}" if args.ref else "no rollouts")
+    return 0
+
+
+@_handler
+def _rollout_promote(args: argparse.Namespace, home: Home) -> int:
+    from .models import PromotionRefused
+    from .rollouts import promote_rollout, step_rollout
+
+    if args.weight is not None and args.weight < 100:
+        _print_rollout(step_rollout(home, args.ref, args.weight, reason=args.reason or ""))
+        return 0
+    try:
+        checks, previous = promote_rollout(home, args.ref, reason=args.reason or "", force=args.force,
+                                           metric=args.metric)
+    except PromotionRefused as exc:
+        print(str(exc), file=sys.stderr)
+        print("the rollout stays on; use --force --reason TEXT to override (recorded in the audit log)",
+              file=sys.stderr)
+        return 1
+    for check, ok, detail in checks:
+        print(f"  [{'pass' if ok else 'FAIL'}] {check}: {detail}")
+    print(f"{args.ref} promoted: the alias moved from version {previous}; the rollout is over")
+    return 0
+
+
+@_handler
+def _rollout_abort(args: argparse.Namespace, home: Home) -> int:
+    from .rollouts import abort_rollout
+
+    rollout = abort_rollout(home, args.ref, reason=args.reason or "")
+    print(f"{rollout.ref}: rollout aborted; every request goes to version {rollout.stable}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add the lifecycle commands to the `vivace` parser."""
     p = subparsers.add_parser(
@@ -512,6 +575,40 @@ def register(subparsers: Any) -> None:
     p.add_argument("ref")
     p.add_argument("--output", "-o")
     p.set_defaults(func=_models_card)
+
+    rollout = subparsers.add_parser(
+        "rollout", help="progressive delivery on an alias: canary weights, shadow traffic",
+        description="A rollout on NAME@ALIAS sends a canary version WEIGHT% of the alias's requests and/or "
+        "copies a share of them to a shadow version (answers compared, never returned). Servers following "
+        "the alias (vivace serve NAME@ALIAS) apply it live; every change is an audited registry event.")
+    osub = rollout.add_subparsers(dest="rollout_command", metavar="{start,status,promote,abort}", required=True)
+    p = osub.add_parser("start", help="start a canary and/or shadow rollout on NAME@ALIAS")
+    p.add_argument("ref", metavar="NAME@ALIAS")
+    p.add_argument("--canary", type=int, metavar="VERSION", help="version taking --weight %% of requests")
+    p.add_argument("--weight", type=float, default=10.0, help="canary share of requests, percent (default 10)")
+    p.add_argument("--sticky", metavar="WHERE",
+                   help="route each key to one version: 'parameter' (request parameter routing_key) or "
+                   "'input:NAME' (the first value of input NAME, e.g. an entity id)")
+    p.add_argument("--shadow", type=int, metavar="VERSION", help="version receiving copies of requests")
+    p.add_argument("--shadow-sample", type=float, default=0.1, help="share of requests copied (default 0.1)")
+    p.add_argument("--reason")
+    p.set_defaults(func=_rollout_start)
+    p = osub.add_parser("status", help="active rollouts (all, or NAME@ALIAS's)")
+    p.add_argument("ref", nargs="?", metavar="NAME@ALIAS")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_rollout_status)
+    p = osub.add_parser("promote", help="step the canary's weight, or (without --weight, or 100) move the "
+                        "alias to it through the promotion gate and end the rollout")
+    p.add_argument("ref", metavar="NAME@ALIAS")
+    p.add_argument("--weight", type=float, help="new canary share, percent (a step; 100 promotes)")
+    p.add_argument("--metric", default="auc", help="promotion gate metric (default auc)")
+    p.add_argument("--force", action="store_true", help="override a failed gate (needs --reason)")
+    p.add_argument("--reason")
+    p.set_defaults(func=_rollout_promote)
+    p = osub.add_parser("abort", help="end the rollout: every request goes to the alias's version")
+    p.add_argument("ref", metavar="NAME@ALIAS")
+    p.add_argument("--reason")
+    p.set_defaults(func=_rollout_abort)
 
     runs = subparsers.add_parser("runs", help="training runs (experiment tracking)")
     rsub = runs.add_subparsers(dest="runs_command", metavar="{list,show,compare}", required=True)

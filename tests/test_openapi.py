@@ -170,7 +170,8 @@ def _concrete_routes() -> list[tuple[str, str]]:
     for name, version in (("mlp", "1"), ("pair", "7")):
         for base in (f"/v2/models/{name}", f"/v2/models/{name}/versions/{version}"):
             routes += [("GET", base), ("GET", base + "/ready"), ("GET", base + "/config"),
-                       ("GET", base + "/stats"), ("GET", base + "/drift"), ("POST", base + "/infer")]
+                       ("GET", base + "/stats"), ("GET", base + "/drift"), ("GET", base + "/rollout"),
+                       ("POST", base + "/infer")]
     return routes
 
 

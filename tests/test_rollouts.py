@@ -1,0 +1,223 @@
+"""Progressive delivery: rollouts on a registry alias (registry/rollouts.py), applied live by
+`vivace serve NAME@ALIAS` (engine/rollout.py): canary weights, sticky keys, shadow copies,
+promotion through the gate and abort. Real registry, real console script, real servers."""
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ServerProcess, wait_for
+
+from vivace.registry import Home, RegistryError
+from vivace.registry.models import get_version, register_model, set_alias
+from vivace.registry.rollouts import (
+    abort_rollout, get_rollout, list_rollouts, promote_rollout, start_rollout, step_rollout,
+)
+
+# Version v of the model answers 0.25 * v for every row: versions are told apart by their
+# answers, and 0.25 (v1) and 0.75 (v3) sit on either side of the 0.5 label threshold.
+VERSIONS = (1, 2, 3)
+
+
+def cli(home, *args, check=True):
+    result = subprocess.run([sys.executable, "-m", "vivace", "--home", str(home), *map(str, args)],
+                            capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    import torch
+
+    from vivace.registry.package import write_package
+
+    root = tmp_path_factory.mktemp("versions")
+    out = {}
+    for v in VERSIONS:
+        class Constant(torch.nn.Module):
+            def __init__(self, value: float):
+                super().__init__()
+                self.value = value
+
+            def forward(self, x):
+                return x[:, :1] * 0.0 + self.value
+
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.trace(Constant(0.25 * v), torch.zeros(2, 4)), buffer)
+        out[v] = root / f"v{v}"
+        write_package(out[v], {
+            "name": "scorer", "platform": "torchscript", "model_file": "model.pt",
+            "inputs": [{"name": "input__0", "datatype": "FP32", "shape": [-1, 4]}],
+            "outputs": [{"name": "output__0", "datatype": "FP32", "shape": [-1, 1]}],
+            "max_batch_size": 16, "parameters": {"torch_num_threads": 1},
+        }, {"model.pt": buffer.getvalue()})
+    return out
+
+
+@pytest.fixture
+def home(tmp_path, packages):
+    with Home(tmp_path / "home") as h:
+        for v in VERSIONS:
+            register_model(h, packages[v], "scorer", metrics={"auc": 0.8 + 0.01 * v})
+        set_alias(h, "scorer", 1, "production")
+        yield h
+
+
+# -- the registry -----------------------------------------------------------------------------
+
+def test_start_step_promote_and_abort_are_audited(home):
+    rollout = start_rollout(home, "scorer@production", canary=2, weight=10, reason="try v2")
+    assert (rollout.stable, rollout.canary, rollout.weight, rollout.shadow) == (1, 2, 10.0, None)
+    assert step_rollout(home, "scorer@production", 50, reason="healthy").weight == 50
+    checks, previous = promote_rollout(home, "scorer@production", reason="done")
+    assert previous == 1 and all(ok for _, ok, _ in checks)
+    assert get_version(home, "scorer@production").version == 2 and get_rollout(home, "scorer@production") is None
+
+    start_rollout(home, "scorer@production", shadow=3, shadow_sample=0.5)
+    assert abort_rollout(home, "scorer@production").shadow == 3
+    assert get_version(home, "scorer@production").version == 2 and list_rollouts(home) == []
+    actions = [r["action"] for r in home.audit_log("scorer@production")]
+    assert actions == ["rollout.start", "rollout.step", "rollout.promote", "rollout.start", "rollout.abort"]
+    step = next(r for r in home.audit_log("scorer@production") if r["action"] == "rollout.step")
+    assert step["reason"] == "healthy" and step["details"]["previous"] == 10.0
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"ref": "scorer", "canary": 2}, "NAME@ALIAS"),
+    ({"ref": "scorer@staging", "canary": 2}, "no alias 'staging'"),
+    ({"ref": "scorer@production"}, "needs a canary version"),
+    ({"ref": "scorer@production", "canary": 1}, "the canary must be another version"),
+    ({"ref": "scorer@production", "canary": 9}, "9"),
+    ({"ref": "scorer@production", "canary": 2, "weight": 120}, "0 to 100"),
+    ({"ref": "scorer@production", "canary": 2, "sticky": "header"}, "sticky must be"),
+    ({"ref": "scorer@production", "shadow": 3, "shadow_sample": 0}, "shadow sample"),
+])
+def test_bad_rollouts_are_refused_and_write_nothing(home, kwargs, words):
+    with pytest.raises(RegistryError, match=words):
+        start_rollout(home, **kwargs)
+    assert list_rollouts(home) == [] and not [r for r in home.audit_log() if r["action"].startswith("rollout")]
+
+
+def test_one_rollout_per_alias_and_a_refused_gate_keeps_it(home):
+    start_rollout(home, "scorer@production", canary=2)
+    with pytest.raises(RegistryError, match="already has a rollout"):
+        start_rollout(home, "scorer@production", canary=3)
+    set_alias(home, "scorer", 3, "production")  # the holder now beats the canary on auc
+    start = get_rollout(home, "scorer@production")
+    assert start is not None and start.stable == 3
+    from vivace.registry.models import PromotionRefused
+
+    with pytest.raises(PromotionRefused):
+        promote_rollout(home, "scorer@production")
+    assert get_rollout(home, "scorer@production") is not None  # still on
+    assert get_version(home, "scorer@production").version == 3
+
+
+def test_a_home_made_before_rollouts_gets_the_table(tmp_path, packages):
+    with Home(tmp_path / "old") as h:
+        register_model(h, packages[1], "scorer")
+        register_model(h, packages[2], "scorer")
+        set_alias(h, "scorer", 1, "production")
+    with sqlite3.connect(tmp_path / "old" / "vivace.db") as db:  # as written before this table existed
+        db.execute("DROP TABLE IF EXISTS rollouts")
+    assert get_rollout(tmp_path / "old", "scorer@production") is None
+    assert start_rollout(tmp_path / "old", "scorer@production", canary=2).canary == 2
+
+
+def test_cli_round_trip(home):
+    out = cli(home.path, "rollout", "start", "scorer@production", "--canary", "2", "--weight", "20",
+              "--sticky", "parameter").stdout
+    assert "canary version 2 at 20%" in out and "sticky by parameter" in out
+    status = json.loads(cli(home.path, "rollout", "status", "scorer@production", "--json").stdout)
+    assert status[0]["canary"] == 2 and status[0]["weight"] == 20
+    assert "at 60%" in cli(home.path, "rollout", "promote", "scorer@production", "--weight", "60").stdout
+    assert "promoted" in cli(home.path, "rollout", "promote", "scorer@production").stdout
+    refused = cli(home.path, "rollout", "abort", "scorer@production", check=False)
+    assert refused.returncode == 1 and "has no rollout" in refused.stderr
+    assert "no rollouts" in cli(home.path, "rollout", "status").stdout
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+def infer(port: int, routing_key: str | None = None, version: str | None = None) -> tuple[str, float]:
+    body = {"inputs": [{"name": "input__0", "shape": [1, 4], "datatype": "FP32", "data": [0.0] * 4}]}
+    if routing_key is not None:
+        body["parameters"] = {"routing_key": routing_key}
+    path = f"/v2/models/scorer{'/versions/' + version if version else ''}/infer"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", path, json.dumps(body))
+    response = conn.getresponse()
+    answer = json.loads(response.read())
+    conn.close()
+    assert response.status == 200, answer
+    return answer["model_version"], answer["outputs"][0]["data"][0]
+
+
+def rollout_status(port: int) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/v2/models/scorer/rollout")
+    response = conn.getresponse()
+    assert response.status == 200
+    return json.loads(response.read())
+
+
+@pytest.mark.parametrize("frontend", ["native", "python"])
+def test_server_applies_weights_stickiness_shadow_promotion_and_abort(home, frontend):
+    server = ServerProcess(["scorer@production"], "--follow-interval", "0.1", "--http-frontend", frontend,
+                           env={"VIVACE_HOME": str(home.path)})
+    try:
+        port = server.port
+        assert rollout_status(port)["ref"] is None
+        assert {infer(port)[0] for _ in range(5)} == {"1"}
+
+        # Weighted: 30% to the canary; each answer says which version gave it.
+        start_rollout(home, "scorer@production", canary=2, weight=30)
+        wait_for(lambda: rollout_status(port)["canary"] == "2", what="the canary to be applied")
+        answers = [infer(port) for _ in range(400)]
+        assert {v for v, _ in answers} == {"1", "2"}
+        assert all(value == 0.25 * int(v) for v, value in answers)
+        share = sum(v == "2" for v, _ in answers) / len(answers)
+        assert 0.2 < share < 0.4, share  # p = 0.3, n = 400: 4+ standard deviations either side
+        assert infer(port, version="2")[0] == "2" and infer(port, version="1")[0] == "1"  # pinned versions
+
+        # Sticky by the routing_key parameter: one key, one version.
+        abort_rollout(home, "scorer@production")
+        start_rollout(home, "scorer@production", canary=2, weight=50, sticky="parameter")
+        wait_for(lambda: rollout_status(port)["sticky"] == "parameter", what="the sticky rollout")
+        chosen = {key: {infer(port, routing_key=key)[0] for _ in range(8)} for key in map(str, range(12))}
+        assert all(len(versions) == 1 for versions in chosen.values()), chosen
+        assert {v for versions in chosen.values() for v in versions} == {"1", "2"}
+
+        # Shadow: every request copied to version 3, answered by version 1, compared.
+        abort_rollout(home, "scorer@production")
+        start_rollout(home, "scorer@production", shadow=3, shadow_sample=1.0)
+        wait_for(lambda: (rollout_status(port)["shadow"] or {}).get("version") == "3", what="the shadow")
+        assert {infer(port) for _ in range(20)} == {("1", 0.25)}
+        shadow = wait_for(lambda: (s := rollout_status(port)["shadow"])["requests"] >= 20 and s)
+        assert shadow["failed"] == 0 and shadow["label_disagreements"] == 20
+        assert shadow["max_abs_diff"] == pytest.approx(0.5) and shadow["mean_abs_diff"] == pytest.approx(0.5)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/metrics")
+        metrics = conn.getresponse().read().decode()
+        assert 'vivace_shadow_requests_total{model="scorer",version="3"}' in metrics
+        assert 'vivace_shadow_max_abs_diff{model="scorer",version="3"} 0.5' in metrics
+        assert 'vivace_rollout_routed_total{model="scorer",version="1"}' in metrics
+
+        # Promotion moves the alias to the canary; the server follows and the split ends.
+        abort_rollout(home, "scorer@production")
+        start_rollout(home, "scorer@production", canary=2, weight=10)
+        wait_for(lambda: rollout_status(port)["canary"] == "2", what="the second canary")
+        promote_rollout(home, "scorer@production")
+        wait_for(lambda: rollout_status(port)["ref"] is None and rollout_status(port)["stable"] == "2",
+                 what="the promotion to be followed")
+        assert {infer(port)[0] for _ in range(20)} == {"2"}
+    finally:
+        assert server.stop() == 0
