@@ -239,7 +239,7 @@ class AliasFollower:
                 log.info("%s: rollout over; every request to version %s", self.ref, stable.version)
             return
         args = (stable, runners.get("canary"), float(rollout.weight), rollout.sticky, runners.get("shadow"),
-                float(rollout.shadow_sample))
+                float(rollout.shadow_sample), rollout.policy)
         if current is not None and current.same(*args):
             return
         table.apply_split(stable.name, stable, Split(self.ref, *args))

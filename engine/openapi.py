@@ -328,6 +328,8 @@ def _common_schemas() -> dict[str, Any]:
                 "sticky": {"type": "string"},
                 "routed": {"type": "object", "additionalProperties": {"type": "integer"},
                            "description": "requests routed to each version since the rollout was applied"},
+                "automatic": {"type": ["object", "null"],
+                              "description": "the automatic analysis' policy and latest verdict (null: manual)"},
                 "shadow": {"anyOf": [{"type": "null"}, {
                     "type": "object",
                     "required": ["version", "sample", "requests", "failed", "label_disagreements", "max_abs_diff"],

@@ -16,7 +16,7 @@ import logging
 import random
 import time
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
@@ -44,8 +44,13 @@ class Split:
     """How the requests to one served name are shared (see the module docstring)."""
 
     def __init__(self, ref: str, stable: ModelRunner, canary: ModelRunner | None, weight: float, sticky: str,
-                 shadow: ModelRunner | None, shadow_sample: float):
+                 shadow: ModelRunner | None, shadow_sample: float, policy: dict[str, Any] | None = None):
         self.ref = ref
+        self.policy = policy or {}       # automatic analysis (registry/rollouts.py POLICY_DEFAULTS)
+        self.applied_at = time.monotonic()
+        self.baseline: dict[str, Counts] | None = None  # per version, when this step began
+        self.acting = False              # an automatic decision is being written to the registry
+        self.verdict: dict[str, Any] | None = None  # the latest automatic judgement
         self.stable = stable
         self.canary = canary
         self.weight = weight if canary is not None else 0.0
@@ -62,9 +67,10 @@ class Split:
         self.shadow_latency_s = 0.0
 
     def same(self, stable: ModelRunner, canary: ModelRunner | None, weight: float, sticky: str,
-             shadow: ModelRunner | None, shadow_sample: float) -> bool:
+             shadow: ModelRunner | None, shadow_sample: float, policy: dict[str, Any] | None = None) -> bool:
         return (stable is self.stable and canary is self.canary and shadow is self.shadow
-                and weight == self.weight and sticky == self.sticky and shadow_sample == self.shadow_sample)
+                and weight == self.weight and sticky == self.sticky and shadow_sample == self.shadow_sample
+                and (policy or {}) == self.policy)
 
     def runners(self) -> list[ModelRunner]:
         return [r for r in (self.stable, self.canary, self.shadow) if r is not None]
@@ -134,6 +140,7 @@ class Split:
             "weight": self.weight,
             "sticky": self.sticky,
             "routed": dict(self.routed),
+            "automatic": None if not self.policy else {"policy": self.policy, "verdict": self.verdict},
             "shadow": None if self.shadow is None else {
                 "version": self.shadow.version, "sample": self.shadow_sample, "requests": self.shadowed,
                 "failed": self.shadow_failed, "label_disagreements": self.disagreements,
@@ -206,3 +213,81 @@ def divergence(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, int]:
         elif rows_x.shape[1] == 1:
             disagree |= int(np.any((rows_x > 0.5) != (rows_y > 0.5)))
     return diff, disagree
+
+
+class Counts(NamedTuple):
+    """A version's cumulative request counts: successes, failures, and the request-duration
+    histogram (bucket upper bounds in seconds; counts per bucket, the last one overflow)."""
+
+    success: int
+    failures: int
+    bounds: tuple[float, ...]
+    buckets: tuple[int, ...]
+
+    def since(self, earlier: Counts) -> Counts:
+        return Counts(self.success - earlier.success, self.failures - earlier.failures, self.bounds,
+                      tuple(a - b for a, b in zip(self.buckets, earlier.buckets)))
+
+    @property
+    def requests(self) -> int:
+        return self.success + self.failures
+
+    @property
+    def error_rate(self) -> float:
+        return self.failures / self.requests if self.requests else 0.0
+
+    def p99(self) -> float | None:
+        """Upper bound of the bucket holding the 99th percentile of successful requests."""
+        total = sum(self.buckets)
+        if not total:
+            return None
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.buckets):
+            running += count
+            if running >= 0.99 * total:
+                return bound
+        return float("inf")
+
+
+def judge(split: Split, stable: Counts, canary: Counts | None, canary_drifting: list[str],
+          elapsed: float) -> tuple[str, dict[str, Any]]:
+    """The automatic analysis of one step: ("wait" | "step" | "promote" | "abort", evidence).
+
+    A failed check aborts at once (errors and latency need `min_requests` canary answers;
+    drift and shadow disagreement their own minimum); a step passes after `min_requests`
+    answers and `step_seconds`."""
+    policy = split.policy
+    evidence: dict[str, Any] = {"weight": split.weight, "seconds_at_step": round(elapsed, 3),
+                                "stable": _summary(stable)}
+    failed = []
+    enough = False
+    if canary is not None:
+        evidence["canary"] = _summary(canary)
+        enough = canary.requests >= policy["min_requests"]
+        if enough and canary.error_rate - stable.error_rate > policy["max_error_rate"]:
+            failed.append(f"error rate {canary.error_rate:.4f} vs stable {stable.error_rate:.4f}")
+        stable_p99, canary_p99 = stable.p99(), canary.p99()
+        if enough and stable_p99 and canary_p99 and canary_p99 > policy["max_p99_ratio"] * stable_p99:
+            failed.append(f"p99 {canary_p99 * 1e3:g} ms vs stable {stable_p99 * 1e3:g} ms")
+    if policy["fail_on_drift"] and canary_drifting:
+        failed.append(f"drift in {', '.join(canary_drifting)}")
+        evidence["canary_drifting"] = canary_drifting
+    if split.shadow is not None and split.shadowed >= policy["min_requests"]:
+        share = split.disagreements / split.shadowed
+        evidence["shadow_disagreement"] = share
+        if share > policy["max_disagreement"]:
+            failed.append(f"shadow labels differ on {share:.1%} of copies")
+    if failed:
+        evidence["failed"] = failed
+        return "abort", evidence
+    if canary is None or not enough or elapsed < policy["step_seconds"]:
+        return "wait", evidence
+    later = [w for w in policy["steps"] if w > split.weight]
+    if not later or later[0] >= 100:
+        return "promote", evidence
+    evidence["next_weight"] = later[0]
+    return "step", evidence
+
+
+def _summary(counts: Counts) -> dict[str, Any]:
+    return {"requests": counts.requests, "error_rate": counts.error_rate, "p99_s": counts.p99()}

@@ -30,7 +30,7 @@ from .http import HttpProtocol, error_body, http_response
 from .infer import Inference, LocalSink, Outcome
 from .infer import error as infer_error
 from .model_table import AliasFollower, ModelTable, registry_follower, version_key
-from .rollout import Split, TeeSink
+from .rollout import Counts, Split, TeeSink, judge
 from .routes import OPEN_PATHS
 from .runtime import ModelRunner
 
@@ -63,10 +63,14 @@ class App:
         config: ServerConfig,
         loader: Callable[[str], ModelRunner] | None = None,
         home: str | None = None,
+        leader: bool = True,
     ):
         self.config = config
         self.loader = loader  # registry reference -> new runner (repository load)
         self.home = home
+        # The one process of a --workers server that acts on its own judgements (automatic
+        # rollout steps), as worker 0 alone fires drift alerts.
+        self.leader = leader
         self.auth = Authenticator(config.auth_tokens) if config.auth_tokens else None
         self.audit_log = AuditLog(config.audit_log) if config.audit_log else None
         self._token_error: str | None = None  # the last failure to reload the token file, logged once
@@ -81,7 +85,8 @@ class App:
         self._http_errors: dict[int, int] = {}
         self._failures: dict[tuple[str, str, str], int] = {}
         self.inference = Inference(self.count_failure, config.shed_queue_wait_ms)
-        self._shadow_tasks: set[asyncio.Task] = set()  # shadow copies in flight (kept referenced)
+        # Shadow copies and automatic rollout decisions in flight (referenced until done).
+        self._background: set[asyncio.Task] = set()
         self.metrics = MetricsCollector(self)
 
     # -- the served models (engine/model_table.py) -------------------------------------------
@@ -254,8 +259,8 @@ class App:
         tee = TeeSink(protocol)
         self.inference.submit(tee, seq, target, body, protocol.header_length, self.draining)
         task = asyncio.get_running_loop().create_task(self._shadow(split, tee, body, protocol.header_length))
-        self._shadow_tasks.add(task)
-        task.add_done_callback(self._shadow_tasks.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _shadow(self, split: Split, tee: TeeSink, body: bytes, header_length: bytes | None) -> None:
         shadow = split.shadow
@@ -454,8 +459,70 @@ class App:
         for conn in list(self.connections):
             conn.sweep(now)
         self.table.watch(now)
+        self._analyse_rollouts(now)
         if self.frontend is not None:
             self.frontend.sync_routes()  # a hung model leaves the native path until it is back
+
+    # -- automatic rollouts (registry/rollouts.py policy; engine/rollout.py judge) -------------
+    def _counts(self, runner: ModelRunner, failures: dict[tuple[str, str, str], int]) -> Counts:
+        stats = runner.stats()
+        bounds, buckets, _ = stats["histograms"]["request_seconds"]
+        failed = sum(n for (model, version, reason), n in failures.items()
+                     if model == runner.name and version == runner.version and reason != "bad_request")
+        return Counts(stats["success"], failed, tuple(bounds), tuple(buckets))
+
+    def _analyse_rollouts(self, now: float) -> None:
+        # Splits exist only for names followed in the registry (self.home; None: the default).
+        if not self.leader:
+            return
+        failures = None
+        for split in list(self.table.splits.values()):
+            if not split.policy or split.acting:
+                continue
+            failures = self.failures if failures is None else failures
+            counts = {r.version: self._counts(r, failures) for r in split.runners()}
+            if split.baseline is None:  # this step starts now
+                split.baseline = counts
+                continue
+            stable = counts[split.stable.version].since(split.baseline[split.stable.version])
+            canary = (counts[split.canary.version].since(split.baseline[split.canary.version])
+                      if split.canary is not None else None)
+            drifting = (split.canary.drift.status()["drifting"]
+                        if split.canary is not None and split.canary.drift is not None else [])
+            decision, evidence = judge(split, stable, canary, drifting, now - split.applied_at)
+            split.verdict = {"decision": decision, **evidence}
+            if decision != "wait":
+                split.acting = True
+                task = asyncio.get_running_loop().create_task(self._act(split, decision, evidence))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _act(self, split: Split, decision: str, evidence: dict[str, Any]) -> None:
+        """Write an automatic decision to the registry; the alias follower applies it."""
+        from vivace.registry import rollouts
+        from vivace.registry.models import PromotionRefused
+
+        reason = "automatic analysis: " + ("; ".join(evidence["failed"]) if decision == "abort" else decision)
+        loop = asyncio.get_running_loop()
+        try:
+            if decision == "step":
+                await loop.run_in_executor(None, functools.partial(
+                    rollouts.step_rollout, self.home, split.ref, evidence["next_weight"], reason, evidence))
+            elif decision == "promote":
+                try:
+                    await loop.run_in_executor(None, functools.partial(
+                        rollouts.promote_rollout, self.home, split.ref, reason, evidence=evidence))
+                except PromotionRefused as exc:  # the registry's gate has the last word
+                    decision, reason = "abort", f"automatic analysis: the promotion gate refused: {exc}"
+                    await loop.run_in_executor(None, functools.partial(
+                        rollouts.abort_rollout, self.home, split.ref, reason, evidence))
+            else:
+                await loop.run_in_executor(None, functools.partial(
+                    rollouts.abort_rollout, self.home, split.ref, reason, evidence))
+            log.warning("%s: rollout %s (%s)", split.ref, decision, reason)
+        except Exception as exc:  # e.g. the rollout was changed by hand meanwhile: judge again
+            log.error("%s: cannot record the automatic rollout decision %s: %s", split.ref, decision, exc)
+            split.acting = False
 
     def reload_tokens(self) -> None:
         """Pick up a changed token file (one stat when unchanged): revocations and new
@@ -585,6 +652,7 @@ async def serve(
     loader: Callable[[str], ModelRunner] | None = None,
     home: str | None = None,
     reuse_port: bool = False,
+    leader: bool = True,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then drain: answer accepted requests, refuse new ones.
 
@@ -594,7 +662,7 @@ async def serve(
     `home` is the registry the server may move aliases in.
     """
     loop = asyncio.get_running_loop()
-    app = App(runners, config, loader=loader, home=home)
+    app = App(runners, config, loader=loader, home=home, leader=leader)
     for runner in runners:
         runner.attach(loop)
     tls = tls_context(config)

@@ -102,4 +102,5 @@ def run(options: ServeOptions) -> int:
             runner.close(drain=False)
         raise VivaceCLIError("; ".join(f"model {r.name!r} version {r.version} {r.unavailable_reason}" for r in broken))
     return uvloop.run(serve(runners, options.server_config(), followers=followers, loader=build_registered,
-                            home=options.home, reuse_port=options.worker_index is not None))
+                            home=options.home, reuse_port=options.worker_index is not None,
+                            leader=acts_on_alerts))

@@ -422,14 +422,29 @@ def _print_rollout(rollout) -> None:
     shadow = (f"shadow version {rollout.shadow} on {rollout.shadow_sample:.0%} of requests"
               if rollout.shadow is not None else "no shadow")
     print(f"{rollout.ref}: stable version {rollout.stable}; {canary}; {shadow} (since {_when(rollout.started_at)})")
+    if rollout.policy:
+        print("  automatic: steps " + ",".join(f"{w:g}" for w in rollout.policy["steps"])
+              + "; " + ", ".join(f"{k} {v}" for k, v in rollout.policy.items() if k != "steps"))
 
 
 @_handler
 def _rollout_start(args: argparse.Namespace, home: Home) -> int:
     from .rollouts import start_rollout
 
+    policy: dict[str, Any] = {}
+    if args.auto:
+        try:
+            policy["steps"] = [float(w) for w in args.auto.split(",")]
+        except ValueError:
+            raise RegistryError(f"--auto takes comma-separated weights such as 10,50,100, got {args.auto!r}") from None
+        for key in ("min_requests", "step_seconds", "max_error_rate", "max_p99_ratio", "max_disagreement"):
+            if getattr(args, key) is not None:
+                policy[key] = getattr(args, key)
+        if args.no_drift_check:
+            policy["fail_on_drift"] = False
     _print_rollout(start_rollout(home, args.ref, canary=args.canary, weight=args.weight, sticky=args.sticky or "",
-                                 shadow=args.shadow, shadow_sample=args.shadow_sample, reason=args.reason or ""))
+                                 shadow=args.shadow, shadow_sample=args.shadow_sample, reason=args.reason or "",
+                                 policy=policy))
     return 0
 
 
@@ -591,6 +606,15 @@ def register(subparsers: Any) -> None:
                    "'input:NAME' (the first value of input NAME, e.g. an entity id)")
     p.add_argument("--shadow", type=int, metavar="VERSION", help="version receiving copies of requests")
     p.add_argument("--shadow-sample", type=float, default=0.1, help="share of requests copied (default 0.1)")
+    p.add_argument("--auto", metavar="STEPS",
+                   help="let the servers step the canary through these weights (e.g. 10,50,100: the last "
+                   "promotes), judging each step against the stable version, and abort on a failed check")
+    p.add_argument("--min-requests", type=int, help="canary answers needed at a step before judging it (200)")
+    p.add_argument("--step-seconds", type=float, help="least time at each step (60)")
+    p.add_argument("--max-error-rate", type=float, help="canary error rate above the stable one allowed (0.01)")
+    p.add_argument("--max-p99-ratio", type=float, help="canary p99 / stable p99 allowed (1.5)")
+    p.add_argument("--max-disagreement", type=float, help="share of shadow copies with other labels allowed (0.05)")
+    p.add_argument("--no-drift-check", action="store_true", help="do not abort when the canary's data drifts")
     p.add_argument("--reason")
     p.set_defaults(func=_rollout_start)
     p = osub.add_parser("status", help="active rollouts (all, or NAME@ALIAS's)")

@@ -10,12 +10,19 @@ alias (`vivace serve NAME@ALIAS`) apply the rollout live, as they follow alias m
 Each change is one audited registry event: ``rollout.start``, ``rollout.step`` (a new
 weight), ``rollout.promote`` (the alias moves to the canary, through the promotion gate,
 and the rollout ends) and ``rollout.abort`` (the rollout ends, the alias stays).
+
+With a policy (``steps``), the serving side analyses the rollout itself: once the canary
+has answered ``min_requests`` at a step and ``step_seconds`` have passed, it compares the
+canary with the stable version (error rate, p99 latency, drift; the shadow's label
+disagreements) and steps up, promotes, or aborts — the same audited events, carrying
+the evidence.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .models import _check_alias, get_version, promote
@@ -30,11 +37,44 @@ CREATE TABLE IF NOT EXISTS rollouts (
     sticky TEXT NOT NULL DEFAULT '',      -- '' | 'parameter' | 'input:NAME'
     shadow INTEGER,                       -- version receiving copies (NULL: none)
     shadow_sample REAL NOT NULL DEFAULT 0,
+    policy TEXT NOT NULL DEFAULT '{}',    -- automatic analysis (see POLICY_DEFAULTS); {}: manual
     started_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     PRIMARY KEY (name, alias)
 );
 """
+
+
+# The automatic analysis' thresholds, when a policy names steps; each may be overridden.
+POLICY_DEFAULTS: dict[str, Any] = {
+    "steps": [],             # canary weights, increasing, ending at 100 (promotion)
+    "min_requests": 200,     # canary answers needed at a step before judging it
+    "step_seconds": 60.0,    # least time at each step
+    "max_error_rate": 0.01,  # canary error rate may exceed the stable one by this much
+    "max_p99_ratio": 1.5,    # canary p99 latency / stable p99 latency
+    "max_disagreement": 0.05,  # share of shadow copies whose labels differ
+    "fail_on_drift": True,   # abort when the canary's inputs or predictions drift
+}
+
+
+def check_policy(policy: dict[str, Any]) -> dict[str, Any]:
+    """A complete policy from overrides ({} stays {}: a manual rollout)."""
+    if not policy:
+        return {}
+    unknown = set(policy) - set(POLICY_DEFAULTS)
+    if unknown:
+        raise RegistryError(f"unknown rollout policy keys {sorted(unknown)}; known: {sorted(POLICY_DEFAULTS)}")
+    full = {**POLICY_DEFAULTS, **policy}
+    steps = full["steps"]
+    if (not steps or any(not 0 < w <= 100 for w in steps) or list(steps) != sorted(set(steps))
+            or steps[-1] != 100):
+        raise RegistryError(f"automatic steps must be increasing weights in (0, 100] ending at 100 "
+                            f"(e.g. 10,50,100), got {steps}")
+    for key in ("min_requests", "step_seconds", "max_error_rate", "max_p99_ratio", "max_disagreement"):
+        if not isinstance(full[key], (int, float)) or full[key] < 0:
+            raise RegistryError(f"rollout policy {key} must be a non-negative number, got {full[key]!r}")
+    full["steps"] = [float(w) for w in steps]
+    return full
 
 
 @dataclass(frozen=True)
@@ -49,6 +89,7 @@ class Rollout:
     shadow_sample: float       # share of requests copied to the shadow version
     started_at: float
     updated_at: float
+    policy: dict[str, Any] = field(default_factory=dict)  # automatic analysis; {}: manual
 
     @property
     def ref(self) -> str:
@@ -85,7 +126,7 @@ def _row(home: Home, name: str, alias: str) -> Rollout | None:
         return None
     stable = get_version(home, f"{name}@{alias}").version
     return Rollout(row["name"], row["alias"], stable, row["canary"], row["weight"], row["sticky"], row["shadow"],
-                   row["shadow_sample"], row["started_at"], row["updated_at"])
+                   row["shadow_sample"], row["started_at"], row["updated_at"], json.loads(row["policy"]))
 
 
 def get_rollout(home: Home | str | os.PathLike | None, ref: str) -> Rollout | None:
@@ -112,15 +153,22 @@ def _check_weight(weight: float) -> float:
 def start_rollout(
     home: Home | str | os.PathLike | None, ref: str, canary: int | None = None, weight: float = 10.0,
     sticky: str = "", shadow: int | None = None, shadow_sample: float = 0.1, reason: str = "",
+    policy: dict[str, Any] | None = None,
 ) -> Rollout:
     """Start a rollout on NAME@ALIAS: a canary version at `weight` percent, a shadow version
-    copied `shadow_sample` of requests, or both."""
+    copied `shadow_sample` of requests, or both. A `policy` with steps (POLICY_DEFAULTS)
+    hands the steps to the servers' automatic analysis, starting at the first step."""
     home = open_home(home)
     _ensure_table(home)
     name, alias = parse_alias_ref(ref)
     if canary is None and shadow is None:
         raise RegistryError("a rollout needs a canary version (--canary), a shadow version (--shadow), or both")
     check_sticky(sticky)
+    policy = check_policy(policy or {})
+    if policy:
+        if canary is None:
+            raise RegistryError("automatic steps need a canary version (--canary)")
+        weight = policy["steps"][0]
     _check_weight(weight)
     if not 0 < shadow_sample <= 1:
         raise RegistryError(f"shadow sample is a share of requests in (0, 1], got {shadow_sample:g}")
@@ -136,10 +184,10 @@ def start_rollout(
             raise RegistryError(f"{ref} already has a rollout: promote or abort it first (vivace rollout status {ref})")
         now = time.time()
         home.db.execute(
-            "INSERT INTO rollouts (name, alias, canary, weight, sticky, shadow, shadow_sample, started_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO rollouts (name, alias, canary, weight, sticky, shadow, shadow_sample, policy, started_at,"
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (name, alias, canary, weight if canary is not None else 0.0, sticky, shadow,
-             shadow_sample if shadow is not None else 0.0, now, now))
+             shadow_sample if shadow is not None else 0.0, json.dumps(policy), now, now))
         rollout = _row(home, name, alias)
         assert rollout is not None
         home.audit("rollout.start", ref, reason, rollout.to_json())

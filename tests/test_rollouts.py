@@ -221,3 +221,137 @@ def test_server_applies_weights_stickiness_shadow_promotion_and_abort(home, fron
         assert {infer(port)[0] for _ in range(20)} == {"2"}
     finally:
         assert server.stop() == 0
+
+
+# -- automatic analysis -------------------------------------------------------------------------
+
+def _counts(success: int, failures: int, slow: int = 0):
+    from vivace.engine.rollout import Counts
+
+    # buckets: <= 1 ms, <= 10 ms, <= 100 ms, overflow; `slow` successes land in the 100 ms one
+    return Counts(success, failures, (0.001, 0.01, 0.1), (success - slow, 0, slow, 0))
+
+
+def _split(weight=10.0, shadow=False, **policy):
+    from vivace.engine.rollout import Split
+    from vivace.registry.rollouts import check_policy
+
+    class Runner:
+        def __init__(self, version):
+            self.version = version
+
+    return Split("scorer@production", Runner("1"), Runner("2"), weight, "", Runner("3") if shadow else None,
+                 1.0 if shadow else 0.0, check_policy({"steps": [10, 50, 100], "min_requests": 100,
+                                                       "step_seconds": 5, **policy}))
+
+
+def test_judge_waits_steps_promotes_and_aborts():
+    from vivace.engine.rollout import judge
+
+    good = _counts(1000, 2)
+    assert judge(_split(), good, _counts(50, 0), [], 60)[0] == "wait"            # too few canary answers
+    assert judge(_split(), good, _counts(500, 1), [], 1)[0] == "wait"            # too soon
+    decision, evidence = judge(_split(), good, _counts(500, 1), [], 6)
+    assert decision == "step" and evidence["next_weight"] == 50
+    assert judge(_split(weight=50), good, _counts(500, 1), [], 6)[0] == "promote"
+    decision, evidence = judge(_split(), good, _counts(500, 40), [], 6)              # 8% errors vs 0.2%
+    assert decision == "abort" and "error rate" in evidence["failed"][0]
+    decision, evidence = judge(_split(), good, _counts(500, 0, slow=100), [], 6)     # p99 1 ms -> 100 ms
+    assert decision == "abort" and "p99" in evidence["failed"][0]
+    decision, evidence = judge(_split(), good, _counts(20, 0), ["f3"], 0)            # drift: no minimum
+    assert decision == "abort" and evidence["canary_drifting"] == ["f3"]
+    assert judge(_split(fail_on_drift=False), good, _counts(20, 0), ["f3"], 0)[0] == "wait"
+    shadowed = _split(shadow=True)
+    shadowed.shadowed, shadowed.disagreements = 200, 30
+    decision, evidence = judge(shadowed, good, _counts(20, 0), [], 0)
+    assert decision == "abort" and evidence["shadow_disagreement"] == 0.15
+
+
+def test_bad_policies_are_refused(home):
+    for policy, words in (({"steps": [50, 10, 100]}, "increasing"), ({"steps": [10, 50]}, "ending at 100"),
+                          ({"steps": [10, 100], "max_p99_ratio": -1}, "non-negative"),
+                          ({"steps": [10, 100], "speed": 1}, "unknown rollout policy")):
+        with pytest.raises(RegistryError, match=words):
+            start_rollout(home, "scorer@production", canary=2, policy=policy)
+    with pytest.raises(RegistryError, match="need a canary"):
+        start_rollout(home, "scorer@production", shadow=3, policy={"steps": [10, 100]})
+    assert start_rollout(home, "scorer@production", canary=2, policy={"steps": [25, 100]}).weight == 25
+
+
+@pytest.fixture
+def failing_canary(home, tmp_path):
+    """Version 4: answers like version 2, but fails every request whose first value is 7."""
+    import torch
+
+    from vivace.registry.package import write_package
+
+    class Fragile(torch.nn.Module):
+        def forward(self, x):
+            if bool((x[:, 0] == 7.0).any()):
+                raise RuntimeError("the canary broke")
+            return x[:, :1] * 0.0 + 0.5
+
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(Fragile()), buffer)
+    write_package(tmp_path / "v4", {
+        "name": "scorer", "platform": "torchscript", "model_file": "model.pt",
+        "inputs": [{"name": "input__0", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "output__0", "datatype": "FP32", "shape": [-1, 1]}],
+        "max_batch_size": 16, "parameters": {"torch_num_threads": 1},
+    }, {"model.pt": buffer.getvalue()})
+    return register_model(home, tmp_path / "v4", "scorer", metrics={"auc": 0.99}).version
+
+
+def _post(port: int, value: float) -> int:
+    body = {"inputs": [{"name": "input__0", "shape": [1, 4], "datatype": "FP32", "data": [value] * 4}]}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/v2/models/scorer/infer", json.dumps(body))
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_server_steps_and_promotes_a_healthy_canary_by_itself(home):
+    server = ServerProcess(["scorer@production"], "--follow-interval", "0.1", "--idle-timeout", "1",
+                           env={"VIVACE_HOME": str(home.path)})
+    try:
+        start_rollout(home, "scorer@production", canary=2, policy={
+            "steps": [50, 100], "min_requests": 20, "step_seconds": 0.2})
+
+        def promoted():
+            for _ in range(10):
+                assert _post(server.port, 0.0) == 200
+            return get_version(home, "scorer@production").version == 2
+
+        wait_for(promoted, timeout=60, what="the automatic promotion")
+        actions = [(r["action"], r["details"].get("weight")) for r in home.audit_log("scorer@production")]
+        # 50% is the first step; the next is 100%, which is the promotion itself.
+        assert actions == [("rollout.start", 50.0), ("rollout.promote", 50.0)]
+        promote = next(r for r in home.audit_log("scorer@production") if r["action"] == "rollout.promote")
+        assert promote["reason"] == "automatic analysis: promote"
+        assert promote["details"]["evidence"]["canary"]["requests"] >= 20
+    finally:
+        assert server.stop() == 0
+
+
+def test_server_aborts_a_failing_canary_by_itself(home, failing_canary):
+    server = ServerProcess(["scorer@production"], "--follow-interval", "0.1", env={"VIVACE_HOME": str(home.path)})
+    try:
+        start_rollout(home, "scorer@production", canary=failing_canary, policy={
+            "steps": [50, 100], "min_requests": 10, "step_seconds": 0.2})
+
+        def aborted():
+            for _ in range(10):
+                _post(server.port, 7.0)  # version 1 answers 200; the canary 500
+            return get_rollout(home, "scorer@production") is None
+
+        wait_for(aborted, timeout=60, what="the automatic abort")
+        assert get_version(home, "scorer@production").version == 1
+        abort = next(r for r in home.audit_log("scorer@production") if r["action"] == "rollout.abort")
+        assert abort["reason"].startswith("automatic analysis: error rate")
+        evidence = abort["details"]["evidence"]
+        assert evidence["canary"]["error_rate"] == 1.0 and evidence["stable"]["error_rate"] == 0.0
+        wait_for(lambda: rollout_status(server.port)["ref"] is None, what="the server to end the split")
+        assert {_post(server.port, 7.0) for _ in range(10)} == {200}  # back on version 1 alone
+    finally:
+        assert server.stop() == 0

@@ -23,7 +23,7 @@ COMMANDS = {
     "bench": "vivace.bench.commands",
     "package": "vivace.registry.cli",
     "data": "vivace.registry.cli", "models": "vivace.registry.cli", "runs": "vivace.registry.cli",
-    "train": "vivace.registry.cli", "audit": "vivace.registry.cli",
+    "train": "vivace.registry.cli", "audit": "vivace.registry.cli", "rollout": "vivace.registry.cli",
     "features": "vivace.features.cli",
     "monitor": "vivace.monitor.cli",
 }
