@@ -500,7 +500,7 @@ class App:
     async def _act(self, split: Split, decision: str, evidence: dict[str, Any]) -> None:
         """Write an automatic decision to the registry; the alias follower applies it."""
         from vivace.registry import rollouts
-        from vivace.registry.models import PromotionRefused
+        from vivace.registry.models import PromotionRefused, ProtectedAlias
 
         reason = "automatic analysis: " + ("; ".join(evidence["failed"]) if decision == "abort" else decision)
         loop = asyncio.get_running_loop()
@@ -512,6 +512,14 @@ class App:
                 try:
                     await loop.run_in_executor(None, functools.partial(
                         rollouts.promote_rollout, self.home, split.ref, reason, evidence=evidence))
+                except ProtectedAlias:  # a second identity must approve: ask, and wait for it
+                    request = await loop.run_in_executor(None, functools.partial(
+                        _automatic_request, self.home, split.ref, int(split.canary.version)))
+                    split.verdict = {**(split.verdict or {}), "decision": "awaiting approval",
+                                     "request": request.id}
+                    log.warning("%s: rollout passed every step; promotion request %d awaits approval",
+                                split.ref, request.id)
+                    return  # acting stays set: nothing more to judge until the alias moves
                 except PromotionRefused as exc:  # the registry's gate has the last word
                     decision, reason = "abort", f"automatic analysis: the promotion gate refused: {exc}"
                     await loop.run_in_executor(None, functools.partial(
@@ -545,6 +553,17 @@ class App:
     def in_flight(self) -> int:
         native = self.frontend.in_flight() if self.frontend is not None else 0
         return native + sum(len(c.outstanding) + len(c.held) for c in self.connections)
+
+
+def _automatic_request(home: str | None, ref: str, version: int) -> Any:
+    """The promotion request of a rollout that passed every step on a protected alias (one
+    per version: a restarted server finds the pending one)."""
+    from vivace.registry.approvals import list_requests, request_promotion
+
+    name, _, alias = ref.partition("@")
+    pending = [r for r in list_requests(home) if (r.name, r.alias, r.version) == (name, alias, version)]
+    return pending[0] if pending else request_promotion(
+        home, name, version, alias, "automatic analysis: every step passed", "vivace serve (automatic analysis)")
 
 
 def _merged(a: dict, b: dict) -> dict:

@@ -191,12 +191,12 @@ def _models_alias(args: argparse.Namespace, home: Home) -> int:
     if args.delete:
         if args.version is not None:
             raise RegistryError("use either VERSION ALIAS or --delete ALIAS")
-        version = delete_alias(home, args.name, args.delete, args.reason or "")
+        version = delete_alias(home, args.name, args.delete, args.reason or "", force=args.force)
         print(f"deleted {args.name}@{args.delete} (was version {version})")
         return 0
     if args.version is None or args.alias is None or not args.version.isdigit():
         raise RegistryError("usage: vivace models alias NAME VERSION ALIAS  (or NAME --delete ALIAS)")
-    previous = set_alias(home, args.name, int(args.version), args.alias, args.reason or "")
+    previous = set_alias(home, args.name, int(args.version), args.alias, args.reason or "", force=args.force)
     moved = f" (was version {previous})" if previous is not None else ""
     print(f"{args.name}@{args.alias} -> version {args.version}{moved}")
     return 0
@@ -494,6 +494,71 @@ def _rollout_abort(args: argparse.Namespace, home: Home) -> int:
     return 0
 
 
+@_handler
+def _models_protect(args: argparse.Namespace, home: Home) -> int:
+    from .approvals import protect_alias
+
+    protect_alias(home, args.name, args.alias, protected=not args.off, reason=args.reason or "")
+    print(f"{args.name}@{args.alias} is {'no longer ' if args.off else ''}protected"
+          + ("" if args.off else ": promotions need a request approved by another identity"))
+    return 0
+
+
+@_handler
+def _models_request(args: argparse.Namespace, home: Home) -> int:
+    from .approvals import request_promotion
+
+    request = request_promotion(home, args.name, args.version, args.alias, reason=args.reason or "")
+    print(f"promotion request {request.id}: {request.name}/{request.version} to @{request.alias}, by "
+          f"{request.requester}; another identity approves it with: vivace models approve {request.id}")
+    return 0
+
+
+@_handler
+def _models_requests(args: argparse.Namespace, home: Home) -> int:
+    from .approvals import list_requests
+
+    requests = list_requests(home, state=None if args.all else "pending")
+    if args.json:
+        print(json.dumps([r.to_json() for r in requests], indent=1))
+        return 0
+    if not requests:
+        print("no pending promotion requests" if not args.all else "no promotion requests")
+        return 0
+    rows = [["id", "model", "alias", "requester", "state", "decider", "asked"]]
+    rows += [[str(r.id), f"{r.name}/{r.version}", r.alias, r.requester, r.state, r.decider or "-",
+              _when(r.created_at)] for r in requests]
+    print(_table(rows))
+    return 0
+
+
+@_handler
+def _models_approve(args: argparse.Namespace, home: Home) -> int:
+    from .approvals import approve_promotion
+    from .models import PromotionRefused
+
+    try:
+        checks, previous = approve_promotion(home, args.request, reason=args.reason or "", metric=args.metric,
+                                             force=args.force)
+    except PromotionRefused as exc:
+        print(str(exc), file=sys.stderr)
+        print("the request stays pending; use --force --reason TEXT to override the gate (audited)", file=sys.stderr)
+        return 1
+    for check, ok, detail in checks:
+        print(f"  [{'pass' if ok else 'FAIL'}] {check}: {detail}")
+    print(f"request {args.request} approved: the alias moved (was version {previous})")
+    return 0
+
+
+@_handler
+def _models_reject(args: argparse.Namespace, home: Home) -> int:
+    from .approvals import reject_promotion
+
+    request = reject_promotion(home, args.request, reason=args.reason or "")
+    print(f"request {request.id} rejected: {request.name}/{request.version} stays off @{request.alias}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add the lifecycle commands to the `vivace` parser."""
     p = subparsers.add_parser(
@@ -555,6 +620,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("version", nargs="?")
     p.add_argument("alias", nargs="?")
     p.add_argument("--delete", metavar="ALIAS")
+    p.add_argument("--force", action="store_true", help="move or delete a protected alias (needs --reason)")
     p.add_argument("--reason")
     p.set_defaults(func=_models_alias)
     p = msub.add_parser("list", help="list registered models")
@@ -586,6 +652,32 @@ def register(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true", help="override a failed gate (needs --reason)")
     p.add_argument("--reason")
     p.set_defaults(func=_models_promote)
+    p = msub.add_parser("protect", help="require an approved request (a second identity) to move NAME@ALIAS")
+    p.add_argument("name")
+    p.add_argument("alias")
+    p.add_argument("--off", action="store_true", help="lift the protection")
+    p.add_argument("--reason")
+    p.set_defaults(func=_models_protect)
+    p = msub.add_parser("request", help="ask for a promotion to a protected alias (another identity approves)")
+    p.add_argument("name")
+    p.add_argument("version", type=int)
+    p.add_argument("--alias", default="production")
+    p.add_argument("--reason")
+    p.set_defaults(func=_models_request)
+    p = msub.add_parser("requests", help="promotion requests (pending ones, or --all)")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_models_requests)
+    p = msub.add_parser("approve", help="approve a promotion request (not your own): gate, then move the alias")
+    p.add_argument("request", type=int)
+    p.add_argument("--metric", default="auc", help="promotion gate metric (default auc)")
+    p.add_argument("--force", action="store_true", help="override a failed gate (needs --reason)")
+    p.add_argument("--reason")
+    p.set_defaults(func=_models_approve)
+    p = msub.add_parser("reject", help="reject a promotion request (not your own)")
+    p.add_argument("request", type=int)
+    p.add_argument("--reason")
+    p.set_defaults(func=_models_reject)
     p = msub.add_parser("card", help="markdown model card for NAME/VERSION or NAME@ALIAS")
     p.add_argument("ref")
     p.add_argument("--output", "-o")

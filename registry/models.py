@@ -34,6 +34,29 @@ class PromotionRefused(RegistryError):
         super().__init__(message)
 
 
+class ProtectedAlias(RegistryError):
+    """The alias is protected: moving it needs an approved promotion request (or --force)."""
+
+
+def is_protected(home: Home, name: str, alias: str) -> bool:
+    """Whether moving `name@alias` needs a second identity's approval (registry/approvals.py)."""
+    if not home.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'protected_aliases'").fetchone():
+        return False
+    return home.db.execute("SELECT 1 FROM protected_aliases WHERE name = ? AND alias = ?",
+                           (name, alias)).fetchone() is not None
+
+
+def _guard(home: Home, name: str, alias: str, force: bool, reason: str, approved: bool) -> None:
+    if approved or not is_protected(home, name, alias):
+        return
+    if not force:
+        raise ProtectedAlias(f"{name}@{alias} is protected: request the promotion (vivace models request "
+                             f"{name} VERSION --alias {alias}) and have another identity approve it, or use "
+                             "--force --reason TEXT in an emergency (audited)")
+    if not reason.strip():
+        raise RegistryError(f"--force on the protected alias {name}@{alias} needs --reason (it is audited)")
+
+
 @dataclass
 class ModelVersion:
     name: str
@@ -243,13 +266,17 @@ def _check_alias(alias: str) -> str:
 
 def set_alias(
     home: Home | str | os.PathLike | None, name: str, version: int, alias: str, reason: str = "",
+    force: bool = False,
 ) -> int | None:
-    """Point `name@alias` at `version`; returns the version it pointed at before (or None)."""
+    """Point `name@alias` at `version`; returns the version it pointed at before (or None).
+    A protected alias moves only with `force` and a reason (audited as an override)."""
     home = open_home(home)
     _check_alias(alias)
     with home.transaction():
+        _guard(home, name, alias, force, reason, approved=False)
         previous = _move_alias(home, name, version, alias)
-        home.audit("model.alias", f"{name}/{version}", reason, {"alias": alias, "previous": previous})
+        home.audit("model.alias.override" if force and is_protected(home, name, alias) else "model.alias",
+                   f"{name}/{version}", reason, {"alias": alias, "previous": previous})
     return previous
 
 
@@ -264,10 +291,12 @@ def _move_alias(home: Home, name: str, version: int, alias: str) -> int | None:
     return row[0] if row else None
 
 
-def delete_alias(home: Home | str | os.PathLike | None, name: str, alias: str, reason: str = "") -> int:
-    """Remove `name@alias`; returns the version it pointed at."""
+def delete_alias(home: Home | str | os.PathLike | None, name: str, alias: str, reason: str = "",
+                 force: bool = False) -> int:
+    """Remove `name@alias`; returns the version it pointed at (a protected alias: `force`)."""
     home = open_home(home)
     with home.transaction() as db:
+        _guard(home, name, alias, force, reason, approved=False)
         version = get_version(home, f"{name}@{alias}").version
         db.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
         home.audit("model.alias.delete", f"{name}/{version}", reason, {"alias": alias})
@@ -354,12 +383,14 @@ def gate_checks(
 def promote(
     home: Home | str | os.PathLike | None, name: str, version: int, alias: str = "production",
     metric: str = "auc", direction: str | None = None, margin: float = 0.0,
-    force: bool = False, reason: str = "",
+    force: bool = False, reason: str = "", approved: bool = False,
 ) -> tuple[list[tuple[str, bool, str]], int | None]:
     """Move `name@alias` to `version` if it passes the quality gate; returns (checks, previous).
 
     The gate is evaluated and the alias moved inside one write transaction, so the
     holder cannot change in between. `force` requires a reason and is audited as an override.
+    A protected alias also needs `approved` (an approved request, registry/approvals.py) or
+    `force`; ProtectedAlias otherwise.
     """
     home = open_home(home)
     _check_alias(alias)
@@ -369,6 +400,7 @@ def promote(
     if force and not reason.strip():
         raise RegistryError("--force needs --reason: overrides are recorded in the audit log")
     with home.transaction():
+        _guard(home, name, alias, force, reason, approved)
         candidate = get_version(home, f"{name}/{version}")
         try:
             holder: ModelVersion | None = get_version(home, f"{name}@{alias}")
@@ -376,8 +408,10 @@ def promote(
             holder = None
         checks = gate_checks(candidate, holder, metric, direction, margin)
         passed = all(ok for _, ok, _ in checks)
+        bypassed = force and not approved and is_protected(home, name, alias)
         details = {"alias": alias, "metric": metric, "direction": direction, "margin": margin,
-                   "previous": holder.version if holder else None,
+                   "previous": holder.version if holder else None, "approved": approved,
+                   "protection_overridden": bypassed,
                    "checks": [{"check": c, "passed": ok, "detail": d} for c, ok, d in checks]}
         if not passed and not force:
             # A refused promotion is recorded too: it happens in this transaction, which
@@ -385,7 +419,8 @@ def promote(
             home.audit("model.promote.refused", candidate.ref, reason, details)
         else:
             _move_alias(home, name, version, alias)
-            home.audit("model.promote.override" if not passed else "model.promote", candidate.ref, reason, details)
+            home.audit("model.promote.override" if not passed or bypassed else "model.promote", candidate.ref,
+                       reason, details)
     if not passed and not force:
         report = "\n".join(f"  [{'pass' if ok else 'FAIL'}] {c}: {d}" for c, ok, d in checks)
         raise PromotionRefused(f"promotion of {name}/{version} to @{alias} refused:\n{report}", checks)

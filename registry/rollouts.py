@@ -248,3 +248,15 @@ def abort_rollout(home: Home | str | os.PathLike | None, ref: str, reason: str =
         home.db.execute("DELETE FROM rollouts WHERE name = ? AND alias = ?", (rollout.name, rollout.alias))
         home.audit("rollout.abort", ref, reason, {**rollout.to_json(), "evidence": evidence or {}})
     return rollout
+
+
+def end_if_promoted(home: Home, name: str, alias: str, version: int, evidence: dict[str, Any]) -> None:
+    """An approved promotion moved NAME@ALIAS to `version`: a rollout whose canary that was
+    is over (promoted)."""
+    _ensure_table(home)
+    with home.transaction():
+        rollout = _row(home, name, alias)
+        if rollout is None or rollout.canary != version:
+            return
+        home.db.execute("DELETE FROM rollouts WHERE name = ? AND alias = ?", (name, alias))
+        home.audit("rollout.promote", rollout.ref, "approved promotion", {**rollout.to_json(), "evidence": evidence})
