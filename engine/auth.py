@@ -33,7 +33,7 @@ from typing import Any
 
 import msgspec
 
-SCOPES = ("infer", "read", "admin")
+SCOPES = ("infer", "read", "admin", "approve")  # approve: promotion requests of others
 TOKEN_PREFIX = "vvc_"
 BEARER = b"bearer "
 

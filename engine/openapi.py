@@ -414,6 +414,51 @@ def _common_schemas() -> dict[str, Any]:
                 },
             }},
         },
+        "RolloutRequest": {
+            "type": "object", "additionalProperties": False, "required": ["parameters"],
+            "properties": {"parameters": {
+                "type": "object", "required": ["action", "alias"],
+                "properties": {
+                    "action": {"enum": ["start", "step", "promote", "abort"]},
+                    "alias": {"type": "string", "pattern": MODEL_NAME_PATTERN},
+                    "canary": {"type": "integer", "minimum": 1}, "shadow": {"type": "integer", "minimum": 1},
+                    "weight": {"type": "number", "minimum": 0, "maximum": 100},
+                    "sticky": {"type": "string"}, "shadow_sample": {"type": "number"},
+                    "policy": {"type": "object"}, "reason": {"type": "string"},
+                },
+            }},
+        },
+        "RolloutChanged": {
+            "type": "object", "required": ["ref", "action"],
+            "properties": {"ref": {"type": "string"}, "action": {"type": "string"},
+                           "rollout": {"type": ["object", "null"]}, "previous": {"type": ["integer", "null"]}},
+        },
+        "PromotionRequestBody": {
+            "type": "object", "additionalProperties": False, "required": ["parameters"],
+            "properties": {"parameters": {
+                "type": "object", "required": ["version", "alias"],
+                "properties": {"version": {"type": "integer", "minimum": 1},
+                               "alias": {"type": "string", "pattern": MODEL_NAME_PATTERN},
+                               "reason": {"type": "string"}},
+            }},
+        },
+        "PromotionRequested": {
+            "type": "object", "required": ["request", "requester"],
+            "properties": {"request": {"type": "integer"}, "requester": {"type": "string"}},
+        },
+        "ApprovalBody": {
+            "type": "object", "additionalProperties": False, "required": ["parameters"],
+            "properties": {"parameters": {
+                "type": "object", "required": ["request"],
+                "properties": {"request": {"type": "integer", "minimum": 1},
+                               "decision": {"enum": ["approve", "reject"]}, "reason": {"type": "string"}},
+            }},
+        },
+        "PromotionDecided": {
+            "type": "object", "required": ["request", "decision", "decider"],
+            "properties": {"request": {"type": "integer"}, "decision": {"type": "string"},
+                           "decider": {"type": "string"}, "previous": {"type": ["integer", "null"]}},
+        },
         "AliasMoved": {
             "type": "object", "required": ["name", "alias", "version"],
             "properties": {"name": {"type": "string"}, "alias": {"type": "string"}, "version": {"type": "integer"},

@@ -87,6 +87,16 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v2/repository/models/{model_name}/alias", "_move_alias", "admin", "repository_alias",
           "Point NAME@ALIAS at a version in the registry; servers following the alias switch to it.",
           "AliasMoved", request="AliasRequest", errors=("404", "503"), admin=True),
+    Route("POST", "/v2/repository/models/{model_name}/rollout", "_rollout_action", "admin", "repository_rollout",
+          "Start, step, promote or abort a rollout on NAME@ALIAS in the registry; servers following the "
+          "alias apply it.", "RolloutChanged", request="RolloutRequest", errors=("404", "503"), admin=True),
+    Route("POST", "/v2/repository/models/{model_name}/request", "_request_promotion", "admin",
+          "repository_request", "Ask for a promotion to a protected alias; the token's name is the requester.",
+          "PromotionRequested", request="PromotionRequestBody", errors=("404", "503"), admin=True),
+    Route("POST", "/v2/repository/models/{model_name}/approve", "_approve_promotion", "approve",
+          "repository_approve", "Approve (or reject) a promotion request made by another token; approval runs "
+          "the promotion gate and moves the alias.", "PromotionDecided", request="ApprovalBody",
+          errors=("404", "503"), admin=True),
 )
 
 # Routes that never need a token (health checks), as request paths.

@@ -21,6 +21,7 @@ import msgspec
 
 from vivace import __version__, datatypes
 from vivace.monitor.metrics import MetricsCollector, render_metrics
+from vivace.registry.models import ProtectedAlias
 
 from . import oip, routes
 from .auth import AuditLog, Authenticator, Principal
@@ -389,7 +390,8 @@ class App:
                 answer = finish(future.result())
             except Exception as exc:  # noqa: BLE001 - every failure is answered and audited
                 status = (exc.status if isinstance(exc, oip.ProtocolError) else 404 if isinstance(exc, LookupError)
-                          else 400 if isinstance(exc, ValueError) else 500)
+                          else 403 if isinstance(exc, ProtectedAlias) else 400 if isinstance(exc, ValueError)
+                          else 500)
                 self.record(event, **fields, status=status, error=str(exc))
                 if status == 500:
                     log.error("%s failed: %s", event, exc)
@@ -453,6 +455,87 @@ class App:
         self._admin_task(protocol, seq, "admin.alias", {"model": name, "alias": alias, "version": version}, work,
                          lambda previous: {"name": name, "alias": alias, "version": version, "previous": previous})
 
+    def _rollout_action(self, name: str, protocol, seq, runner, body) -> None:
+        """Start, step, promote or abort a rollout on NAME@ALIAS (registry/rollouts.py)."""
+        params = self._parameters(body)
+        action, alias = params.get("action"), params.get("alias")
+        if action not in ("start", "step", "promote", "abort") or not isinstance(alias, str):
+            raise oip.ProtocolError('parameters must name "action" (start, step, promote or abort) and "alias"')
+        ref = f"{name}@{alias}"
+        reason = f"HTTP request by {_actor(protocol) or 'an unauthenticated client'}: {params.get('reason', '')}"
+
+        def work() -> dict[str, Any]:
+            from vivace.registry import rollouts
+
+            previous = None
+            if action == "start":
+                rollout = rollouts.start_rollout(
+                    self.home, ref, canary=_int_param(params, "canary"), weight=_number_param(params, "weight", 10.0),
+                    sticky=str(params.get("sticky", "")), shadow=_int_param(params, "shadow"),
+                    shadow_sample=_number_param(params, "shadow_sample", 0.1), reason=reason,
+                    policy=params.get("policy") if isinstance(params.get("policy"), dict) else None)
+            elif action == "step":
+                rollout = rollouts.step_rollout(self.home, ref, _number_param(params, "weight", None), reason)
+            elif action == "promote":
+                rollout, (_, previous) = None, rollouts.promote_rollout(self.home, ref, reason)
+            else:
+                rollout = rollouts.abort_rollout(self.home, ref, reason)
+            return {"ref": ref, "action": action, "rollout": rollout.to_json() if rollout else None,
+                    "previous": previous}
+
+        self._admin_task(protocol, seq, "admin.rollout", {"model": name, "alias": alias, "action": action}, work,
+                         lambda answer: answer)
+
+    def _request_promotion(self, name: str, protocol, seq, runner, body) -> None:
+        """Ask for a promotion to a protected alias; the token's name is the requester."""
+        params = self._parameters(body)
+        version, alias = _int_param(params, "version"), params.get("alias")
+        if version is None or not isinstance(alias, str):
+            raise oip.ProtocolError('parameters must name "version" (integer) and "alias"')
+        requester = self._identity(protocol)
+
+        def work() -> dict[str, Any]:
+            from vivace.registry.approvals import request_promotion
+
+            request = request_promotion(self.home, name, version, alias, str(params.get("reason", "")), requester)
+            return {"request": request.id, "requester": requester}
+
+        self._admin_task(protocol, seq, "admin.request", {"model": name, "alias": alias, "version": version},
+                         work, lambda answer: answer)
+
+    def _approve_promotion(self, name: str, protocol, seq, runner, body) -> None:
+        """Approve or reject another token's promotion request (the approve scope)."""
+        params = self._parameters(body)
+        request_id, decision = _int_param(params, "request"), params.get("decision", "approve")
+        if request_id is None or decision not in ("approve", "reject"):
+            raise oip.ProtocolError('parameters must name "request" (integer); "decision": approve or reject')
+        decider = self._identity(protocol)
+        reason = str(params.get("reason", ""))
+
+        def work() -> dict[str, Any]:
+            from vivace.registry import approvals
+
+            request = approvals.get_request(self.home, request_id)
+            if request.name != name:
+                raise oip.ProtocolError(f"promotion request {request_id} is for model {request.name!r}", 404)
+            previous = None
+            if decision == "approve":
+                _, previous = approvals.approve_promotion(self.home, request_id, reason, approver=decider)
+            else:
+                approvals.reject_promotion(self.home, request_id, reason, decider=decider)
+            return {"request": request_id, "decision": decision, "decider": decider, "previous": previous}
+
+        self._admin_task(protocol, seq, "admin.approve", {"model": name, "request": request_id}, work,
+                         lambda answer: answer)
+
+    def _identity(self, protocol) -> str:
+        """The token name that requests or approves a promotion: approvals need --auth."""
+        actor = _actor(protocol)
+        if actor is None:
+            raise oip.ProtocolError("promotion requests and approvals over HTTP need --auth: the token names "
+                                    "the requester and the approver", 403)
+        return actor
+
     # -- lifecycle ----------------------------------------------------------------------
     def sweep(self) -> None:
         now = time.monotonic()
@@ -500,7 +583,7 @@ class App:
     async def _act(self, split: Split, decision: str, evidence: dict[str, Any]) -> None:
         """Write an automatic decision to the registry; the alias follower applies it."""
         from vivace.registry import rollouts
-        from vivace.registry.models import PromotionRefused, ProtectedAlias
+        from vivace.registry.models import PromotionRefused
 
         reason = "automatic analysis: " + ("; ".join(evidence["failed"]) if decision == "abort" else decision)
         loop = asyncio.get_running_loop()
@@ -553,6 +636,22 @@ class App:
     def in_flight(self) -> int:
         native = self.frontend.in_flight() if self.frontend is not None else 0
         return native + sum(len(c.outstanding) + len(c.held) for c in self.connections)
+
+
+def _int_param(params: dict[str, Any], key: str) -> int | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise oip.ProtocolError(f"parameters.{key} must be an integer")
+    return value
+
+
+def _number_param(params: dict[str, Any], key: str, default: Any) -> Any:
+    value = params.get(key, default)
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise oip.ProtocolError(f"parameters.{key} must be a number")
+    return float(value)
 
 
 def _automatic_request(home: str | None, ref: str, version: int) -> Any:

@@ -82,6 +82,12 @@ def _request(home: Home, request_id: int) -> PromotionRequest:
     return PromotionRequest(**dict(row))
 
 
+def get_request(home: Home | str | os.PathLike | None, request_id: int) -> PromotionRequest:
+    home = open_home(home)
+    _ensure_tables(home)
+    return _request(home, request_id)
+
+
 def list_requests(home: Home | str | os.PathLike | None, state: str | None = "pending") -> list[PromotionRequest]:
     home = open_home(home)
     _ensure_tables(home)

@@ -166,7 +166,9 @@ def _concrete_routes() -> list[tuple[str, str]]:
     routes = [("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("GET", "/v2"),
               ("GET", "/v2/models/stats"), ("GET", "/metrics"), ("GET", "/v2/openapi.json"),
               ("POST", "/v2/repository/index"), ("POST", "/v2/repository/models/mlp/load"),
-              ("POST", "/v2/repository/models/mlp/unload"), ("POST", "/v2/repository/models/mlp/alias")]
+              ("POST", "/v2/repository/models/mlp/unload"), ("POST", "/v2/repository/models/mlp/alias"),
+              ("POST", "/v2/repository/models/mlp/rollout"), ("POST", "/v2/repository/models/mlp/request"),
+              ("POST", "/v2/repository/models/mlp/approve")]
     for name, version in (("mlp", "1"), ("pair", "7")):
         for base in (f"/v2/models/{name}", f"/v2/models/{name}/versions/{version}"):
             routes += [("GET", base), ("GET", base + "/ready"), ("GET", base + "/config"),

@@ -210,6 +210,13 @@ def test_server_applies_weights_stickiness_shadow_promotion_and_abort(home, fron
         assert 'vivace_shadow_requests_total{model="scorer",version="3"}' in metrics
         assert 'vivace_shadow_max_abs_diff{model="scorer",version="3"} 0.5' in metrics
         assert 'vivace_rollout_routed_total{model="scorer",version="1"}' in metrics
+        import re
+        from importlib.resources import files
+
+        dashboard = json.loads(files("vivace.monitor.data").joinpath("grafana-dashboard.json").read_text())
+        panels = [m for p in dashboard["panels"] for t in p["targets"]
+                  for m in re.findall(r"vivace_(?:rollout|shadow)_[a-z_]+", t["expr"])]
+        assert len(set(panels)) >= 4 and all(m in metrics for m in panels), panels
 
         # Promotion moves the alias to the canary; the server follows and the split ends.
         abort_rollout(home, "scorer@production")
@@ -428,5 +435,51 @@ def test_automatic_rollout_on_a_protected_alias_asks_for_approval(home):
         approve_promotion(home, request.id, approver="reviewer")
         wait_for(lambda: rollout_status(server.port)["ref"] is None and rollout_status(server.port)["stable"] == "2",
                  what="the approved promotion to be followed")
+    finally:
+        assert server.stop() == 0
+
+
+def test_rollouts_and_approvals_over_http_with_tokens(home, tmp_path):
+    from vivace.engine.auth import TokenStore
+    from vivace.registry.approvals import protect_alias
+
+    tokens = tmp_path / "tokens.json"
+    store = TokenStore(tokens)
+    ana = store.create("ana", ["admin", "approve", "read"])
+    bo = store.create("bo", ["approve"])
+    reader = store.create("reader", ["read"])
+    protect_alias(home, "scorer", "production")
+    server = ServerProcess(["scorer@production"], "--auth", "--auth-tokens", str(tokens), "--repository-control",
+                           "--follow-interval", "0.1", env={"VIVACE_HOME": str(home.path)})
+
+    def post(path, token, parameters):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", path, json.dumps({"parameters": parameters}), {"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+
+    try:
+        rollout = "/v2/repository/models/scorer/rollout"
+        assert post(rollout, reader, {"action": "start", "alias": "production", "canary": 2})[0] == 403
+        status, body = post(rollout, ana, {"action": "start", "alias": "production", "canary": 2, "weight": 20})
+        assert status == 200 and body["rollout"]["canary"] == 2 and body["rollout"]["weight"] == 20
+        assert get_rollout(home, "scorer@production").weight == 20
+        assert post(rollout, ana, {"action": "step", "alias": "production", "weight": 40})[1]["rollout"]["weight"] == 40
+        status, body = post(rollout, ana, {"action": "promote", "alias": "production"})
+        assert status == 403 and "protected" in body["error"]  # the alias needs an approval
+        assert post(rollout, ana, {"action": "step", "alias": "production", "weight": 140})[0] == 400
+        assert post(rollout, ana, {"action": "jump", "alias": "production"})[0] == 400
+
+        status, body = post("/v2/repository/models/scorer/request", ana, {"version": 2, "alias": "production"})
+        assert status == 200 and body["requester"] == "ana"
+        request = body["request"]
+        status, body = post("/v2/repository/models/scorer/approve", ana, {"request": request})
+        assert status == 400 and "another identity must approve" in body["error"]
+        assert post("/v2/repository/models/scorer/approve", bo, {"request": 999})[0] == 404
+        status, body = post("/v2/repository/models/scorer/approve", bo, {"request": request})
+        assert status == 200 and body == {"request": request, "decision": "approve", "decider": "bo", "previous": 1}
+        assert get_version(home, "scorer@production").version == 2 and get_rollout(home, "scorer@production") is None
+        approved = next(r for r in home.audit_log("scorer") if r["action"] == "model.promote.approved")
+        assert (approved["details"]["requester"], approved["details"]["approver"]) == ("ana", "bo")
     finally:
         assert server.stop() == 0

@@ -123,7 +123,9 @@ def test_grafana_dashboard_queries_name_exported_metrics(profiled_package):
         time.sleep(0.5)  # one more drift check after the window filled
         text = get(server.port, "/metrics")[1].decode()
         exported = {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(r"^(vivace_[a-z_]+)", text, re.M)}
-        missing = used - exported
+        # Rollout and shadow families have samples only while a rollout is served
+        # (tests/test_rollouts.py checks those panels against a server running one).
+        missing = {m for m in used - exported if not m.startswith(("vivace_rollout_", "vivace_shadow_"))}
         assert not missing, f"dashboard queries metrics the server does not export: {sorted(missing)}"
     finally:
         assert server.stop() == 0
