@@ -223,7 +223,10 @@ Error DecodeChunk(const char* p, size_t avail, uint64_t decoded, const Limits& l
     const size_t limit = static_cast<size_t>(limits.max_header_bytes);
     for (const char* t = data;;) {
       const char* t_eol = FindCrlf(t, end);
-      if (static_cast<size_t>((t_eol ? t_eol : end) - data) > limit) return Error::kTrailersTooLarge;
+      // Where this line's CR is, or the earliest it can still be: a CR that arrived
+      // without its LF yet may end the line exactly at the limit.
+      const char* cr = t_eol ? t_eol : (end > t && end[-1] == '\r' ? end - 1 : end);
+      if (static_cast<size_t>(cr - data) > limit) return Error::kTrailersTooLarge;
       if (t_eol == nullptr) return Error::kIncomplete;
       if (t_eol == t) {
         *out = Chunk{{data, 0}, static_cast<size_t>(t_eol + 2 - p), true};
