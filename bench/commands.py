@@ -18,6 +18,7 @@ BENCH_MODULES = [
     "vivace.bench.monitoring",
     "vivace.bench.lifecycle",
     "vivace.bench.overload",
+    "vivace.bench.rollout",
     "vivace.bench.chaos",
 ]
 

@@ -1,0 +1,103 @@
+"""`vivace bench rollout`: what a canary rollout costs the requests it routes.
+
+One server follows `mlp@production` (the reference MLP, registered twice as versions 1
+and 2), pinned to one core and driven by wrk on another. Rounds alternate, in the same
+run: the alias alone (every request to version 1), then a 50/50 rollout of version 2
+(started and aborted through the `vivace rollout` command, applied live by the server).
+Printed per front end: req/s and CPU µs per request each way, and the ratio rollout /
+single version. While a rollout is on, the name's unversioned route is routed per request
+in Python, so on the native front end this also measures leaving its C++ fast path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from .drift import cpu_description
+from .http import Result, _start, _stop, add_load_options, pinned_cpus, run_wrk
+
+
+def _vivace(home: Path, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "vivace", "--home", str(home), *args], check=True, capture_output=True,
+                   timeout=120)
+
+
+def _rollout_applied(port: int, canary: str | None, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/mlp/rollout", timeout=5) as response:
+            if json.loads(response.read())["canary"] == canary:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not apply the rollout change (canary {canary}) in {timeout:g} s")
+        time.sleep(0.05)
+
+
+def benchmark(frontends: list[str], concurrency: int, duration: float, rounds: int, server_cpu: int | None,
+              client_cpu: int | None, port: int = 18200) -> dict[str, list[tuple[Result, Result]]]:
+    from vivace.registry.reference_model import write_reference_model
+
+    out: dict[str, list[tuple[Result, Result]]] = {}
+    with tempfile.TemporaryDirectory(prefix="vivace-bench-rollout-") as tmp:
+        home, package = Path(tmp) / "home", Path(tmp) / "mlp"
+        write_reference_model(package)
+        for _ in range(2):
+            _vivace(home, "models", "register", str(package), "--name", "mlp")
+        _vivace(home, "models", "alias", "mlp", "1", "production")
+        for frontend in frontends:
+            cmd = [sys.executable, "-m", "vivace", "--home", str(home), "serve", "mlp@production", "--port", str(port),
+                   "--log-level", "WARNING", "--follow-interval", "0.05", "--no-drift", "--http-frontend", frontend]
+            proc = _start(cmd, server_cpu, port)
+            try:
+                run_wrk(port, 16, 1.0, client_cpu, proc.pid, "warm-up")
+                pairs = []
+                for _ in range(rounds):
+                    single = run_wrk(port, concurrency, duration, client_cpu, proc.pid, f"{frontend} single")
+                    _vivace(home, "rollout", "start", "mlp@production", "--canary", "2", "--weight", "50")
+                    _rollout_applied(port, "2")
+                    split = run_wrk(port, concurrency, duration, client_cpu, proc.pid, f"{frontend} rollout")
+                    _vivace(home, "rollout", "abort", "mlp@production")
+                    _rollout_applied(port, None)
+                    pairs.append((single, split))
+                    print(f"  {frontend:6s} c={concurrency}: single version {single.requests_per_s:9,.0f} req/s "
+                          f"({single.cpu_us_per_request:5.1f} µs CPU/req) | 50/50 rollout "
+                          f"{split.requests_per_s:9,.0f} req/s ({split.cpu_us_per_request:5.1f} µs) | rollout/single "
+                          f"{split.requests_per_s / single.requests_per_s:5.2f}x", flush=True)
+                out[frontend] = pairs
+            finally:
+                _stop(proc)
+            port += 1
+    return out
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("rollout", help="throughput of a 50/50 canary rollout vs one version, same run")
+    add_load_options(parser, duration=4.0)
+    parser.set_defaults(concurrency="64")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved single/rollout rounds per front end")
+    parser.add_argument("--http-frontend", default="native,python", help="comma-separated: native, python")
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    if shutil.which("wrk") is None:
+        print("vivace bench rollout: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 1
+    server_cpu, client_cpu = pinned_cpus(args)
+    concurrency = int(args.concurrency.split(",")[0])
+    print(f"CPU: {cpu_description()}; server on core {server_cpu}, wrk on core {client_cpu}; pid {os.getpid()}")
+    results = benchmark(args.http_frontend.split(","), concurrency, args.duration, args.rounds, server_cpu,
+                        client_cpu)
+    for frontend, pairs in results.items():
+        ratios = sorted(split.requests_per_s / single.requests_per_s for single, split in pairs)
+        cpu = sorted(split.cpu_us_per_request / single.cpu_us_per_request for single, split in pairs)
+        print(f"{frontend}: rollout/single throughput {ratios[0]:.2f}-{ratios[-1]:.2f}x "
+              f"(median {ratios[len(ratios) // 2]:.2f}); CPU per request x{cpu[len(cpu) // 2]:.2f} (median)")
+    return 0
