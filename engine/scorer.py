@@ -36,12 +36,11 @@ class Scorer:
         self.batch_size = batch_size
         self._single_input = len(self.package.inputs) == 1
         self._names = [s.name for s in self.package.outputs]
-        # Native packages: a C-contiguous float32 [rows, in] array goes straight to the
-        # kernel; every other input takes the general `_arrange` path (same outputs).
-        forward = getattr(self.backend, "forward", None)
-        self._fast = None
-        if forward is not None and self._single_input and len(self._names) == 1:
-            self._fast = (forward, self.package.inputs[0].row_shape)
+        # Native packages: a numpy array goes straight to the kernel, which itself checks
+        # dtype, contiguity and shape; anything it refuses takes the general `_arrange` path
+        # (same outputs, and its error messages), so batch 1 pays no Python checks twice.
+        native = self.package.platform == "native_mlp"
+        self._forward = self.backend.forward if native else None
 
     def _arrange(self, inputs: Any) -> list[Any]:
         specs = self.package.inputs
@@ -80,17 +79,12 @@ class Scorer:
         return arranged
 
     def predict(self, inputs: Any) -> Any:
-        fast = self._fast
-        if (
-            fast is not None
-            and type(inputs) is np.ndarray
-            and inputs.dtype == np.float32
-            and inputs.ndim == 2
-            and inputs.shape[1:] == fast[1]
-            and inputs.flags.c_contiguous
-            and inputs.shape[0] <= self.batch_size
-        ):
-            return fast[0](inputs)
+        if self._forward is not None and type(inputs) is np.ndarray:
+            try:
+                if len(inputs) <= self.batch_size:
+                    return self._forward(inputs)
+            except (TypeError, ValueError):
+                pass
         arranged = self._arrange(inputs)
         rows = arranged[0].shape[0]
         if rows <= self.batch_size:
