@@ -222,5 +222,5 @@ def load_backend(package: ModelPackage, device: str | None = None, num_threads: 
             from vivace.engine.native import NativeMLPBackend
         except ImportError as exc:
             raise BackendError(f"model {package.name!r}: the native MLP backend is not available ({exc})") from exc
-        return NativeMLPBackend(package)
+        return NativeMLPBackend(package, num_threads=num_threads)
     raise BackendError(f"model {package.name!r}: no backend for platform {package.platform!r}")

@@ -147,3 +147,34 @@ def test_score_cli_errors_are_one_line_and_write_nothing(mlp_package, tmp_path):
     assert result.returncode == 1 and "not a package directory" in result.stderr
     result = run_cli("bench", "model", "--out", mlp_package)
     assert result.returncode == 1 and "already exists" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def native_package(mlp_package, tmp_path_factory):
+    from vivace.engine.native.convert import quantize_package
+
+    out = tmp_path_factory.mktemp("native") / "mlp-int8"
+    calibration = np.random.default_rng(3).standard_normal((256, 32)).astype(np.float32)
+    quantize_package(mlp_package, out, calibration, precision="int8")
+    return out
+
+
+def test_native_scorer_honours_num_threads(native_package):
+    assert Scorer(native_package, num_threads=2).backend.model.num_threads == 2
+    assert Scorer(native_package).backend.model.num_threads == 1
+
+
+def test_native_scorer_fast_path_matches_general_path(native_package):
+    scorer = Scorer(native_package)
+    x = np.random.default_rng(5).standard_normal((33, 32)).astype(np.float32)
+    want = scorer.backend.model.forward(x)
+    np.testing.assert_array_equal(scorer.predict(x), want)  # the direct path
+    np.testing.assert_array_equal(scorer.predict([x]), want)  # the general path
+    np.testing.assert_array_equal(scorer.predict({scorer.package.inputs[0].name: x}), want)
+    np.testing.assert_array_equal(scorer.predict(np.asfortranarray(x)), want)
+    np.testing.assert_array_equal(scorer.predict(x.astype(np.float64)), want)
+    np.testing.assert_array_equal(scorer.predict(x[0]), want[:1])
+    with pytest.raises(ValueError, match="shape"):
+        scorer.predict(x[:, :31])
+    small = Scorer(native_package, batch_size=8)
+    np.testing.assert_array_equal(small.predict(x), want)  # chunked, not the direct path
