@@ -101,6 +101,9 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
                        "this much work (queued batches x recent batch time), or its oldest request has "
                        "waited longer; 0 disables load shedding")
     serve.add_argument("--log-level", default=os.environ.get("VIVACE_LOG_LEVEL", "INFO"))
+    serve.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("VIVACE_LOG_FORMAT", "text"),
+                       help="text lines, or JSON lines (ts, level, logger, message, role, model, version) "
+                       "for a log pipeline")
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes sharing the port (SO_REUSEPORT) under a supervisor that restarts "
                        "them; /metrics shows all of them merged (1: no supervisor)")

@@ -132,13 +132,14 @@ class ModelTable:
         for runner in self.watched():
             was_hung = runner.hung
             stuck = runner.check_hung(now)
+            context = {"model": runner.name, "version": runner.version}  # fields of a JSON log line
             if runner.hung and not was_hung:
                 log.error("model %s version %s: a batch has run longer than %.1f s; failing its requests and "
                           "refusing new ones until the backend returns", runner.name, runner.version,
-                          runner.execution_timeout_s)
+                          runner.execution_timeout_s, extra=context)
             elif was_hung and not runner.hung:
                 log.warning("model %s version %s: the overrunning batch returned; serving again",
-                            runner.name, runner.version)
+                            runner.name, runner.version, extra=context)
             message = f"a batch ran longer than the execution timeout of {runner.execution_timeout_s:g} s"
             for token in stuck:
                 waiter = runner.waiting.pop(token, None)

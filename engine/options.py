@@ -28,6 +28,7 @@ class ServeOptions:
     threads: int | None = None
     execution: str | None = None          # "inline" | "threads" | None: per backend
     log_level: str = "INFO"
+    log_format: str = "text"              # text | json (monitor/logs.py)
     workers: int = 1
     auth: bool = False                    # tokens from HOME/auth/tokens.json unless server.auth_tokens names a file
     drift_interval: float = 10.0

@@ -4,11 +4,11 @@ serve until a signal. The same function serves a single process and each worker 
 `--workers` (engine/workers.py)."""
 from __future__ import annotations
 
-import logging
 import shlex
 from pathlib import Path
 
 from vivace.errors import VivaceCLIError
+from vivace.monitor.logs import configure_logging
 
 from .options import ServeOptions
 
@@ -53,7 +53,7 @@ def registered_package(ref: str, home: str):
 
 def run(options: ServeOptions) -> int:
     """Serve `options.models` in this process until SIGTERM/SIGINT (then drain)."""
-    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(options.log_level, options.log_format)
     import uvloop
 
     from .runtime import ModelRunner

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vivace.errors import VivaceCLIError
+from vivace.monitor.logs import configure_logging
 from vivace.monitor.multiproc import SnapshotError, heartbeat_path, retire_worker
 
 from .options import ServeOptions
@@ -237,8 +238,7 @@ def supervise(options: ServeOptions) -> int:
     """Serve `options` with `options.workers` worker processes."""
     if not sys.platform.startswith("linux"):
         raise VivaceCLIError("--workers needs Linux (SO_REUSEPORT load balancing, PR_SET_PDEATHSIG)")
-    logging.basicConfig(level=options.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s [supervisor]: %(message)s")
+    configure_logging(options.log_level, options.log_format, role="supervisor")
     try:
         return Supervisor(options).run()
     except CrashLoop as exc:
@@ -259,9 +259,8 @@ def worker_main(run_dir: Path, index: int, parent_pid: int) -> int:
     _die_with_parent(parent_pid)
     options = ServeOptions.from_json((run_dir / OPTIONS_FILE).read_bytes())
     options.worker_index = index
-    # Configured before run()'s basicConfig, which then leaves it alone: lines name the worker.
-    logging.basicConfig(level=options.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s %(name)s [worker {index}]: %(message)s")
+    # Configured before run() configures it, which then leaves it alone: lines name the worker.
+    configure_logging(options.log_level, options.log_format, role=f"worker {index}")
     from vivace.monitor.metrics import share_across_workers
 
     from .serving import run
