@@ -191,9 +191,13 @@ class FeatureStore:
         than the view's TTL (checked now, against the clock or `now`), or the value is null;
         found[i] is False unless entity i has a fresh row in every view requested.
         """
-        try:  # the hot path: a service name or tuple of references seen before
-            lookup = self._lookups[features]  # type: ignore[index]
-        except (KeyError, TypeError):
+        # The hot path: a feature list seen before, as a service name, tuple or list (no
+        # exception on the way: a list's lookup costs one tuple() more than a tuple's).
+        kind = features.__class__
+        if kind is not str and kind is not tuple:
+            features = _lookup_key(features)  # once: a generator is read a single time
+        lookup = self._lookups.get(features)
+        if lookup is None:
             lookup = self.online_reader(features)
         if now is None:
             return lookup.get(entity_ids)  # type: ignore[attr-defined]

@@ -72,6 +72,14 @@ def test_materialize_then_read_latest_values(tmp_path: Path) -> None:
     # Column order follows the request, not the stored layout.
     values, _ = store.get_online_features(["stats:f2", "stats:f0"], [3], now=END)
     np.testing.assert_allclose(values[0], [3.2, 3.0], rtol=1e-6)
+    # A list, a tuple and a generator of the same references read the same, through one lookup.
+    for refs in (tuple(FEATURES), list(FEATURES), (f for f in FEATURES)):
+        again, found_again = store.get_online_features(refs, ids, now=END)
+        np.testing.assert_array_equal(again, store.get_online_features(FEATURES, ids, now=END)[0])
+        assert found_again.tolist() == found.tolist()
+    assert store.online_reader(list(FEATURES)) is store.online_reader(tuple(FEATURES))
+    first_use = (f for f in ["stats:f1", "stats:f0"])  # a generator is read once, even on first use
+    np.testing.assert_allclose(store.get_online_features(first_use, [3], now=END)[0][0], [3.1, 3.0], rtol=1e-6)
 
 
 def test_layout_is_fixed_and_versioned(tmp_path: Path) -> None:
