@@ -289,9 +289,16 @@ def register(subparsers) -> None:
     parser.set_defaults(func=_run)
 
 
+def wrk_missing(bench: str) -> bool:
+    """True (after saying so) when wrk, the load generator of the HTTP benchmarks, is absent."""
+    if shutil.which("wrk") is not None:
+        return False
+    print(f"vivace bench {bench}: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+    return True
+
+
 def _run(args) -> int:
-    if shutil.which("wrk") is None:
-        print("vivace bench http: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+    if wrk_missing("http"):
         return 1
     if not args.no_baseline:
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from .drift import cpu_description
-from .http import Result, _start, _stop, add_load_options, pinned_cpus, run_wrk
+from .http import Result, _start, _stop, add_load_options, pinned_cpus, run_wrk, wrk_missing
 
 
 def _vivace(home: Path, *args: str) -> None:
@@ -87,8 +86,7 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    if shutil.which("wrk") is None:
-        print("vivace bench rollout: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+    if wrk_missing("rollout"):
         return 1
     server_cpu, client_cpu = pinned_cpus(args)
     concurrency = int(args.concurrency.split(",")[0])

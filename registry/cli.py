@@ -281,6 +281,18 @@ def _models_describe(args: argparse.Namespace, home: Home) -> int:
     return 0
 
 
+def _gate_report(checks: list[tuple[str, bool, str]]) -> None:
+    for check, ok, detail in checks:
+        print(f"  [{'pass' if ok else 'FAIL'}] {check}: {detail}")
+
+
+def _gate_refused(exc: Exception, what_stays: str) -> int:
+    """A promotion the quality gate refused: its report, and how to override it."""
+    print(str(exc), file=sys.stderr)
+    print(f"{what_stays}; use --force --reason TEXT to override (recorded in the audit log)", file=sys.stderr)
+    return 1
+
+
 @_handler
 def _models_promote(args: argparse.Namespace, home: Home) -> int:
     from .models import PromotionRefused, promote
@@ -290,11 +302,8 @@ def _models_promote(args: argparse.Namespace, home: Home) -> int:
                                    direction=args.direction, margin=args.margin, force=args.force,
                                    reason=args.reason or "")
     except PromotionRefused as exc:
-        print(str(exc), file=sys.stderr)
-        print("use --force --reason TEXT to override (recorded in the audit log)", file=sys.stderr)
-        return 1
-    for check, ok, detail in checks:
-        print(f"  [{'pass' if ok else 'FAIL'}] {check}: {detail}")
+        return _gate_refused(exc, "the alias stays")
+    _gate_report(checks)
     overridden = " (gate overridden with --force)" if not all(ok for _, ok, _ in checks) else ""
     was = f", was version {previous}" if previous is not None else ""
     print(f"{args.name}@{args.alias} -> version {args.version}{was}{overridden}")
@@ -475,12 +484,8 @@ def _rollout_promote(args: argparse.Namespace, home: Home) -> int:
         checks, previous = promote_rollout(home, args.ref, reason=args.reason or "", force=args.force,
                                            metric=args.metric)
     except PromotionRefused as exc:
-        print(str(exc), file=sys.stderr)
-        print("the rollout stays on; use --force --reason TEXT to override (recorded in the audit log)",
-              file=sys.stderr)
-        return 1
-    for check, ok, detail in checks:
-        print(f"  [{'pass' if ok else 'FAIL'}] {check}: {detail}")
+        return _gate_refused(exc, "the rollout stays on")
+    _gate_report(checks)
     print(f"{args.ref} promoted: the alias moved from version {previous}; the rollout is over")
     return 0
 
@@ -541,11 +546,8 @@ def _models_approve(args: argparse.Namespace, home: Home) -> int:
         checks, previous = approve_promotion(home, args.request, reason=args.reason or "", metric=args.metric,
                                              force=args.force)
     except PromotionRefused as exc:
-        print(str(exc), file=sys.stderr)
-        print("the request stays pending; use --force --reason TEXT to override the gate (audited)", file=sys.stderr)
-        return 1
-    for check, ok, detail in checks:
-        print(f"  [{'pass' if ok else 'FAIL'}] {check}: {detail}")
+        return _gate_refused(exc, "the request stays pending")
+    _gate_report(checks)
     print(f"request {args.request} approved: the alias moved (was version {previous})")
     return 0
 
