@@ -634,8 +634,11 @@ class App:
             self.frontend.begin_drain()
 
     def in_flight(self) -> int:
+        """What a drain waits for: requests queued or answered but unsent, and requests
+        still arriving on a connection (the drain answers those; the timeouts bound them)."""
         native = self.frontend.in_flight() if self.frontend is not None else 0
-        return native + sum(len(c.outstanding) + len(c.held) for c in self.connections)
+        return native + sum(len(c.outstanding) + len(c.held) + (c.reading_since != 0.0 and not c.closed)
+                            for c in self.connections)
 
 
 def _int_param(params: dict[str, Any], key: str) -> int | None:

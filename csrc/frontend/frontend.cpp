@@ -134,8 +134,13 @@ struct HttpFrontend::Conn {
   double linger_until = 0;
   uint32_t events = EPOLLIN;
   bool dirty = false;
-  bool unsent = false;  // a send would block: counted in unsent_connections_
+  // Answers queued in `out` and not yet all sent: counted in unsent_connections_, so a
+  // drain (InFlight) waits for them to reach the socket, not only to be produced.
+  bool unsent = false;
   bool python_knows = false;  // a request went to Python: tell it when the connection goes
+  // At the drain this connection was part-way through a request the drain lets through:
+  // counted in drain_reads_ (InFlight) until that request is read whole or the connection goes.
+  bool drain_read = false;
   double reading_since = 0, headers_done_at = 0, last_active = 0;
   Head head;
   std::vector<uint64_t> tokens;  // fast-path requests still in a batcher
@@ -639,10 +644,18 @@ bool HttpFrontend::ReadChunked(Conn* c) {
   }
 }
 
+void HttpFrontend::EndDrainRead(Conn* c) {
+  if (c->drain_read) {
+    c->drain_read = false;
+    --drain_reads_;
+  }
+}
+
 void HttpFrontend::Dispatch(Conn* c, const char* body, size_t body_size) {
   Head& h = c->head;
   const uint64_t seq = c->next_seq++;
   ++unanswered_;
+  EndDrainRead(c);
   if (!h.keep_alive) {
     c->close_after = static_cast<int64_t>(seq);
     c->rejected = true;  // nothing after a Connection: close request is read
@@ -828,6 +841,10 @@ void HttpFrontend::Answer(Conn* c, uint64_t seq, std::string response) {
     c->out += response;
   }
   ++c->next_write;
+  if (!c->unsent) {  // answered, but in flight until Flush has sent it
+    c->unsent = true;
+    ++unsent_connections_;
+  }
   --unanswered_;
   while (!c->held.empty() && c->held.begin()->first == c->next_write) {
     c->out += c->held.begin()->second;
@@ -848,6 +865,7 @@ void HttpFrontend::Reject(Conn* c, int status, const std::string& message) {
   CountHttpError(status);
   const uint64_t seq = c->next_seq++;
   ++unanswered_;
+  EndDrainRead(c);
   c->rejected = true;
   c->close_after = static_cast<int64_t>(seq);
   Answer(c, seq, ErrorResponse(status, message, true));
@@ -914,6 +932,7 @@ void HttpFrontend::Close(Conn* c) {
   epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, c->fd, nullptr);
   close(c->fd);
   if (c->unsent) --unsent_connections_;
+  EndDrainRead(c);
   unanswered_ -= static_cast<int64_t>(c->next_seq - c->next_write);
   // Queued fast-path requests of a client that has gone are dropped before they run.
   for (uint64_t token : c->tokens) {
@@ -958,6 +977,10 @@ void HttpFrontend::ApplyDrain() {
     }
     const int64_t last = static_cast<int64_t>(reading ? c->next_seq : c->next_seq - 1);
     c->close_after = c->close_after >= 0 ? std::min(c->close_after, last) : last;
+    if (reading && !c->rejected && !c->drain_read) {  // the rest of it is still on its way
+      c->drain_read = true;
+      ++drain_reads_;
+    }
   }
   for (Conn* c : idle) Close(c);
 }

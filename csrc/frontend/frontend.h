@@ -82,7 +82,9 @@ class HttpFrontend final : public CompletionSink {
   void BeginDrain();
   // Requests read and not yet answered, plus connections whose answers a slow reader has
   // not taken yet: a drain waits for both.
-  int64_t InFlight() const { return unanswered_.load() + unsent_connections_.load(); }
+  // Requests read and not yet answered, answers not yet sent, and (while draining)
+  // requests let through by the drain that are still arriving: what a drain waits for.
+  int64_t InFlight() const { return unanswered_.load() + unsent_connections_.load() + drain_reads_.load(); }
   int64_t Connections() const { return open_connections_.load(); }
   // Stops the thread and closes every connection. Idempotent.
   void Stop();
@@ -127,6 +129,7 @@ class HttpFrontend final : public CompletionSink {
   bool ReadChunked(Conn* c);
   void RejectParse(Conn* c, http::Error e);
   void Dispatch(Conn* c, const char* body, size_t body_size);
+  void EndDrainRead(Conn* c);  // the request a drain let through has arrived, or the connection went
   bool SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<const InferRoute>& route, const char* body,
                     size_t body_size);
   void Refuse(Conn* c, uint64_t seq, const InferRoute& route, Status status);
@@ -148,7 +151,7 @@ class HttpFrontend final : public CompletionSink {
   std::thread thread_;
   std::atomic<bool> stop_{false}, stop_accepting_{false}, drain_{false};
   bool draining_ = false;  // io thread's view of drain_
-  std::atomic<int64_t> unanswered_{0}, open_connections_{0}, unsent_connections_{0};
+  std::atomic<int64_t> unanswered_{0}, open_connections_{0}, unsent_connections_{0}, drain_reads_{0};
 
   // io thread only
   std::unordered_map<uint64_t, std::unique_ptr<Conn>> conns_;
