@@ -233,8 +233,7 @@ def promote_rollout(home: Home | str | os.PathLike | None, ref: str, reason: str
     checks, previous = promote(home, rollout.name, rollout.canary, rollout.alias, metric=metric, force=force,
                                reason=reason)
     with home.transaction():
-        home.db.execute("DELETE FROM rollouts WHERE name = ? AND alias = ?", (rollout.name, rollout.alias))
-        home.audit("rollout.promote", ref, reason, {**rollout.to_json(), "evidence": evidence or {}})
+        _end(home, rollout, "rollout.promote", reason, evidence)
     return checks, previous
 
 
@@ -245,9 +244,14 @@ def abort_rollout(home: Home | str | os.PathLike | None, ref: str, reason: str =
     _ensure_table(home)
     with home.transaction():
         rollout = _active(home, ref)
-        home.db.execute("DELETE FROM rollouts WHERE name = ? AND alias = ?", (rollout.name, rollout.alias))
-        home.audit("rollout.abort", ref, reason, {**rollout.to_json(), "evidence": evidence or {}})
+        _end(home, rollout, "rollout.abort", reason, evidence)
     return rollout
+
+
+def _end(home: Home, rollout: Rollout, action: str, reason: str, evidence: dict[str, Any] | None) -> None:
+    """Delete the rollout and audit why (inside the caller's transaction)."""
+    home.db.execute("DELETE FROM rollouts WHERE name = ? AND alias = ?", (rollout.name, rollout.alias))
+    home.audit(action, rollout.ref, reason, {**rollout.to_json(), "evidence": evidence or {}})
 
 
 def end_if_promoted(home: Home, name: str, alias: str, version: int, evidence: dict[str, Any]) -> None:
@@ -258,5 +262,4 @@ def end_if_promoted(home: Home, name: str, alias: str, version: int, evidence: d
         rollout = _row(home, name, alias)
         if rollout is None or rollout.canary != version:
             return
-        home.db.execute("DELETE FROM rollouts WHERE name = ? AND alias = ?", (name, alias))
-        home.audit("rollout.promote", rollout.ref, "approved promotion", {**rollout.to_json(), "evidence": evidence})
+        _end(home, rollout, "rollout.promote", "approved promotion", evidence)

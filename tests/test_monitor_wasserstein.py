@@ -11,18 +11,10 @@ import pytest
 from scipy.stats import wasserstein_distance
 
 from vivace import profile as profiles
+from vivace.bench.drift import ACCURACY_FAMILIES as FAMILIES  # the benchmark's recipe, one table
 from vivace.monitor.drift import binned_wasserstein, build_profile, drift_report
 from vivace.monitor.sketch import Window, input_sketch
 
-FAMILIES = {
-    "lognormal-1.25": lambda rng, n: rng.lognormal(3.0, 1.25, n),
-    "lognormal-1.5": lambda rng, n: rng.lognormal(3.0, 1.5, n),
-    "student-t3": lambda rng, n: rng.standard_t(3, n),
-    "pareto": lambda rng, n: rng.pareto(3.0, n) + 1.0,
-    "normal": lambda rng, n: rng.normal(size=n),
-    "uniform": lambda rng, n: rng.uniform(size=n),
-    "exponential": lambda rng, n: rng.exponential(size=n),
-}
 WINDOWS = 200
 
 
