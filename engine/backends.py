@@ -8,6 +8,9 @@ A backend loads a package and offers two entry points:
 
 The torch backend takes the GIL once per batch (the batcher's executor thread calls it).
 On CUDA it captures one CUDA graph per batch-size bucket and stages through pinned memory.
+The ONNX Runtime backend binds the batch buffers themselves as the session's inputs and
+outputs (IOBinding): onnxruntime reads the rows where the batcher put them and writes its
+outputs where the batcher answers from.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from vivace import datatypes
+from vivace.spec import ONNX_PLATFORM
 from vivace.registry.package import ModelPackage, PackageError, TensorSpec
 
 TORCH_PLATFORMS = ("torchscript", "torch_export")
@@ -213,10 +217,105 @@ class _CudaGraphRunner:
                 dst[:rows].copy_(pinned[:rows])
 
 
+class OnnxBackend:
+    """ONNX models through onnxruntime: the CPU execution provider, or CUDA's when the
+    package asks for a GPU (KIND_GPU, or KIND_AUTO on a machine that has one)."""
+
+    def __init__(self, package: ModelPackage, device: str | None = None, num_threads: int | None = None):
+        from vivace.registry import onnx_model
+
+        self.package = package
+        for s in (*package.inputs, *package.outputs):
+            if not datatypes.numpy_native(s.datatype):  # IOBinding is given numpy dtypes
+                raise PackageError(f"{package.name}: datatype {s.datatype} is not supported by the onnxruntime backend")
+        if device is None:
+            wants_gpu = package.instance_kind == "KIND_GPU" or (
+                package.instance_kind == "KIND_AUTO" and onnx_model.cuda_available()
+            )
+            device = "cuda" if wants_gpu else "cpu"
+        self.device = device
+        parameters = dict(package.parameters)
+        if num_threads:
+            parameters["intra_op_thread_count"] = num_threads
+        try:
+            self.session = onnx_model.open_session(package.model_path, parameters, device)
+            onnx_model.check_signature(self.session, package.inputs, package.outputs, package.name)
+        except PackageError as exc:
+            raise BackendError(f"cannot load model {package.name!r}: {exc}") from None
+        self._input_names = [s.name for s in package.inputs]
+        self._output_names = [s.name for s in package.outputs]
+
+    @property
+    def preferred_execution(self) -> str:
+        # onnxruntime releases the GIL while it runs; a CPU batch of a small model is a few
+        # microseconds, cheaper on the loop than a hand-off to an executor thread. A GPU
+        # batch mostly waits on the device, so it runs on executor threads.
+        return "threads" if self.device.startswith("cuda") else "inline"
+
+    def _check(self, outputs: Sequence[np.ndarray], rows: int) -> None:
+        for out, s in zip(outputs, self.package.outputs):
+            if out.shape != (rows, *s.row_shape):
+                raise SignatureMismatch(f"model {self.package.name!r} returned {s.name} with shape {out.shape}, "
+                                        f"expected {(rows, *s.row_shape)}")
+
+    def run(self, inputs: Sequence[Any]) -> list[Any]:
+        """Run one batch; numpy in → numpy out, torch in → torch out."""
+        as_torch = not isinstance(inputs[0], np.ndarray)
+        arrays = [x.detach().cpu().numpy() if as_torch else x for x in inputs]
+        try:
+            outputs = self.session.run(self._output_names, dict(zip(self._input_names, arrays)))
+        except Exception as exc:  # onnxruntime's own error types
+            raise BackendError(f"model {self.package.name!r} failed: {exc}") from None
+        self._check(outputs, arrays[0].shape[0])
+        if as_torch:
+            import torch
+
+            return [torch.from_numpy(o).to(inputs[0].device) for o in outputs]
+        return outputs
+
+    def batch_executor(
+        self, input_buffers: list[list[memoryview]], output_buffers: list[list[memoryview]]
+    ) -> Callable[[int, int], None]:
+        """execute(executor, rows): the session reads the rows from the executor's input
+        buffers and writes its outputs into the executor's output buffers (IOBinding),
+        with one binding per (executor, rows) made on first use."""
+        package, session = self.package, self.session
+        mbs = package.max_batch_size
+        ins = [_buffer_arrays(b, package.inputs, mbs) for b in input_buffers]
+        outs = [_buffer_arrays(b, package.outputs, mbs) for b in output_buffers]
+        bindings: dict[tuple[int, int], Any] = {}
+
+        def bind(executor: int, rows: int) -> Any:
+            binding = session.io_binding()
+            for s, array in zip(package.inputs, ins[executor]):
+                binding.bind_input(s.name, "cpu", 0, array.dtype, [rows, *s.row_shape], array.ctypes.data)
+            for s, array in zip(package.outputs, outs[executor]):
+                binding.bind_output(s.name, "cpu", 0, array.dtype, [rows, *s.row_shape], array.ctypes.data)
+            bindings[executor, rows] = binding
+            return binding
+
+        run_with_iobinding, check = session.run_with_iobinding, self._check
+
+        def execute(executor: int, rows: int) -> None:
+            binding = bindings.get((executor, rows)) or bind(executor, rows)
+            try:
+                run_with_iobinding(binding)
+            except Exception:  # onnxruntime's own error types
+                # An output whose shape is not its declaration cannot be written into its
+                # buffer: say so (SignatureMismatch) rather than onnxruntime's wording.
+                feed = {s.name: array[:rows] for s, array in zip(package.inputs, ins[executor])}
+                check(session.run(self._output_names, feed), rows)
+                raise
+
+        return execute
+
+
 def load_backend(package: ModelPackage, device: str | None = None, num_threads: int | None = None):
     """The backend for a package's platform."""
     if package.platform in TORCH_PLATFORMS:
         return TorchBackend(package, device=device, num_threads=num_threads)
+    if package.platform == ONNX_PLATFORM:
+        return OnnxBackend(package, device=device, num_threads=num_threads)
     if package.platform == "native_mlp":
         try:
             from vivace.engine.native import NativeMLPBackend

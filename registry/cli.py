@@ -83,18 +83,23 @@ def _json_or_text(value: str) -> Any:
 
 
 def _package(args: argparse.Namespace) -> int:
-    from .packaging import package_torch_model
+    from .packaging import package_onnx_model, package_torch_model
 
     dynamic_batching: dict[str, Any] = {"max_queue_delay_microseconds": args.max_queue_delay_us}
     if args.preferred_batch_size:
         dynamic_batching["preferred_batch_size"] = args.preferred_batch_size
-    parameters = {k: _json_or_text(v) for k, v in _key_values(args.param or []).items()}
+    common: dict[str, Any] = dict(
+        name=args.name, version=args.version, inputs=args.input, outputs=args.output,
+        max_batch_size=args.max_batch_size, dynamic_batching=dynamic_batching,
+        metadata={"description": args.description} if args.description else None,
+        profile=args.profile, overwrite=args.force)
+    platform = args.platform or ("onnxruntime" if str(args.model).endswith(".onnx") else None)
     try:
-        package = package_torch_model(
-            args.model, args.out, name=args.name, version=args.version, inputs=args.input, outputs=args.output,
-            platform=args.platform, max_batch_size=args.max_batch_size, dynamic_batching=dynamic_batching,
-            parameters=parameters, metadata={"description": args.description} if args.description else None,
-            profile=args.profile, overwrite=args.force)
+        parameters = {k: _json_or_text(v) for k, v in _key_values(args.param or []).items()}
+        if platform == "onnxruntime":
+            package = package_onnx_model(args.model, args.out, parameters=parameters, **common)
+        else:
+            package = package_torch_model(args.model, args.out, platform=platform, parameters=parameters, **common)
     except (PackageError, RegistryError) as exc:
         print(f"vivace package: error: {exc}", file=sys.stderr)
         return 1
@@ -564,26 +569,31 @@ def _models_reject(args: argparse.Namespace, home: Home) -> int:
 def register(subparsers: Any) -> None:
     """Add the lifecycle commands to the `vivace` parser."""
     p = subparsers.add_parser(
-        "package", help="package your own TorchScript / torch.export model for serving",
-        description="Write a verified model package from a TorchScript (.pt) or torch.export (.pt2) file: "
-        "the model is run on a batch of its declared inputs and must return its declared outputs.",
-        epilog="example:\n  vivace package model.pt --out models/mine --name mine --input x:FP32:32\n"
+        "package", help="package your own TorchScript / torch.export / ONNX model for serving",
+        description="Write a verified model package from a TorchScript (.pt), torch.export (.pt2) or ONNX "
+        "(.onnx) file: the model is run on a batch of its declared inputs and must return its declared outputs.",
+        epilog="examples:\n  vivace package model.pt --out models/mine --name mine --input x:FP32:32\n"
+        "  vivace package model.onnx --out models/mine --name mine     # inputs and outputs from the graph\n"
         "  vivace models register models/mine --name mine --metric auc=0.91\n"
         "  vivace serve models/mine",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="TorchScript (.pt) or torch.export (.pt2) file")
+    p.add_argument("model", help="TorchScript (.pt), torch.export (.pt2) or ONNX (.onnx) file")
     p.add_argument("--out", required=True, help="package directory to create")
     p.add_argument("--name", required=True, help="model name clients use in /v2/models/NAME")
     p.add_argument("--version", default="1")
-    p.add_argument("--input", action="append", required=True, metavar="NAME:DATATYPE:DIMS",
-                   help="an input and its row shape, e.g. x:FP32:32 or image:FP32:3x224x224 (repeat per input)")
+    p.add_argument("--input", action="append", metavar="NAME:DATATYPE:DIMS",
+                   help="an input and its row shape, e.g. x:FP32:32 or image:FP32:3x224x224 (repeat per input; "
+                   "torch models need them, ONNX models only where the graph leaves a row dimension open)")
     p.add_argument("--output", action="append", metavar="NAME:DATATYPE:DIMS",
-                   help="name the outputs (default output__0...; shapes are checked against the model)")
-    p.add_argument("--platform", choices=["torchscript", "torch_export"], help="default: from the file suffix")
+                   help="name the outputs (default output__0..., or the ONNX graph's; shapes are checked against the model)")
+    p.add_argument("--platform", choices=["torchscript", "torch_export", "onnxruntime"],
+                   help="default: from the file suffix")
     p.add_argument("--max-batch-size", type=int, default=128)
     p.add_argument("--max-queue-delay-us", type=int, default=0)
     p.add_argument("--preferred-batch-size", type=int, action="append", metavar="N")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="a package parameter, e.g. torch_num_threads=2")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a package parameter, e.g. torch_num_threads=2, or for ONNX intra_op_thread_count=2, "
+                   "graph_optimization_level=extended, session_config='{\"session.intra_op.allow_spinning\": \"0\"}'")
     p.add_argument("--profile", metavar="PROFILE.json",
                    help="reference profile of the training data (vivace monitor profile): drift monitoring")
     p.add_argument("--description")

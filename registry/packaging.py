@@ -1,11 +1,12 @@
-"""Package a user's own torch model: `vivace package` and `package_torch_model`.
+"""Package a user's own model: `vivace package`, `package_torch_model`, `package_onnx_model`.
 
 Takes a torch module (traced to TorchScript or exported with torch.export), a TorchScript
-file (`.pt`) or a torch.export file (`.pt2`); names its inputs and outputs (from example
-inputs, or declared), sets batching and parameters, optionally attaches a reference
-profile (`vivace monitor profile`) so the served model is drift-monitored, runs the model
-on a batch to check that its outputs match the declared signature, and writes a verified
-package (registry/package.py `write_package`: hashes, atomic).
+file (`.pt`), a torch.export file (`.pt2`) or an ONNX file (`.onnx`); names its inputs and
+outputs (from example inputs or the ONNX graph, or declared), sets batching and
+parameters, optionally attaches a reference profile (`vivace monitor profile`) so the
+served model is drift-monitored, runs the model on a batch to check that its outputs match
+the declared signature, and writes a verified package (registry/package.py
+`write_package`: hashes, atomic).
 
     from vivace.registry.packaging import package_torch_model
     package_torch_model(model, "models/mine", name="mine", example=torch.randn(4, 32))
@@ -193,11 +194,103 @@ def package_torch_model(
         "dynamic_batching": dynamic_batching or {}, "parameters": {"torch_num_threads": 1, **(parameters or {})},
         "metadata": dict(metadata or {}),
     }
-    files: dict[str, bytes | str | os.PathLike] = {_PLATFORM_FILES[platform]: data}
+    return _write(out, manifest, {_PLATFORM_FILES[platform]: data}, profile, overwrite)
+
+
+def _write(out: str | os.PathLike, manifest: dict[str, Any], files: dict[str, bytes | str | os.PathLike],
+           profile: str | os.PathLike | None, overwrite: bool) -> ModelPackage:
+    """Attach the profile (when given) and write the package."""
     if profile is not None:
-        files["profile.json"] = _checked_profile(Path(profile), in_specs)
+        files = dict(files, **{"profile.json": _checked_profile(Path(profile), manifest["inputs"])})
         manifest["metadata"]["profile"] = "profile.json"
     return write_package(out, manifest, files, overwrite=overwrite)
+
+
+ONNX_FILE = "model.onnx"
+
+
+def _declared(specs: Sequence[dict[str, Any] | str] | None) -> list[dict[str, Any]]:
+    return [parse_tensor_arg(s) if isinstance(s, str) else dict(s) for s in specs or ()]
+
+
+def package_onnx_model(
+    model: Any,
+    out: str | os.PathLike,
+    *,
+    name: str,
+    version: str = "1",
+    example: Any = None,
+    inputs: Sequence[dict[str, Any] | str] | None = None,
+    outputs: Sequence[dict[str, Any] | str] | None = None,
+    max_batch_size: int = 128,
+    dynamic_batching: dict[str, Any] | None = None,
+    parameters: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    profile: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> ModelPackage:
+    """Write an ONNX model as a verified `onnxruntime` model package at `out`.
+
+    `model`: the path of a .onnx file, its bytes, or an onnx ModelProto. Inputs and outputs
+    are named and typed as the graph declares them; `inputs`/`outputs` ("NAME:DATATYPE:DIMS"
+    or manifest dicts, graph names) give the row shapes of tensors whose graph shape is
+    symbolic beyond the batch dimension. `parameters`: onnxruntime settings
+    (vivace.spec.OnnxRuntimeParameters: intra_op_thread_count, inter_op_thread_count,
+    graph_optimization_level, execution_mode, session_config, ...). The model is run with
+    those settings on `example` (an array, or a sequence/mapping of arrays in input order)
+    or on a batch of 2 rows of zeros; outputs must have their declared shapes.
+    Raises PackageError naming the problem; nothing is written then.
+    """
+    import numpy as np
+
+    from . import onnx_model
+    from .package import NUMPY_DTYPES, TensorSpec
+
+    if hasattr(model, "SerializeToString"):
+        data = model.SerializeToString()
+    elif isinstance(model, (bytes, bytearray)):
+        data = bytes(model)
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise PackageError(f"{path}: no such model file")
+        data = path.read_bytes()
+    parameters = {"intra_op_thread_count": 1, "inter_op_thread_count": 1, **(parameters or {})}
+    where = f"{model}: " if isinstance(model, (str, os.PathLike)) else ""
+    try:
+        session = onnx_model.open_session(data, parameters)
+        graph_inputs, graph_outputs = onnx_model.graph_signature_or_declared(session, _declared(inputs),
+                                                                             _declared(outputs))
+    except PackageError as exc:
+        raise PackageError(f"{where}{exc}") from None
+    in_specs = [TensorSpec(s["name"], s["datatype"], tuple(s["shape"])) for s in graph_inputs]
+    out_specs = [TensorSpec(s["name"], s["datatype"], tuple(s["shape"])) for s in graph_outputs]
+    onnx_model.check_signature(session, in_specs, out_specs, name)
+
+    # Verification: the model, run with the settings it will be served with, must give
+    # outputs of the declared shapes and types on a batch of its declared inputs.
+    if example is None:
+        feed = {s.name: np.zeros((2, *s.row_shape), NUMPY_DTYPES[s.datatype]) for s in in_specs}
+    elif isinstance(example, dict):
+        feed = {s.name: np.asarray(example[s.name], NUMPY_DTYPES[s.datatype]) for s in in_specs}
+    else:
+        arrays = example if isinstance(example, (tuple, list)) else (example,)
+        feed = {s.name: np.asarray(a, NUMPY_DTYPES[s.datatype]) for s, a in zip(in_specs, arrays)}
+    rows = next(iter(feed.values())).shape[0]
+    try:
+        results = session.run([s.name for s in out_specs], feed)
+    except Exception as exc:  # onnxruntime's own error types
+        raise PackageError(f"{where}the model failed on a batch of {rows} rows of its declared inputs: {exc}") from None
+    for s, result in zip(out_specs, results):
+        if result.shape != (rows, *s.row_shape) or result.dtype != np.dtype(NUMPY_DTYPES[s.datatype]):
+            raise PackageError(f"{where}output {s.name!r} is declared {s.datatype} {list(s.shape)}, the model "
+                               f"returned {result.dtype} {list(result.shape)} for {rows} rows")
+    manifest: dict[str, Any] = {
+        "name": name, "version": str(version), "platform": "onnxruntime", "model_file": ONNX_FILE,
+        "inputs": graph_inputs, "outputs": graph_outputs, "max_batch_size": max_batch_size,
+        "dynamic_batching": dynamic_batching or {}, "parameters": parameters, "metadata": dict(metadata or {}),
+    }
+    return _write(out, manifest, {ONNX_FILE: data}, profile, overwrite)
 
 
 def _checked_profile(path: Path, inputs: list[dict[str, Any]]) -> bytes:

@@ -37,6 +37,11 @@ Level = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
 MAX_ROW_BYTES = 2**40
 Datatype = Literal[TENSOR_DATATYPES]  # type: ignore[valid-type]  # the table's batchable names
 InstanceKind = Literal["KIND_CPU", "KIND_GPU", "KIND_AUTO"]
+# A Python identifier (the class a `python` package serves).
+IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+ONNX_PLATFORM: Final = "onnxruntime"
+PYTHON_PLATFORM: Final = "python"
 
 
 class TensorSpec(msgspec.Struct, frozen=True):
@@ -136,6 +141,51 @@ class Manifest(msgspec.Struct, kw_only=True):
                 raise ValueError(f"duplicate {kind} names {names}")
         if any(p > self.max_batch_size for p in self.dynamic_batching.preferred_batch_size):
             raise ValueError(f"preferred_batch_size entries must be integers in 1..{self.max_batch_size}")
+        platform_parameters(self.platform, self.parameters)
+
+
+class OnnxRuntimeParameters(msgspec.Struct, kw_only=True):
+    """The `parameters` an `onnxruntime` package may set (names as Triton's onnxruntime
+    backend spells them where it has one); other keys (e.g. `execution`) are not read here.
+
+    Threads default to 1: the batcher runs batches on one core per executor, and
+    onnxruntime's own default (a thread per core) fights the server's other threads.
+    0 means onnxruntime's default.
+    """
+
+    intra_op_thread_count: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 1
+    inter_op_thread_count: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 1
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    enable_cpu_mem_arena: bool = True
+    enable_mem_pattern: bool = True
+    # onnxruntime session configuration entries (SessionOptions.add_session_config_entry),
+    # e.g. {"session.intra_op.allow_spinning": "0"}
+    session_config: dict[Annotated[str, msgspec.Meta(min_length=1)], str] = msgspec.field(default_factory=dict)
+
+
+class PythonParameters(msgspec.Struct, kw_only=True):
+    """The `parameters` a `python` package must set: the class of model_file to serve."""
+
+    python_class: Annotated[str, msgspec.Meta(pattern=IDENTIFIER_PATTERN)]
+
+
+# platform -> the Struct its package parameters must satisfy
+PLATFORM_PARAMETERS: dict[str, type[msgspec.Struct]] = {
+    ONNX_PLATFORM: OnnxRuntimeParameters, PYTHON_PLATFORM: PythonParameters,
+}
+
+
+def platform_parameters(platform: str, parameters: dict[str, Any]) -> Any:
+    """The typed parameters of a platform that declares them (None for the others);
+    raises ManifestError naming the parameter."""
+    struct = PLATFORM_PARAMETERS.get(platform)
+    if struct is None:
+        return None
+    try:
+        return msgspec.convert(parameters, struct)
+    except msgspec.ValidationError as exc:
+        raise ManifestError(f"{platform} parameters: {exc}".replace("`$.", "`$.parameters.")) from None
 
 
 _decoder = msgspec.json.Decoder(Manifest)
