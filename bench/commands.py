@@ -10,6 +10,7 @@ import importlib
 BENCH_MODULES = [
     "vivace.bench.model",
     "vivace.bench.http",
+    "vivace.bench.models",
     "vivace.bench.scorer",
     "vivace.bench.kernels",
     "vivace.bench.features",
