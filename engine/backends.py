@@ -10,7 +10,8 @@ The torch backend takes the GIL once per batch (the batcher's executor thread ca
 On CUDA it captures one CUDA graph per batch-size bucket and stages through pinned memory.
 The ONNX Runtime backend binds the batch buffers themselves as the session's inputs and
 outputs (IOBinding): onnxruntime reads the rows where the batcher put them and writes its
-outputs where the batcher answers from.
+outputs where the batcher answers from. The Python backend calls a user's class on
+read-only views of the batch buffers and copies what it returns into the output buffers.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from vivace import datatypes
-from vivace.spec import ONNX_PLATFORM
-from vivace.registry.package import ModelPackage, PackageError, TensorSpec
+from vivace.spec import ONNX_PLATFORM, PYTHON_PLATFORM
+from vivace.registry.package import NUMPY_DTYPES, ModelPackage, PackageError, TensorSpec
 
 TORCH_PLATFORMS = ("torchscript", "torch_export")
 
@@ -310,12 +311,92 @@ class OnnxBackend:
         return execute
 
 
+class PythonBackend:
+    """A user's class (registry/python_model.py has the contract) run by the batcher.
+
+    Each executor has an instance of its own (created and loaded here), so predict is
+    never called concurrently on one instance. Errors in user code and outputs the
+    signature does not allow fail their batch with a message naming the model (a 500);
+    a predict that hangs is failed by the server's execution-timeout watchdog, which is
+    why batches run on executor threads.
+    """
+
+    preferred_execution = "threads"
+
+    def __init__(self, package: ModelPackage, device: str | None = None, num_threads: int | None = None):
+        from vivace.registry import python_model
+
+        self.package = package
+        self.python_model = python_model
+        for s in (*package.inputs, *package.outputs):
+            if not datatypes.numpy_native(s.datatype):
+                raise PackageError(f"{package.name}: datatype {s.datatype} is not supported by the python backend")
+        try:
+            self.cls = python_model.load_class(package.model_path, package.parameters["python_class"], package.name)
+            self.models = [python_model.instantiate(self.cls, package.path, package.name)]
+        except python_model.UserCodeError as exc:
+            raise BackendError(str(exc)) from None
+        self._names = [s.name for s in package.outputs]
+
+    def _outputs(self, model: Any, arrays: Sequence[np.ndarray], rows: int) -> list[np.ndarray]:
+        pm, package = self.python_model, self.package
+        try:
+            result = pm.predict(model, pm.batch_of(arrays, package.inputs), package.name)
+            values = pm.returned(result, self._names, package.name)
+            return [pm.check_output(v, s, rows, package.name) for v, s in zip(values, package.outputs)]
+        except pm.OutputMismatch as exc:
+            raise SignatureMismatch(str(exc)) from None
+
+    def run(self, inputs: Sequence[Any]) -> list[Any]:
+        """Run one batch; numpy in → numpy out, torch in → torch out."""
+        as_torch = not isinstance(inputs[0], np.ndarray)
+        arrays = [x.detach().cpu().numpy() if as_torch else x for x in inputs]
+        try:
+            outputs = self._outputs(self.models[0], arrays, arrays[0].shape[0])
+        except self.python_model.UserCodeError as exc:
+            raise BackendError(str(exc)) from None
+        outputs = [o.astype(NUMPY_DTYPES[s.datatype], copy=False) for o, s in zip(outputs, self.package.outputs)]
+        if as_torch:
+            import torch
+
+            return [torch.from_numpy(np.ascontiguousarray(o)).to(inputs[0].device) for o in outputs]
+        return outputs
+
+    def batch_executor(
+        self, input_buffers: list[list[memoryview]], output_buffers: list[list[memoryview]]
+    ) -> Callable[[int, int], None]:
+        """execute(executor, rows): predict on read-only views of the executor's input rows,
+        its outputs checked and copied into the executor's output buffers."""
+        package, pm = self.package, self.python_model
+        mbs = package.max_batch_size
+        ins = [_buffer_arrays(b, package.inputs, mbs) for b in input_buffers]
+        for arrays in ins:
+            for array in arrays:
+                array.flags.writeable = False  # a view of the batch buffer: user code must not change it
+        outs = [_buffer_arrays(b, package.outputs, mbs) for b in output_buffers]
+        try:
+            while len(self.models) < len(input_buffers):
+                self.models.append(pm.instantiate(self.cls, package.path, package.name))
+        except pm.UserCodeError as exc:
+            raise BackendError(str(exc)) from None
+        models, outputs = self.models, self._outputs
+
+        def execute(executor: int, rows: int) -> None:
+            results = outputs(models[executor], [a[:rows] for a in ins[executor]], rows)
+            for dst, src in zip(outs[executor], results):
+                dst[:rows] = src
+
+        return execute
+
+
 def load_backend(package: ModelPackage, device: str | None = None, num_threads: int | None = None):
     """The backend for a package's platform."""
     if package.platform in TORCH_PLATFORMS:
         return TorchBackend(package, device=device, num_threads=num_threads)
     if package.platform == ONNX_PLATFORM:
         return OnnxBackend(package, device=device, num_threads=num_threads)
+    if package.platform == PYTHON_PLATFORM:
+        return PythonBackend(package, device=device, num_threads=num_threads)
     if package.platform == "native_mlp":
         try:
             from vivace.engine.native import NativeMLPBackend

@@ -83,7 +83,7 @@ def _json_or_text(value: str) -> Any:
 
 
 def _package(args: argparse.Namespace) -> int:
-    from .packaging import package_onnx_model, package_torch_model
+    from .packaging import package_onnx_model, package_python_model, package_torch_model
 
     dynamic_batching: dict[str, Any] = {"max_queue_delay_microseconds": args.max_queue_delay_us}
     if args.preferred_batch_size:
@@ -93,11 +93,19 @@ def _package(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, dynamic_batching=dynamic_batching,
         metadata={"description": args.description} if args.description else None,
         profile=args.profile, overwrite=args.force)
-    platform = args.platform or ("onnxruntime" if str(args.model).endswith(".onnx") else None)
+    model = str(args.model)
+    platform = args.platform or ("onnxruntime" if model.endswith(".onnx") else
+                                 "python" if model.endswith(".py") or ".py:" in model else None)
+    if args.file and platform != "python":
+        print("vivace package: error: --file is for Python models (MODULE.py:CLASS)", file=sys.stderr)
+        return 1
     try:
         parameters = {k: _json_or_text(v) for k, v in _key_values(args.param or []).items()}
         if platform == "onnxruntime":
             package = package_onnx_model(args.model, args.out, parameters=parameters, **common)
+        elif platform == "python":
+            package = package_python_model(args.model, args.out, parameters=parameters, files=args.file or (),
+                                           **common)
         else:
             package = package_torch_model(args.model, args.out, platform=platform, parameters=parameters, **common)
     except (PackageError, RegistryError) as exc:
@@ -569,25 +577,29 @@ def _models_reject(args: argparse.Namespace, home: Home) -> int:
 def register(subparsers: Any) -> None:
     """Add the lifecycle commands to the `vivace` parser."""
     p = subparsers.add_parser(
-        "package", help="package your own TorchScript / torch.export / ONNX model for serving",
+        "package", help="package your own TorchScript / torch.export / ONNX / Python model for serving",
         description="Write a verified model package from a TorchScript (.pt), torch.export (.pt2) or ONNX "
-        "(.onnx) file: the model is run on a batch of its declared inputs and must return its declared outputs.",
+        "(.onnx) file, or a Python class (MODULE.py:CLASS with load() and predict(batch)): the model is run "
+        "on a batch of its declared inputs and must return its declared outputs.",
         epilog="examples:\n  vivace package model.pt --out models/mine --name mine --input x:FP32:32\n"
         "  vivace package model.onnx --out models/mine --name mine     # inputs and outputs from the graph\n"
+        "  vivace package prep.py:Prep --out models/prep --name prep --input x:FP32:32 --file vocab.json\n"
         "  vivace models register models/mine --name mine --metric auc=0.91\n"
         "  vivace serve models/mine",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="TorchScript (.pt), torch.export (.pt2) or ONNX (.onnx) file")
+    p.add_argument("model", help="TorchScript (.pt), torch.export (.pt2) or ONNX (.onnx) file, or MODULE.py:CLASS")
     p.add_argument("--out", required=True, help="package directory to create")
     p.add_argument("--name", required=True, help="model name clients use in /v2/models/NAME")
     p.add_argument("--version", default="1")
     p.add_argument("--input", action="append", metavar="NAME:DATATYPE:DIMS",
                    help="an input and its row shape, e.g. x:FP32:32 or image:FP32:3x224x224 (repeat per input; "
-                   "torch models need them, ONNX models only where the graph leaves a row dimension open)")
+                   "torch and Python models need them, ONNX models only where the graph leaves a row dimension open)")
     p.add_argument("--output", action="append", metavar="NAME:DATATYPE:DIMS",
                    help="name the outputs (default output__0..., or the ONNX graph's; shapes are checked against the model)")
-    p.add_argument("--platform", choices=["torchscript", "torch_export", "onnxruntime"],
+    p.add_argument("--platform", choices=["torchscript", "torch_export", "onnxruntime", "python"],
                    help="default: from the file suffix")
+    p.add_argument("--file", action="append", metavar="PATH",
+                   help="a file a Python model reads (from self.package_dir), stored in the package (repeat)")
     p.add_argument("--max-batch-size", type=int, default=128)
     p.add_argument("--max-queue-delay-us", type=int, default=0)
     p.add_argument("--preferred-batch-size", type=int, action="append", metavar="N")

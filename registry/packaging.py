@@ -310,3 +310,111 @@ def _checked_profile(path: Path, inputs: list[dict[str, Any]]) -> bytes:
         raise PackageError(f"{path} profiles {len(features)} features, the input {inputs[0]['name']!r} has "
                            f"{columns} columns")
     return data
+
+
+PYTHON_FILE = "model.py"
+
+
+def package_python_model(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    name: str,
+    inputs: Sequence[dict[str, Any] | str],
+    class_name: str | None = None,
+    version: str = "1",
+    outputs: Sequence[dict[str, Any] | str] | None = None,
+    files: Sequence[str | os.PathLike] = (),
+    example: Any = None,
+    max_batch_size: int = 128,
+    dynamic_batching: dict[str, Any] | None = None,
+    parameters: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    profile: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> ModelPackage:
+    """Write a user's Python class as a verified `python` model package at `out`.
+
+    `source`: "path/module.py:ClassName" (or the path, with `class_name`); the module is
+    stored as model.py, next to `files` (read by the model from `self.package_dir`). The
+    class is loaded from the written package and run on `example` (an array, or a
+    sequence/mapping of arrays in input order) or on 2 rows of zeros of the declared
+    `inputs`; what predict returns names and shapes the outputs, or must match the
+    declared `outputs`. Raises PackageError naming the problem; nothing is written then.
+    (The contract of the class: registry/python_model.py.)
+    """
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from . import python_model
+    from .package import NUMPY_DTYPES, load_package
+
+    text = os.fspath(source)
+    if class_name is None:
+        text, sep, class_name = text.rpartition(":")
+        if not sep or not class_name:
+            raise PackageError(f"{source}: expected MODULE.py:CLASS, e.g. model.py:Model")
+    path = Path(text)
+    if not path.is_file():
+        raise PackageError(f"{path}: no such module")
+    in_specs = _declared(inputs)
+    if not in_specs:
+        raise PackageError("declare the inputs (NAME:DATATYPE:DIMS)")
+    extra: dict[str, bytes | str | os.PathLike] = {PYTHON_FILE: path}
+    for f in map(Path, files):
+        if not f.is_file():
+            raise PackageError(f"{f}: no such file")
+        if f.name in (PYTHON_FILE, "profile.json") or f.name in extra:
+            raise PackageError(f"{f}: a package file named {f.name!r} is already there")
+        extra[f.name] = f
+    manifest: dict[str, Any] = {
+        "name": name, "version": str(version), "platform": "python", "model_file": PYTHON_FILE,
+        "inputs": in_specs, "outputs": _declared(outputs) or [{"name": "output__0", "datatype": "FP32", "shape": [-1]}],
+        "max_batch_size": max_batch_size, "dynamic_batching": dynamic_batching or {},
+        "parameters": {**(parameters or {}), "python_class": class_name}, "metadata": dict(metadata or {}),
+    }
+    dest = Path(out)
+    if dest.exists() and not overwrite:
+        raise PackageError(f"{dest}: already exists")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        # Written first (outputs provisional when not declared), then loaded from there as
+        # the server will load it: the class sees the package's files, not the sources.
+        staged = load_package(_write(staging / "package", manifest, extra, profile, overwrite=False).path)
+        try:
+            model = python_model.load_model(staged)
+        except python_model.UserCodeError as exc:
+            raise PackageError(str(exc)) from None
+        specs = staged.inputs
+        if example is None:
+            arrays = [np.zeros((2, *s.row_shape), NUMPY_DTYPES[s.datatype]) for s in specs]
+        elif isinstance(example, dict):
+            arrays = [np.asarray(example[s.name], NUMPY_DTYPES[s.datatype]) for s in specs]
+        else:
+            given = example if isinstance(example, (tuple, list)) else (example,)
+            arrays = [np.asarray(a, NUMPY_DTYPES[s.datatype]) for s, a in zip(specs, given)]
+        rows = arrays[0].shape[0]
+        try:
+            result = python_model.predict(model, python_model.batch_of(arrays, specs), name)
+        except python_model.UserCodeError as exc:
+            raise PackageError(f"{exc} on a batch of {rows} rows of its declared inputs") from None
+        if not outputs:  # named and shaped by what predict returned
+            names = list(map(str, result)) if isinstance(result, dict) else \
+                [f"output__{i}" for i in range(len(result) if isinstance(result, (tuple, list)) else 1)]
+            manifest["outputs"] = python_model.output_specs(python_model.returned(result, names, name), names)
+            staged = load_package(_write(staging / "package", manifest, extra, profile, overwrite=True).path)
+        try:
+            values = python_model.returned(result, [s.name for s in staged.outputs], name)
+            for value, s in zip(values, staged.outputs):
+                python_model.check_output(value, s, rows, name)
+        except python_model.OutputMismatch as exc:
+            raise PackageError(str(exc)) from None
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(staging / "package", dest)
+        return load_package(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -71,6 +71,7 @@ TABLE: tuple[Datatype, ...] = (
 
 BY_NAME: dict[str, Datatype] = {d.name: d for d in TABLE}
 _BY_ONNX: dict[str, str] = {d.onnx: d.name for d in TABLE}
+_BY_NUMPY: dict[str, str] = {d.numpy: d.name for d in TABLE if d.numpy}
 # The datatypes a package signature (and so the batcher) may use, in table order.
 TENSOR_DATATYPES: tuple[str, ...] = tuple(d.name for d in TABLE if d.batchable)
 
@@ -92,6 +93,11 @@ def itemsize(name: str) -> int:
 
 def triton_name(name: str) -> str:
     return get(name).triton
+
+
+def from_numpy(dtype_name: str) -> str | None:
+    """The datatype of a numpy dtype name ("float32"), or None when it has none."""
+    return _BY_NUMPY.get(dtype_name)
 
 
 def from_onnx(onnx_type: str) -> str | None:
