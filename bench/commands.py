@@ -11,6 +11,7 @@ BENCH_MODULES = [
     "vivace.bench.model",
     "vivace.bench.http",
     "vivace.bench.models",
+    "vivace.bench.trees",
     "vivace.bench.scorer",
     "vivace.bench.kernels",
     "vivace.bench.features",

@@ -83,7 +83,7 @@ def _json_or_text(value: str) -> Any:
 
 
 def _package(args: argparse.Namespace) -> int:
-    from .packaging import package_onnx_model, package_python_model, package_torch_model
+    from .packaging import package_onnx_model, package_python_model, package_sklearn_model, package_torch_model
 
     dynamic_batching: dict[str, Any] = {"max_queue_delay_microseconds": args.max_queue_delay_us}
     if args.preferred_batch_size:
@@ -95,13 +95,24 @@ def _package(args: argparse.Namespace) -> int:
         profile=args.profile, overwrite=args.force)
     model = str(args.model)
     platform = args.platform or ("onnxruntime" if model.endswith(".onnx") else
-                                 "python" if model.endswith(".py") or ".py:" in model else None)
+                                 "python" if model.endswith(".py") or ".py:" in model else
+                                 "sklearn" if model.endswith((".pkl", ".pickle", ".joblib")) else None)
     if args.file and platform != "python":
         print("vivace package: error: --file is for Python models (MODULE.py:CLASS)", file=sys.stderr)
         return 1
+    if args.example and platform != "sklearn":
+        print("vivace package: error: --example is for scikit-learn estimators (.pkl, .joblib)", file=sys.stderr)
+        return 1
     try:
         parameters = {k: _json_or_text(v) for k, v in _key_values(args.param or []).items()}
-        if platform == "onnxruntime":
+        if platform == "sklearn":
+            if args.input or args.output:
+                raise PackageError("a scikit-learn estimator's input and outputs are named by the conversion "
+                                   "(input__0; label/probabilities or variable): drop --input/--output")
+            del common["inputs"], common["outputs"]
+            package = package_sklearn_model(_unpickle(args.model), args.out, parameters=parameters,
+                                            example=_rows(args.example) if args.example else None, **common)
+        elif platform == "onnxruntime":
             package = package_onnx_model(args.model, args.out, parameters=parameters, **common)
         elif platform == "python":
             package = package_python_model(args.model, args.out, parameters=parameters, files=args.file or (),
@@ -114,6 +125,33 @@ def _package(args: argparse.Namespace) -> int:
     signature = ", ".join(f"{s.name} {s.datatype} {list(s.shape)}" for s in package.inputs)
     print(f"wrote model package {package.name}/{package.version} ({package.platform}: {signature}) to {args.out}")
     return 0
+
+
+def _unpickle(path: str) -> Any:
+    """A fitted estimator saved with joblib.dump or pickle.dump (a pickle runs code when
+    loaded: the user names their own file)."""
+    import pickle
+
+    try:
+        try:
+            import joblib
+        except ImportError:
+            with open(path, "rb") as f:
+                return pickle.load(f)
+        return joblib.load(path)
+    except FileNotFoundError:
+        raise PackageError(f"{path}: no such model file") from None
+    except Exception as exc:  # unpickling raises whatever the pickled objects raise
+        raise PackageError(f"{path}: cannot load the estimator ({type(exc).__name__}: {exc})") from None
+
+
+def _rows(path: str) -> Any:
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise PackageError(f"{path}: cannot read example rows ({exc})") from None
 
 
 def _print_json(obj: Any) -> None:
@@ -577,17 +615,20 @@ def _models_reject(args: argparse.Namespace, home: Home) -> int:
 def register(subparsers: Any) -> None:
     """Add the lifecycle commands to the `vivace` parser."""
     p = subparsers.add_parser(
-        "package", help="package your own TorchScript / torch.export / ONNX / Python model for serving",
+        "package", help="package your own TorchScript / torch.export / ONNX / scikit-learn / Python model for serving",
         description="Write a verified model package from a TorchScript (.pt), torch.export (.pt2) or ONNX "
-        "(.onnx) file, or a Python class (MODULE.py:CLASS with load() and predict(batch)): the model is run "
+        "(.onnx) file, a fitted scikit-learn estimator (.pkl/.joblib, converted to ONNX), or a Python class "
+        "(MODULE.py:CLASS with load() and predict(batch)): the model is run "
         "on a batch of its declared inputs and must return its declared outputs.",
         epilog="examples:\n  vivace package model.pt --out models/mine --name mine --input x:FP32:32\n"
         "  vivace package model.onnx --out models/mine --name mine     # inputs and outputs from the graph\n"
         "  vivace package prep.py:Prep --out models/prep --name prep --input x:FP32:32 --file vocab.json\n"
+        "  vivace package forest.joblib --out models/forest --name forest --example rows.npy   # scikit-learn\n"
         "  vivace models register models/mine --name mine --metric auc=0.91\n"
         "  vivace serve models/mine",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="TorchScript (.pt), torch.export (.pt2) or ONNX (.onnx) file, or MODULE.py:CLASS")
+    p.add_argument("model", help="TorchScript (.pt), torch.export (.pt2), ONNX (.onnx) or scikit-learn "
+                   "(.pkl, .joblib) file, or MODULE.py:CLASS")
     p.add_argument("--out", required=True, help="package directory to create")
     p.add_argument("--name", required=True, help="model name clients use in /v2/models/NAME")
     p.add_argument("--version", default="1")
@@ -596,8 +637,11 @@ def register(subparsers: Any) -> None:
                    "torch and Python models need them, ONNX models only where the graph leaves a row dimension open)")
     p.add_argument("--output", action="append", metavar="NAME:DATATYPE:DIMS",
                    help="name the outputs (default output__0..., or the ONNX graph's; shapes are checked against the model)")
-    p.add_argument("--platform", choices=["torchscript", "torch_export", "onnxruntime", "python"],
-                   help="default: from the file suffix")
+    p.add_argument("--platform", choices=["torchscript", "torch_export", "onnxruntime", "python", "sklearn"],
+                   help="default: from the file suffix (sklearn: converted to ONNX, served by onnxruntime)")
+    p.add_argument("--example", metavar="ROWS.npy",
+                   help="rows a scikit-learn estimator and its ONNX conversion must agree on (default: 256 "
+                   "standard-normal rows)")
     p.add_argument("--file", action="append", metavar="PATH",
                    help="a file a Python model reads (from self.package_dir), stored in the package (repeat)")
     p.add_argument("--max-batch-size", type=int, default=128)
