@@ -38,7 +38,8 @@ class SignatureMismatch(BackendError):
 
 def _buffer_arrays(buffers: Sequence[memoryview], specs: Sequence[TensorSpec], max_batch: int) -> list[np.ndarray]:
     return [
-        np.frombuffer(buf, dtype=datatypes.get(spec.datatype).numpy).reshape(max_batch, *spec.row_shape)
+        np.frombuffer(buf, dtype=datatypes.get(datatypes.batch_datatype(spec.datatype)).numpy)
+        .reshape(max_batch, *spec.row_shape)
         for buf, spec in zip(buffers, specs)
     ]
 
@@ -334,7 +335,7 @@ class PythonBackend:
         self.package = package
         self.python_model = python_model
         for s in (*package.inputs, *package.outputs):
-            if not datatypes.numpy_native(s.datatype):
+            if not (datatypes.numpy_native(s.datatype) or s.datatype == "BYTES"):
                 raise PackageError(f"{package.name}: datatype {s.datatype} is not supported by the python backend")
         try:
             self.cls = python_model.load_class(package.model_path, package.parameters["python_class"], package.name)
@@ -357,10 +358,13 @@ class PythonBackend:
         as_torch = not isinstance(inputs[0], np.ndarray)
         arrays = [x.detach().cpu().numpy() if as_torch else x for x in inputs]
         try:
+            arrays = [self.python_model.as_bytes(a) if s.datatype == "BYTES" else a
+                      for a, s in zip(arrays, self.package.inputs)]
             outputs = self._outputs(self.models[0], arrays, arrays[0].shape[0])
         except self.python_model.UserCodeError as exc:
             raise BackendError(str(exc)) from None
-        outputs = [o.astype(NUMPY_DTYPES[s.datatype], copy=False) for o, s in zip(outputs, self.package.outputs)]
+        outputs = [o if s.datatype == "BYTES" else o.astype(NUMPY_DTYPES[s.datatype], copy=False)
+                   for o, s in zip(outputs, self.package.outputs)]
         if as_torch:
             import torch
 
@@ -385,6 +389,18 @@ class PythonBackend:
         except pm.UserCodeError as exc:
             raise BackendError(str(exc)) from None
         models, outputs = self.models, self._outputs
+        string_in = [s.datatype == "BYTES" for s in package.inputs]
+        string_out = [s.datatype == "BYTES" for s in package.outputs]
+        if any(string_in) or any(string_out):  # BYTES rows hold handles (engine/strings.py)
+            from .strings import STRINGS
+
+            def execute_strings(executor: int, rows: int) -> None:
+                arrays = [STRINGS.get(a[:rows]) if text else a[:rows] for a, text in zip(ins[executor], string_in)]
+                results = outputs(models[executor], arrays, rows)
+                for dst, src, text in zip(outs[executor], results, string_out):
+                    dst[:rows] = STRINGS.put(src.ravel()).reshape(src.shape) if text else src
+
+            return execute_strings
 
         def execute(executor: int, rows: int) -> None:
             results = outputs(models[executor], [a[:rows] for a in ins[executor]], rows)

@@ -40,7 +40,7 @@ def parse_tensor_arg(text: str, default_datatype: str = "FP32") -> dict[str, Any
         raise PackageError(f"tensor {text!r}: expected NAME:DATATYPE:DIMS, e.g. input__0:FP32:32")
     name, datatype, dims = parts
     datatype = datatype.upper()
-    if datatype not in DATATYPES or datatype == "BYTES":
+    if datatype not in DATATYPES and datatype != "BYTES":  # BYTES: Python models (the manifest says so)
         raise PackageError(f"tensor {text!r}: unknown datatype {datatype!r}")
     try:
         row = [int(d) for d in dims.lower().split("x")] if dims else []
@@ -295,6 +295,8 @@ def package_onnx_model(
 
 def _checked_profile(path: Path, inputs: list[dict[str, Any]]) -> bytes:
     """The profile's bytes, once it is known to describe the (single, flat) input's columns."""
+    if len(inputs) != 1 or len(inputs[0]["shape"]) != 2 or inputs[0]["datatype"] == "BYTES":
+        raise PackageError("a profile can be attached to a model with one numeric input of shape [-1, N] only")
     try:
         data = path.read_bytes()
         profile = json.loads(data)
@@ -303,8 +305,6 @@ def _checked_profile(path: Path, inputs: list[dict[str, Any]]) -> bytes:
     features = profile.get("features") if isinstance(profile, dict) else None
     if not isinstance(features, dict) or not features:
         raise PackageError(f"{path}: not a reference profile (write one with `vivace monitor profile`)")
-    if len(inputs) != 1 or len(inputs[0]["shape"]) != 2:
-        raise PackageError("a profile can be attached to a model with one input of shape [-1, N] only")
     columns = inputs[0]["shape"][1]
     if len(features) != columns:
         raise PackageError(f"{path} profiles {len(features)} features, the input {inputs[0]['name']!r} has "
@@ -389,13 +389,22 @@ def package_python_model(
         except python_model.UserCodeError as exc:
             raise PackageError(str(exc)) from None
         specs = staged.inputs
+
+        def dtype(s: Any) -> Any:  # BYTES: an object array of bytes, as the server gives predict
+            return object if s.datatype == "BYTES" else NUMPY_DTYPES[s.datatype]
+
         if example is None:
-            arrays = [np.zeros((2, *s.row_shape), NUMPY_DTYPES[s.datatype]) for s in specs]
+            arrays = [np.full((2, *s.row_shape), b"", object) if s.datatype == "BYTES" else
+                      np.zeros((2, *s.row_shape), dtype(s)) for s in specs]
         elif isinstance(example, dict):
-            arrays = [np.asarray(example[s.name], NUMPY_DTYPES[s.datatype]) for s in specs]
+            arrays = [np.asarray(example[s.name], dtype(s)) for s in specs]
         else:
             given = example if isinstance(example, (tuple, list)) else (example,)
-            arrays = [np.asarray(a, NUMPY_DTYPES[s.datatype]) for s, a in zip(specs, given)]
+            arrays = [np.asarray(a, dtype(s)) for s, a in zip(specs, given)]
+        try:
+            arrays = [python_model.as_bytes(a) if s.datatype == "BYTES" else a for s, a in zip(specs, arrays)]
+        except ValueError as exc:
+            raise PackageError(f"example: {exc}") from None
         rows = arrays[0].shape[0]
         try:
             result = python_model.predict(model, python_model.batch_of(arrays, specs), name)

@@ -117,7 +117,10 @@ def returned(result: Any, names: Sequence[str], name: str) -> list[Any]:
 
 
 def check_output(value: Any, spec: TensorSpec, rows: int, name: str) -> np.ndarray:
-    """`value` as an array of the output's datatype and shape, or OutputMismatch saying why not."""
+    """`value` as an array of the output's datatype and shape, or OutputMismatch saying why not.
+    A BYTES output comes back as an object array of bytes (str elements encoded as UTF-8)."""
+    if spec.datatype == "BYTES":
+        return _check_strings(value, spec, rows, name)
     want = np.dtype(NUMPY_DTYPES[spec.datatype])
     if not isinstance(value, np.ndarray):
         try:
@@ -133,13 +136,55 @@ def check_output(value: Any, spec: TensorSpec, rows: int, name: str) -> np.ndarr
     return value
 
 
+def _check_strings(value: Any, spec: TensorSpec, rows: int, name: str) -> np.ndarray:
+    array = value if isinstance(value, np.ndarray) and value.dtype.kind == "O" else np.asarray(value, object)
+    if array.shape != (rows, *spec.row_shape):
+        raise OutputMismatch(f"model {name!r}: predict returned output {spec.name!r} with shape {array.shape}, "
+                             f"expected {(rows, *spec.row_shape)}")
+    out = np.empty(array.size, object)
+    for k, v in enumerate(array.ravel().tolist()):
+        if isinstance(v, str):
+            v = v.encode()
+        elif not isinstance(v, bytes):
+            raise OutputMismatch(f"model {name!r}: predict returned output {spec.name!r} holding "
+                                 f"{type(v).__name__}, expected str or bytes (BYTES)")
+        out[k] = v
+    return out.reshape(array.shape)
+
+
+def as_bytes(value: Any) -> np.ndarray:
+    """Strings given in process (str or bytes, any nesting) as the object array of bytes the
+    server gives predict for a BYTES input."""
+    array = np.asarray(value, object)
+    out = np.empty(array.size, object)
+    for k, v in enumerate(array.ravel().tolist()):
+        if not isinstance(v, (str, bytes)):
+            raise ValueError(f"a BYTES input holds str or bytes, not {type(v).__name__}")
+        out[k] = v.encode() if isinstance(v, str) else v
+    return out.reshape(array.shape)
+
+
+def _stringy(value: Any) -> bool:
+    """A nested list whose first leaf is a string (numpy would make it a fixed-width 'U' array)."""
+    while isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return isinstance(value, (str, bytes))
+
+
+def is_strings(array: np.ndarray) -> bool:
+    """An array predict returned that holds strings (str or bytes elements)."""
+    if array.dtype.kind in "SU":
+        return True
+    return array.dtype.kind == "O" and array.size > 0 and all(isinstance(v, (str, bytes)) for v in array.ravel().tolist())
+
+
 def output_specs(values: Sequence[Any], names: Sequence[str]) -> list[dict[str, Any]]:
     """Manifest output entries for what predict returned on a probe batch."""
     specs = []
     for value, output in zip(values, names):
-        array = np.asarray(value)
-        datatype = datatypes.from_numpy(array.dtype.name)
-        if datatype is None or not datatypes.numpy_native(datatype) or array.ndim == 0:
+        array = value if isinstance(value, np.ndarray) else np.asarray(value, object if _stringy(value) else None)
+        datatype = "BYTES" if is_strings(array) else datatypes.from_numpy(array.dtype.name)
+        if datatype is None or not (datatypes.numpy_native(datatype) or datatype == "BYTES") or array.ndim == 0:
             raise PackageError(f"output {output!r}: predict returned {array.dtype} {list(array.shape)}, which "
                                f"cannot be served (numbers or booleans with the batch dimension first)")
         specs.append({"name": output, "datatype": datatype, "shape": [-1, *array.shape[1:]]})

@@ -226,7 +226,7 @@ def test_packaging_errors_name_the_problem_and_write_nothing(sources, tmp_path):
         (module("class M:\n    pass\n") + ":M", {}, "has no predict(batch) method"),
         (module(ok) + ":M", {"outputs": ["y:FP32:3"]}, "output 'y' with shape (2, 2), expected (2, 3)"),
         (module(ok) + ":M", {"outputs": ["y:INT8:2"]}, "of dtype float32, which is not INT8"),
-        (module("class M:\n    def predict(self, b):\n        return {'label': ['a'] * len(b)}\n") + ":M", {},
+        (module("class M:\n    def predict(self, b):\n        return {'label': [None] * len(b)}\n") + ":M", {},
          "cannot be served"),
         (module(ok), {}, "expected MODULE.py:CLASS"),
         (str(tmp_path / "absent.py") + ":M", {}, "no such module"),

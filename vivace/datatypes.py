@@ -64,8 +64,8 @@ TABLE: tuple[Datatype, ...] = (
     _dt("BF16", "float", 2, "bfloat16", None, "kBf16", float_max=3.3895313892515355e38),
     _dt("FP32", "float", 4, "float32", "f", "kFp32", float_max=3.4028234663852886e38, onnx="float"),
     _dt("FP64", "float", 8, "float64", "d", "kFp64", onnx="double"),
-    # Variable-length strings: Triton calls them TYPE_STRING. Not batchable, so no package
-    # or batcher accepts them yet.
+    # Variable-length strings: Triton calls them TYPE_STRING. Not batchable: the batcher
+    # holds them as handles (PACKAGE_DATATYPES, batch_datatype).
     _dt("BYTES", "bytes", 0, None, None, "kBytes", triton="TYPE_STRING", batchable=False, onnx="string"),
 )
 
@@ -74,6 +74,15 @@ _BY_ONNX: dict[str, str] = {d.onnx: d.name for d in TABLE}
 _BY_NUMPY: dict[str, str] = {d.numpy: d.name for d in TABLE if d.numpy}
 # The datatypes a package signature (and so the batcher) may use, in table order.
 TENSOR_DATATYPES: tuple[str, ...] = tuple(d.name for d in TABLE if d.batchable)
+# A package may also declare BYTES tensors (Python models only): the batcher holds each
+# element as an INT64 handle to its bytes (engine/strings.py), so rows keep a fixed size.
+PACKAGE_DATATYPES: tuple[str, ...] = (*TENSOR_DATATYPES, "BYTES")
+HANDLE_DATATYPE = "INT64"
+
+
+def batch_datatype(name: str) -> str:
+    """The datatype the batcher holds a tensor's elements as: BYTES as INT64 handles."""
+    return HANDLE_DATATYPE if name == "BYTES" else name
 
 
 class DatatypeError(ValueError):
