@@ -434,6 +434,24 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def _register_lightgbm() -> None:
+    """Teach skl2onnx LightGBM's scikit-learn estimators (alone or in a pipeline) with
+    onnxmltools' converter, when both are installed."""
+    try:
+        from lightgbm import LGBMClassifier, LGBMRegressor
+        from onnxmltools.convert.lightgbm.operator_converters.LightGbm import convert_lightgbm
+    except ImportError:
+        return
+    from skl2onnx import update_registered_converter
+    from skl2onnx.common.shape_calculator import (
+        calculate_linear_classifier_output_shapes, calculate_linear_regressor_output_shapes)
+
+    update_registered_converter(LGBMClassifier, "LightGbmLGBMClassifier", calculate_linear_classifier_output_shapes,
+                                convert_lightgbm, options={"nocl": [True, False], "zipmap": [True, False, "columns"]})
+    update_registered_converter(LGBMRegressor, "LightGbmLGBMRegressor", calculate_linear_regressor_output_shapes,
+                                convert_lightgbm, options={"split": None})
+
+
 def package_sklearn_model(
     estimator: Any,
     out: str | os.PathLike,
@@ -450,8 +468,9 @@ def package_sklearn_model(
     profile: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> ModelPackage:
-    """Write a fitted scikit-learn estimator (a tree ensemble, a pipeline, ...) as an
-    `onnxruntime` package: converted with skl2onnx, then checked against the estimator.
+    """Write a fitted scikit-learn estimator (a tree ensemble, a pipeline, ...; LightGBM's
+    LGBMClassifier/LGBMRegressor too when onnxmltools is installed) as an `onnxruntime`
+    package: converted with skl2onnx, then checked against the estimator.
 
     One FP32 input `input_name` [-1, n_features_in_]. A classifier answers `label` (INT64
     [-1], when its classes are integers; otherwise the classes are listed in the package
@@ -476,9 +495,12 @@ def package_sklearn_model(
     if not hasattr(estimator, "predict") or features is None:
         raise PackageError(f"{kind} is not a fitted scikit-learn estimator (no n_features_in_: call fit first)")
     classifier = hasattr(estimator, "predict_proba")
+    _register_lightgbm()
     try:
+        # ai.onnx.ml 3: the newest version onnxmltools' LightGBM converter writes
         model = convert_sklearn(estimator, initial_types=[(input_name, FloatTensorType([None, int(features)]))],
-                                options={id(estimator): {"zipmap": False}} if classifier else None)
+                                options={id(estimator): {"zipmap": False}} if classifier else None,
+                                target_opset={"": 17, "ai.onnx.ml": 3})
     except Exception as exc:  # skl2onnx raises many types for estimators it cannot convert
         raise PackageError(f"skl2onnx cannot convert {kind}: {_first_line(exc)}") from None
     meta: dict[str, Any] = {"converted_from": kind, **(metadata or {})}

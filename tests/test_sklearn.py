@@ -165,3 +165,24 @@ def test_estimators_that_cannot_be_served_are_refused_with_the_reason(tmp_path):
     with pytest.raises(PackageError, match="differs from the estimator by"):
         package_sklearn_model(GradientBoostingRegressor(n_estimators=5).fit(X, y * 1e9), tmp_path / "bad", name="bad",
                               tolerance=0.0)
+
+
+def test_lightgbm_estimators_convert_through_onnxmltools(tmp_path):
+    lightgbm = pytest.importorskip("lightgbm")
+    pytest.importorskip("onnxmltools")
+    X, y = data()
+    classifier = lightgbm.LGBMClassifier(n_estimators=40, verbose=-1).fit(X, y)
+    pipeline = make_pipeline(StandardScaler(), lightgbm.LGBMRegressor(n_estimators=40, verbose=-1)).fit(X, y * 10.0)
+    classified = package_sklearn_model(classifier, tmp_path / "lgbm", name="lgbm", example=X[:300])
+    assert classified.metadata["converted_from"] == "lightgbm.LGBMClassifier"
+    regressed = package_sklearn_model(pipeline, tmp_path / "lgbm-reg", name="lgbm-reg")
+    rows = data(seed=5)[0][:200]
+    scored = Scorer(classified).predict(rows)
+    np.testing.assert_array_equal(scored["label"], classifier.predict(rows))
+    np.testing.assert_allclose(scored["probabilities"], classifier.predict_proba(rows), atol=1e-5)
+    server = ServerProcess([regressed.path])
+    try:
+        expected = pipeline.predict(rows[:5])
+        np.testing.assert_allclose(infer(server, "lgbm-reg", rows[:5])["variable"][:, 0], expected, rtol=1e-4, atol=1e-4)
+    finally:
+        assert server.stop() == 0
