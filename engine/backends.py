@@ -258,9 +258,8 @@ class OnnxBackend:
         return "threads" if self.device.startswith("cuda") else "inline"
 
     def _check(self, outputs: Sequence[np.ndarray], rows: int) -> None:
-        for out, row_shape in zip(outputs, self._row_shapes):
+        for out, row_shape, s in zip(outputs, self._row_shapes, self.package.outputs):
             if out.shape[0] != rows or out.shape[1:] != row_shape:
-                s = self.package.outputs[self._row_shapes.index(row_shape)]
                 raise SignatureMismatch(f"model {self.package.name!r} returned {s.name} with shape {out.shape}, "
                                         f"expected {(rows, *s.row_shape)}")
 
