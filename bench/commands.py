@@ -10,6 +10,8 @@ import importlib
 BENCH_MODULES = [
     "vivace.bench.model",
     "vivace.bench.http",
+    "vivace.bench.models",
+    "vivace.bench.trees",
     "vivace.bench.scorer",
     "vivace.bench.kernels",
     "vivace.bench.features",

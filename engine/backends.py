@@ -8,6 +8,10 @@ A backend loads a package and offers two entry points:
 
 The torch backend takes the GIL once per batch (the batcher's executor thread calls it).
 On CUDA it captures one CUDA graph per batch-size bucket and stages through pinned memory.
+The ONNX Runtime backend binds the batch buffers themselves as the session's inputs and
+outputs (IOBinding): onnxruntime reads the rows where the batcher put them and writes its
+outputs where the batcher answers from. The Python backend calls a user's class on
+read-only views of the batch buffers and copies what it returns into the output buffers.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from vivace import datatypes
-from vivace.registry.package import ModelPackage, PackageError, TensorSpec
+from vivace.spec import ONNX_PLATFORM, PYTHON_PLATFORM
+from vivace.registry.package import NUMPY_DTYPES, ModelPackage, PackageError, TensorSpec
 
 TORCH_PLATFORMS = ("torchscript", "torch_export")
 
@@ -33,7 +38,8 @@ class SignatureMismatch(BackendError):
 
 def _buffer_arrays(buffers: Sequence[memoryview], specs: Sequence[TensorSpec], max_batch: int) -> list[np.ndarray]:
     return [
-        np.frombuffer(buf, dtype=datatypes.get(spec.datatype).numpy).reshape(max_batch, *spec.row_shape)
+        np.frombuffer(buf, dtype=datatypes.get(datatypes.batch_datatype(spec.datatype)).numpy)
+        .reshape(max_batch, *spec.row_shape)
         for buf, spec in zip(buffers, specs)
     ]
 
@@ -213,10 +219,204 @@ class _CudaGraphRunner:
                 dst[:rows].copy_(pinned[:rows])
 
 
+class OnnxBackend:
+    """ONNX models through onnxruntime: the CPU execution provider, or CUDA's when the
+    package asks for a GPU (KIND_GPU, or KIND_AUTO on a machine that has one)."""
+
+    def __init__(self, package: ModelPackage, device: str | None = None, num_threads: int | None = None):
+        from vivace.registry import onnx_model
+
+        self.package = package
+        for s in (*package.inputs, *package.outputs):
+            if not datatypes.numpy_native(s.datatype):  # IOBinding is given numpy dtypes
+                raise PackageError(f"{package.name}: datatype {s.datatype} is not supported by the onnxruntime backend")
+        if device is None:
+            wants_gpu = package.instance_kind == "KIND_GPU" or (
+                package.instance_kind == "KIND_AUTO" and onnx_model.cuda_available()
+            )
+            device = "cuda" if wants_gpu else "cpu"
+        self.device = device
+        parameters = dict(package.parameters)
+        if num_threads:
+            parameters["intra_op_thread_count"] = num_threads
+        try:
+            self.session = onnx_model.open_session(package.model_path, parameters, device)
+            onnx_model.check_signature(self.session, package.inputs, package.outputs, package.name)
+        except PackageError as exc:
+            raise BackendError(f"cannot load model {package.name!r}: {exc}") from None
+        self._input_names = [s.name for s in package.inputs]
+        self._output_names = [s.name for s in package.outputs]
+        # run(None, ...) answers in the graph's order without looking names up (5 us a call)
+        self._fetch = None if [o.name for o in self.session.get_outputs()] == self._output_names else self._output_names
+        self._row_shapes = [s.row_shape for s in package.outputs]
+
+    @property
+    def preferred_execution(self) -> str:
+        # onnxruntime releases the GIL while it runs; a CPU batch of a small model is a few
+        # microseconds, cheaper on the loop than a hand-off to an executor thread. A GPU
+        # batch mostly waits on the device, so it runs on executor threads.
+        return "threads" if self.device.startswith("cuda") else "inline"
+
+    def _check(self, outputs: Sequence[np.ndarray], rows: int) -> None:
+        for out, row_shape, s in zip(outputs, self._row_shapes, self.package.outputs):
+            if out.shape[0] != rows or out.shape[1:] != row_shape:
+                raise SignatureMismatch(f"model {self.package.name!r} returned {s.name} with shape {out.shape}, "
+                                        f"expected {(rows, *s.row_shape)}")
+
+    def run(self, inputs: Sequence[Any]) -> list[Any]:
+        """Run one batch; numpy in → numpy out, torch in → torch out."""
+        first = inputs[0]
+        as_torch = not isinstance(first, np.ndarray)
+        arrays = [x.detach().cpu().numpy() for x in inputs] if as_torch else inputs
+        try:
+            outputs = self.session.run(self._fetch, dict(zip(self._input_names, arrays)))
+        except Exception as exc:  # onnxruntime's own error types
+            raise BackendError(f"model {self.package.name!r} failed: {exc}") from None
+        self._check(outputs, arrays[0].shape[0])
+        if as_torch:
+            import torch
+
+            return [torch.from_numpy(o).to(first.device) for o in outputs]
+        return outputs
+
+    def batch_executor(
+        self, input_buffers: list[list[memoryview]], output_buffers: list[list[memoryview]]
+    ) -> Callable[[int, int], None]:
+        """execute(executor, rows): the session reads the rows from the executor's input
+        buffers and writes its outputs into the executor's output buffers (IOBinding),
+        with one binding per (executor, rows) made on first use."""
+        package, session = self.package, self.session
+        mbs = package.max_batch_size
+        ins = [_buffer_arrays(b, package.inputs, mbs) for b in input_buffers]
+        outs = [_buffer_arrays(b, package.outputs, mbs) for b in output_buffers]
+        bindings: dict[tuple[int, int], Any] = {}
+
+        def bind(executor: int, rows: int) -> Any:
+            binding = session.io_binding()
+            for s, array in zip(package.inputs, ins[executor]):
+                binding.bind_input(s.name, "cpu", 0, array.dtype, [rows, *s.row_shape], array.ctypes.data)
+            for s, array in zip(package.outputs, outs[executor]):
+                binding.bind_output(s.name, "cpu", 0, array.dtype, [rows, *s.row_shape], array.ctypes.data)
+            bindings[executor, rows] = binding
+            return binding
+
+        run_with_iobinding, check = session.run_with_iobinding, self._check
+
+        def execute(executor: int, rows: int) -> None:
+            binding = bindings.get((executor, rows)) or bind(executor, rows)
+            try:
+                run_with_iobinding(binding)
+            except Exception:  # onnxruntime's own error types
+                # An output whose shape is not its declaration cannot be written into its
+                # buffer: say so (SignatureMismatch) rather than onnxruntime's wording.
+                feed = {s.name: array[:rows] for s, array in zip(package.inputs, ins[executor])}
+                check(session.run(self._fetch, feed), rows)
+                raise
+
+        return execute
+
+
+class PythonBackend:
+    """A user's class (registry/python_model.py has the contract) run by the batcher.
+
+    Each executor has an instance of its own (created and loaded here), so predict is
+    never called concurrently on one instance. Errors in user code and outputs the
+    signature does not allow fail their batch with a message naming the model (a 500);
+    a predict that hangs is failed by the server's execution-timeout watchdog, which is
+    why batches run on executor threads.
+    """
+
+    preferred_execution = "threads"
+
+    def __init__(self, package: ModelPackage, device: str | None = None, num_threads: int | None = None):
+        from vivace.registry import python_model
+
+        self.package = package
+        self.python_model = python_model
+        for s in (*package.inputs, *package.outputs):
+            if not (datatypes.numpy_native(s.datatype) or s.datatype == "BYTES"):
+                raise PackageError(f"{package.name}: datatype {s.datatype} is not supported by the python backend")
+        try:
+            self.cls = python_model.load_class(package.model_path, package.parameters["python_class"], package.name)
+            self.models = [python_model.instantiate(self.cls, package.path, package.name)]
+        except python_model.UserCodeError as exc:
+            raise BackendError(str(exc)) from None
+        self._names = [s.name for s in package.outputs]
+
+    def _outputs(self, model: Any, arrays: Sequence[np.ndarray], rows: int) -> list[np.ndarray]:
+        pm, package = self.python_model, self.package
+        try:
+            result = pm.predict(model, pm.batch_of(arrays, package.inputs), package.name)
+            values = pm.returned(result, self._names, package.name)
+            return [pm.check_output(v, s, rows, package.name) for v, s in zip(values, package.outputs)]
+        except pm.OutputMismatch as exc:
+            raise SignatureMismatch(str(exc)) from None
+
+    def run(self, inputs: Sequence[Any]) -> list[Any]:
+        """Run one batch; numpy in → numpy out, torch in → torch out."""
+        as_torch = not isinstance(inputs[0], np.ndarray)
+        arrays = [x.detach().cpu().numpy() if as_torch else x for x in inputs]
+        try:
+            arrays = [self.python_model.as_bytes(a) if s.datatype == "BYTES" else a
+                      for a, s in zip(arrays, self.package.inputs)]
+            outputs = self._outputs(self.models[0], arrays, arrays[0].shape[0])
+        except self.python_model.UserCodeError as exc:
+            raise BackendError(str(exc)) from None
+        outputs = [o if s.datatype == "BYTES" else o.astype(NUMPY_DTYPES[s.datatype], copy=False)
+                   for o, s in zip(outputs, self.package.outputs)]
+        if as_torch:
+            import torch
+
+            return [torch.from_numpy(np.ascontiguousarray(o)).to(inputs[0].device) for o in outputs]
+        return outputs
+
+    def batch_executor(
+        self, input_buffers: list[list[memoryview]], output_buffers: list[list[memoryview]]
+    ) -> Callable[[int, int], None]:
+        """execute(executor, rows): predict on read-only views of the executor's input rows,
+        its outputs checked and copied into the executor's output buffers."""
+        package, pm = self.package, self.python_model
+        mbs = package.max_batch_size
+        ins = [_buffer_arrays(b, package.inputs, mbs) for b in input_buffers]
+        for arrays in ins:
+            for array in arrays:
+                array.flags.writeable = False  # a view of the batch buffer: user code must not change it
+        outs = [_buffer_arrays(b, package.outputs, mbs) for b in output_buffers]
+        try:
+            while len(self.models) < len(input_buffers):
+                self.models.append(pm.instantiate(self.cls, package.path, package.name))
+        except pm.UserCodeError as exc:
+            raise BackendError(str(exc)) from None
+        models, outputs = self.models, self._outputs
+        string_in = [s.datatype == "BYTES" for s in package.inputs]
+        string_out = [s.datatype == "BYTES" for s in package.outputs]
+        if any(string_in) or any(string_out):  # BYTES rows hold handles (engine/strings.py)
+            from .strings import STRINGS
+
+            def execute_strings(executor: int, rows: int) -> None:
+                arrays = [STRINGS.get(a[:rows]) if text else a[:rows] for a, text in zip(ins[executor], string_in)]
+                results = outputs(models[executor], arrays, rows)
+                for dst, src, text in zip(outs[executor], results, string_out):
+                    dst[:rows] = STRINGS.put(src.ravel()).reshape(src.shape) if text else src
+
+            return execute_strings
+
+        def execute(executor: int, rows: int) -> None:
+            results = outputs(models[executor], [a[:rows] for a in ins[executor]], rows)
+            for dst, src in zip(outs[executor], results):
+                dst[:rows] = src
+
+        return execute
+
+
 def load_backend(package: ModelPackage, device: str | None = None, num_threads: int | None = None):
     """The backend for a package's platform."""
     if package.platform in TORCH_PLATFORMS:
         return TorchBackend(package, device=device, num_threads=num_threads)
+    if package.platform == ONNX_PLATFORM:
+        return OnnxBackend(package, device=device, num_threads=num_threads)
+    if package.platform == PYTHON_PLATFORM:
+        return PythonBackend(package, device=device, num_threads=num_threads)
     if package.platform == "native_mlp":
         try:
             from vivace.engine.native import NativeMLPBackend

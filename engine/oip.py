@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from vivace import datatypes
 from vivace.registry.package import ModelPackage
+
+from .strings import STRINGS, length_prefixed, split_length_prefixed
 
 
 class ProtocolError(Exception):
@@ -180,6 +183,19 @@ class RawFeatures:
         return np.ascontiguousarray(matrix).tobytes(), rows
 
 
+def _json_strings(inp: RequestInput, count: int) -> list[bytes]:
+    """A BYTES input's JSON data (strings, flat or nested by row) as `count` UTF-8 byte strings."""
+    values = inp.data
+    while values and values[0].__class__ is list:  # nested: flatten one level at a time
+        values = [v for row in values for v in (row if row.__class__ is list else [row])]
+    if len(values) != count:
+        raise ProtocolError(f"input {inp.name!r} has {len(values)} elements, its shape {inp.shape} needs {count}")
+    for v in values:
+        if v.__class__ is not str:
+            raise ProtocolError(f"input {inp.name!r} is BYTES: its elements must be strings, got {type(v).__name__}")
+    return [v.encode() for v in values]
+
+
 class InferDecoder:
     """Decodes and validates infer bodies for one model; per-model facts are computed once."""
 
@@ -254,7 +270,7 @@ class InferDecoder:
             if binary_size is None:
                 if inp.data.__class__ is not list:
                     raise ProtocolError(f"input {inp.name!r} has no data (expected a list or binary_data_size)")
-                data[i] = inp.data
+                data[i] = _json_strings(inp, rows * self.specs[i].row_elements) if datatype == "BYTES" else inp.data
                 continue
             if binary is None:
                 raise ProtocolError(
@@ -263,6 +279,17 @@ class InferDecoder:
                 )
             if not isinstance(binary_size, int) or isinstance(binary_size, bool) or binary_size < 0:
                 raise ProtocolError(f"input {inp.name!r}: binary_data_size must be a non-negative integer")
+            if datatype == "BYTES":
+                if offset + binary_size > len(binary):
+                    raise ProtocolError(f"input {inp.name!r}: binary data truncated ({len(binary) - offset} bytes "
+                                        f"left, {binary_size} declared)")
+                try:
+                    data[i] = split_length_prefixed(binary[offset:offset + binary_size],
+                                                    rows * self.specs[i].row_elements)
+                except ValueError as exc:
+                    raise ProtocolError(f"input {inp.name!r} (BYTES, shape {got}): {exc}") from None
+                offset += binary_size
+                continue
             expected = rows * row_bytes
             if binary_size != expected:
                 raise ProtocolError(
@@ -341,6 +368,14 @@ class ResponseEncoder:
             start = self.offset_per_row[j] * rows
             chunk = view[start:start + row_bytes * rows]
             shape = [rows, *row_shape]
+            if datatype == "BYTES":  # the rows hold handles (engine/strings.py)
+                values = STRINGS.get(np.frombuffer(chunk, np.int64)).tolist()
+                if call.binary_outputs[j]:
+                    chunk = memoryview(length_prefixed(values))
+                else:  # JSON strings: bytes that are not UTF-8 need binary_data
+                    outputs.append(ResponseOutput(name, datatype, shape, None,
+                                                  [v.decode(errors="backslashreplace") for v in values]))
+                    continue
             if call.binary_outputs[j]:
                 binary_parts.append(chunk)
                 outputs.append(ResponseOutput(name, datatype, shape, {"binary_data_size": len(chunk)}))
@@ -356,8 +391,7 @@ def _to_list(chunk: memoryview, datatype: str) -> list:
     fmt = _CAST_FORMATS.get(datatype)
     if fmt is not None:
         return chunk.cast(fmt).tolist()
-    import numpy as np  # FP16, BF16: no memoryview format; rare enough to pay for numpy
-
+    # FP16, BF16: no memoryview format; rare enough to pay for numpy
     if datatype == "BF16":  # the top half of a float32: widen without a bfloat16 library
         return (np.frombuffer(chunk, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).tolist()
     return np.frombuffer(chunk, dtype=np.float16).astype(np.float32).tolist()

@@ -244,7 +244,7 @@ def _common_schemas() -> dict[str, Any]:
                "properties": {"count": {"type": "integer"}, "ns": {"type": "integer"}}}
     tensor_metadata = {
         "type": "object", "required": ["name", "datatype", "shape"],
-        "properties": {"name": {"type": "string"}, "datatype": {"enum": sorted(datatypes.TENSOR_DATATYPES)},
+        "properties": {"name": {"type": "string"}, "datatype": {"enum": sorted(datatypes.PACKAGE_DATATYPES)},
                        "shape": {"type": "array", "items": {"type": "integer"}}},
     }
     config_tensor = {
@@ -600,6 +600,8 @@ def _nested(element: dict[str, Any], dims: tuple[int, ...]) -> dict[str, Any]:
 
 
 def _element(datatype: str) -> dict[str, Any]:
+    if datatype == "BYTES":  # JSON carries strings; arbitrary bytes take the binary extension
+        return {"type": "string"}
     if datatype == "BOOL":
         return {"type": "boolean"}
     if datatype in _INT_RANGES:
@@ -611,7 +613,7 @@ def _element(datatype: str) -> dict[str, Any]:
 
 def _output_element(datatype: str) -> dict[str, Any]:
     """An output value: floats are unbounded, and a non-finite one is null (strict JSON)."""
-    if datatype == "BOOL" or datatype in _INT_RANGES:
+    if datatype in ("BOOL", "BYTES") or datatype in _INT_RANGES:
         return _element(datatype)
     return {"type": ["number", "null"]}
 
@@ -651,6 +653,6 @@ def _example_request(package: ModelPackage) -> dict[str, Any]:
     """A valid one-row request of zeros (false for BOOL)."""
     return {"inputs": [
         {"name": s.name, "shape": [1, *s.row_shape], "datatype": s.datatype,
-         "data": [False if s.datatype == "BOOL" else 0] * s.row_elements}
+         "data": [{"BOOL": False, "BYTES": ""}.get(s.datatype, 0)] * s.row_elements}
         for s in package.inputs
     ]}

@@ -20,11 +20,13 @@ import msgspec
 import numpy as np
 
 from vivace import _core
+from vivace.datatypes import batch_datatype
 from vivace.registry.package import ModelPackage, TensorSpec
 
 from .backends import SignatureMismatch, load_backend
 from .config import ServerConfig
 from .oip import InferDecoder, ResponseEncoder
+from .strings import STRINGS
 
 STATUS_OK = int(_core.Status.OK)
 STATUS_QUEUE_FULL = int(_core.Status.QUEUE_FULL)
@@ -118,6 +120,17 @@ class ModelRunner:
         self.decoder = InferDecoder(package)
         self.encoder = ResponseEncoder(package)
         self.waiting: dict[int, Waiter] = {}
+        # BYTES tensors travel as handles (engine/strings.py): the inputs to turn into
+        # handles at submit, each request's handles until the batcher has answered it, and
+        # where the output handles sit in an answer's payload (offset per row, elements).
+        self.strings = any(s.datatype == "BYTES" for s in (*package.inputs, *package.outputs))
+        self._string_inputs = [i for i, s in enumerate(package.inputs) if s.datatype == "BYTES"]
+        self._string_handles: dict[int, list[np.ndarray]] = {}
+        offset, self._string_outputs = 0, []
+        for s in package.outputs:
+            if s.datatype == "BYTES":
+                self._string_outputs.append((offset, s.row_elements))
+            offset += s.row_bytes
         self.loop: asyncio.AbstractEventLoop | None = None
         self.execution_timeout_s = execution_timeout_s
         self.last_token = 0  # newest token submitted (requests up to it are older)
@@ -145,8 +158,8 @@ class ModelRunner:
             allow_timeout_override=policy.allow_timeout_override,
             max_queue_size=policy.max_queue_size,
             shed_queue_wait_us=int(shed_queue_wait_ms * 1000),
-            inputs=[(s.datatype, list(s.row_shape)) for s in package.inputs],
-            outputs=[(s.datatype, list(s.row_shape)) for s in package.outputs],
+            inputs=[(batch_datatype(s.datatype), list(s.row_shape)) for s in package.inputs],
+            outputs=[(batch_datatype(s.datatype), list(s.row_shape)) for s in package.outputs],
             executors=package.instance_count,
             inline_execution=self.execution == "inline",
             execute=self._run_batch,
@@ -172,7 +185,8 @@ class ModelRunner:
         # Plain JSON requests (no parameters, no binary tensors) are parsed and answered
         # natively when every datatype allows it; the rest take the general decoder. With
         # the "error" policy for unknown entities, answers are checked in Python first.
-        self.json_fast = (self.entity is None or self.entity.policy == "default") and self.batcher.enable_json(
+        self.json_fast = (self.entity is None or self.entity.policy == "default") and not self.strings and \
+            self.batcher.enable_json(
             package.name,
             package.version,
             [(s.name, s.datatype, list(s.row_shape)) for s in package.inputs],
@@ -196,6 +210,8 @@ class ModelRunner:
                 for _ in range(2):
                     try:
                         self._execute(executor, rows)
+                        if self._string_outputs:  # no request reads these outputs: free them
+                            self._release_strings(0, STATUS_OK, self._output_rows(executor, rows))
                     except SignatureMismatch as exc:
                         log.error("%s/%s: failed warm-up, not serving it: %s", self.name, self.version, exc)
                         return f"failed warm-up: {exc}"
@@ -203,6 +219,11 @@ class ModelRunner:
                         log.warning("%s/%s: warm-up batch of %d rows failed: %s", self.name, self.version, rows, exc)
                         return None
         return None
+
+    def _output_rows(self, executor: int, rows: int) -> bytes:
+        """The first `rows` rows of an executor's output buffers, laid out as an answer's payload."""
+        return b"".join(bytes(buf[:rows * s.row_bytes])
+                        for buf, s in zip(self.batcher.output_buffers(executor), self.package.outputs))
 
     def why_unavailable(self) -> str:
         """Why a runner that is not ready refuses requests."""
@@ -316,6 +337,18 @@ class ModelRunner:
             waiter = waiting.pop(token, None)
             if waiter is not None:
                 waiter.done(status, payload)
+            if self.strings:
+                self._release_strings(token, status, payload)
+
+    def _release_strings(self, token: int, status: int, payload: Any) -> None:
+        """The batcher has answered `token` (and the answer is encoded): free its strings."""
+        handles = self._string_handles.pop(token, None)
+        if handles:
+            STRINGS.release(np.concatenate(handles))
+        if status == STATUS_OK and self._string_outputs and payload:
+            rows = len(payload) // sum(s.row_bytes for s in self.package.outputs)
+            for offset, elements in self._string_outputs:
+                STRINGS.release(np.frombuffer(payload, np.int64, rows * elements, offset * rows))
 
     def submit(self, waiter: Waiter, data: list[Any], rows: int, priority: int = 0, timeout_us: int = 0) -> int:
         """Queue a request: returns its token (> 0), or minus the batcher status when refused.
@@ -323,11 +356,26 @@ class ModelRunner:
         Raises ValueError/TypeError when the data does not fit the signature.
         """
         token = next(_tokens)
-        status = self.batcher.submit(token, data, rows, priority, timeout_us)
+        handles = None
+        if self._string_inputs:
+            data, handles = list(data), []
+            for i in self._string_inputs:
+                handles.append(STRINGS.put(data[i]))
+                data[i] = handles[-1].tobytes()
+        try:
+            status = self.batcher.submit(token, data, rows, priority, timeout_us)
+        except BaseException:
+            if handles:
+                STRINGS.release(np.concatenate(handles))
+            raise
         if status == STATUS_OK:
             self.waiting[token] = waiter
             self.last_token = token
+            if handles:
+                self._string_handles[token] = handles
             return token
+        if handles:
+            STRINGS.release(np.concatenate(handles))
         return -status
 
     def submit_json(self, waiter: Waiter, body: bytes, priority: int = 0, timeout_us: int = 0) -> int:

@@ -60,7 +60,7 @@ class Scorer:
         rows = None
         for value, spec in zip(inputs, specs):
             if isinstance(value, np.ndarray):
-                want = np.dtype(NUMPY_DTYPES[spec.datatype])
+                want = np.dtype(NUMPY_DTYPES.get(spec.datatype, object))  # BYTES: str/bytes objects
                 if value.dtype != want:
                     if not np.can_cast(value.dtype, want, casting="same_kind"):
                         raise ValueError(f"input {spec.name!r} has dtype {value.dtype}, model expects {want}")

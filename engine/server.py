@@ -41,7 +41,10 @@ log = logging.getLogger("vivace.server")
 # (which follows the HTTP timeouts and may tick every few seconds).
 TOKEN_RELOAD_S = 0.2
 
-TRITON_PLATFORMS = {"torchscript": "pytorch_libtorch", "torch_export": "pytorch_libtorch"}
+# Vivace platform -> (Triton platform, Triton backend) in model metadata and /config.
+TRITON_PLATFORMS = {"torchscript": "pytorch_libtorch", "torch_export": "pytorch_libtorch",
+                    "onnxruntime": "onnxruntime_onnx"}
+TRITON_BACKENDS = {"torchscript": "pytorch", "torch_export": "pytorch"}
 
 
 class RepositoryRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -700,7 +703,7 @@ def triton_config(runner: ModelRunner) -> dict[str, Any]:
     return {
         "name": package.name,
         "platform": TRITON_PLATFORMS.get(package.platform, package.platform),
-        "backend": "pytorch" if package.platform in TRITON_PLATFORMS else package.platform,
+        "backend": TRITON_BACKENDS.get(package.platform, package.platform),
         "version_policy": {"latest": {"num_versions": 1}},
         "max_batch_size": package.max_batch_size,
         "input": [tensor(s) for s in package.inputs],

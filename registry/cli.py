@@ -83,24 +83,75 @@ def _json_or_text(value: str) -> Any:
 
 
 def _package(args: argparse.Namespace) -> int:
-    from .packaging import package_torch_model
+    from .packaging import package_onnx_model, package_python_model, package_sklearn_model, package_torch_model
 
     dynamic_batching: dict[str, Any] = {"max_queue_delay_microseconds": args.max_queue_delay_us}
     if args.preferred_batch_size:
         dynamic_batching["preferred_batch_size"] = args.preferred_batch_size
-    parameters = {k: _json_or_text(v) for k, v in _key_values(args.param or []).items()}
+    common: dict[str, Any] = dict(
+        name=args.name, version=args.version, inputs=args.input, outputs=args.output,
+        max_batch_size=args.max_batch_size, dynamic_batching=dynamic_batching,
+        metadata={"description": args.description} if args.description else None,
+        profile=args.profile, overwrite=args.force)
+    model = str(args.model)
+    platform = args.platform or ("onnxruntime" if model.endswith(".onnx") else
+                                 "python" if model.endswith(".py") or ".py:" in model else
+                                 "sklearn" if model.endswith((".pkl", ".pickle", ".joblib")) else None)
+    if args.file and platform != "python":
+        print("vivace package: error: --file is for Python models (MODULE.py:CLASS)", file=sys.stderr)
+        return 1
+    if args.example and platform != "sklearn":
+        print("vivace package: error: --example is for scikit-learn estimators (.pkl, .joblib)", file=sys.stderr)
+        return 1
     try:
-        package = package_torch_model(
-            args.model, args.out, name=args.name, version=args.version, inputs=args.input, outputs=args.output,
-            platform=args.platform, max_batch_size=args.max_batch_size, dynamic_batching=dynamic_batching,
-            parameters=parameters, metadata={"description": args.description} if args.description else None,
-            profile=args.profile, overwrite=args.force)
+        parameters = {k: _json_or_text(v) for k, v in _key_values(args.param or []).items()}
+        if platform == "sklearn":
+            if args.input or args.output:
+                raise PackageError("a scikit-learn estimator's input and outputs are named by the conversion "
+                                   "(input__0; label/probabilities or variable): drop --input/--output")
+            del common["inputs"], common["outputs"]
+            package = package_sklearn_model(_unpickle(args.model), args.out, parameters=parameters,
+                                            example=_rows(args.example) if args.example else None, **common)
+        elif platform == "onnxruntime":
+            package = package_onnx_model(args.model, args.out, parameters=parameters, **common)
+        elif platform == "python":
+            package = package_python_model(args.model, args.out, parameters=parameters, files=args.file or (),
+                                           **common)
+        else:
+            package = package_torch_model(args.model, args.out, platform=platform, parameters=parameters, **common)
     except (PackageError, RegistryError) as exc:
         print(f"vivace package: error: {exc}", file=sys.stderr)
         return 1
     signature = ", ".join(f"{s.name} {s.datatype} {list(s.shape)}" for s in package.inputs)
     print(f"wrote model package {package.name}/{package.version} ({package.platform}: {signature}) to {args.out}")
     return 0
+
+
+def _unpickle(path: str) -> Any:
+    """A fitted estimator saved with joblib.dump or pickle.dump (a pickle runs code when
+    loaded: the user names their own file)."""
+    import pickle
+
+    try:
+        try:
+            import joblib
+        except ImportError:
+            with open(path, "rb") as f:
+                return pickle.load(f)
+        return joblib.load(path)
+    except FileNotFoundError:
+        raise PackageError(f"{path}: no such model file") from None
+    except Exception as exc:  # unpickling raises whatever the pickled objects raise
+        raise PackageError(f"{path}: cannot load the estimator ({type(exc).__name__}: {exc})") from None
+
+
+def _rows(path: str) -> Any:
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise PackageError(f"{path}: cannot read example rows ({exc})") from None
 
 
 def _print_json(obj: Any) -> None:
@@ -564,26 +615,41 @@ def _models_reject(args: argparse.Namespace, home: Home) -> int:
 def register(subparsers: Any) -> None:
     """Add the lifecycle commands to the `vivace` parser."""
     p = subparsers.add_parser(
-        "package", help="package your own TorchScript / torch.export model for serving",
-        description="Write a verified model package from a TorchScript (.pt) or torch.export (.pt2) file: "
-        "the model is run on a batch of its declared inputs and must return its declared outputs.",
-        epilog="example:\n  vivace package model.pt --out models/mine --name mine --input x:FP32:32\n"
+        "package", help="package your own TorchScript / torch.export / ONNX / scikit-learn / Python model for serving",
+        description="Write a verified model package from a TorchScript (.pt), torch.export (.pt2) or ONNX "
+        "(.onnx) file, a fitted scikit-learn estimator (.pkl/.joblib, converted to ONNX), or a Python class "
+        "(MODULE.py:CLASS with load() and predict(batch)): the model is run "
+        "on a batch of its declared inputs and must return its declared outputs.",
+        epilog="examples:\n  vivace package model.pt --out models/mine --name mine --input x:FP32:32\n"
+        "  vivace package model.onnx --out models/mine --name mine     # inputs and outputs from the graph\n"
+        "  vivace package prep.py:Prep --out models/prep --name prep --input x:FP32:32 --file vocab.json\n"
+        "  vivace package forest.joblib --out models/forest --name forest --example rows.npy   # scikit-learn\n"
         "  vivace models register models/mine --name mine --metric auc=0.91\n"
         "  vivace serve models/mine",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="TorchScript (.pt) or torch.export (.pt2) file")
+    p.add_argument("model", help="TorchScript (.pt), torch.export (.pt2), ONNX (.onnx) or scikit-learn "
+                   "(.pkl, .joblib) file, or MODULE.py:CLASS")
     p.add_argument("--out", required=True, help="package directory to create")
     p.add_argument("--name", required=True, help="model name clients use in /v2/models/NAME")
     p.add_argument("--version", default="1")
-    p.add_argument("--input", action="append", required=True, metavar="NAME:DATATYPE:DIMS",
-                   help="an input and its row shape, e.g. x:FP32:32 or image:FP32:3x224x224 (repeat per input)")
+    p.add_argument("--input", action="append", metavar="NAME:DATATYPE:DIMS",
+                   help="an input and its row shape, e.g. x:FP32:32 or image:FP32:3x224x224 (repeat per input; "
+                   "torch and Python models need them, ONNX models only where the graph leaves a row dimension open)")
     p.add_argument("--output", action="append", metavar="NAME:DATATYPE:DIMS",
-                   help="name the outputs (default output__0...; shapes are checked against the model)")
-    p.add_argument("--platform", choices=["torchscript", "torch_export"], help="default: from the file suffix")
+                   help="name the outputs (default output__0..., or the ONNX graph's; shapes are checked against the model)")
+    p.add_argument("--platform", choices=["torchscript", "torch_export", "onnxruntime", "python", "sklearn"],
+                   help="default: from the file suffix (sklearn: converted to ONNX, served by onnxruntime)")
+    p.add_argument("--example", metavar="ROWS.npy",
+                   help="rows a scikit-learn estimator and its ONNX conversion must agree on (default: 256 "
+                   "standard-normal rows)")
+    p.add_argument("--file", action="append", metavar="PATH",
+                   help="a file a Python model reads (from self.package_dir), stored in the package (repeat)")
     p.add_argument("--max-batch-size", type=int, default=128)
     p.add_argument("--max-queue-delay-us", type=int, default=0)
     p.add_argument("--preferred-batch-size", type=int, action="append", metavar="N")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="a package parameter, e.g. torch_num_threads=2")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a package parameter, e.g. torch_num_threads=2, or for ONNX intra_op_thread_count=2, "
+                   "graph_optimization_level=extended, session_config='{\"session.intra_op.allow_spinning\": \"0\"}'")
     p.add_argument("--profile", metavar="PROFILE.json",
                    help="reference profile of the training data (vivace monitor profile): drift monitoring")
     p.add_argument("--description")

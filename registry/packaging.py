@@ -1,11 +1,12 @@
-"""Package a user's own torch model: `vivace package` and `package_torch_model`.
+"""Package a user's own model: `vivace package`, `package_torch_model`, `package_onnx_model`.
 
 Takes a torch module (traced to TorchScript or exported with torch.export), a TorchScript
-file (`.pt`) or a torch.export file (`.pt2`); names its inputs and outputs (from example
-inputs, or declared), sets batching and parameters, optionally attaches a reference
-profile (`vivace monitor profile`) so the served model is drift-monitored, runs the model
-on a batch to check that its outputs match the declared signature, and writes a verified
-package (registry/package.py `write_package`: hashes, atomic).
+file (`.pt`), a torch.export file (`.pt2`) or an ONNX file (`.onnx`); names its inputs and
+outputs (from example inputs or the ONNX graph, or declared), sets batching and
+parameters, optionally attaches a reference profile (`vivace monitor profile`) so the
+served model is drift-monitored, runs the model on a batch to check that its outputs match
+the declared signature, and writes a verified package (registry/package.py
+`write_package`: hashes, atomic).
 
     from vivace.registry.packaging import package_torch_model
     package_torch_model(model, "models/mine", name="mine", example=torch.randn(4, 32))
@@ -39,7 +40,7 @@ def parse_tensor_arg(text: str, default_datatype: str = "FP32") -> dict[str, Any
         raise PackageError(f"tensor {text!r}: expected NAME:DATATYPE:DIMS, e.g. input__0:FP32:32")
     name, datatype, dims = parts
     datatype = datatype.upper()
-    if datatype not in DATATYPES or datatype == "BYTES":
+    if datatype not in DATATYPES and datatype != "BYTES":  # BYTES: Python models (the manifest says so)
         raise PackageError(f"tensor {text!r}: unknown datatype {datatype!r}")
     try:
         row = [int(d) for d in dims.lower().split("x")] if dims else []
@@ -193,15 +194,109 @@ def package_torch_model(
         "dynamic_batching": dynamic_batching or {}, "parameters": {"torch_num_threads": 1, **(parameters or {})},
         "metadata": dict(metadata or {}),
     }
-    files: dict[str, bytes | str | os.PathLike] = {_PLATFORM_FILES[platform]: data}
+    return _write(out, manifest, {_PLATFORM_FILES[platform]: data}, profile, overwrite)
+
+
+def _write(out: str | os.PathLike, manifest: dict[str, Any], files: dict[str, bytes | str | os.PathLike],
+           profile: str | os.PathLike | None, overwrite: bool) -> ModelPackage:
+    """Attach the profile (when given) and write the package."""
     if profile is not None:
-        files["profile.json"] = _checked_profile(Path(profile), in_specs)
+        files = dict(files, **{"profile.json": _checked_profile(Path(profile), manifest["inputs"])})
         manifest["metadata"]["profile"] = "profile.json"
     return write_package(out, manifest, files, overwrite=overwrite)
 
 
+ONNX_FILE = "model.onnx"
+
+
+def _declared(specs: Sequence[dict[str, Any] | str] | None) -> list[dict[str, Any]]:
+    return [parse_tensor_arg(s) if isinstance(s, str) else dict(s) for s in specs or ()]
+
+
+def package_onnx_model(
+    model: Any,
+    out: str | os.PathLike,
+    *,
+    name: str,
+    version: str = "1",
+    example: Any = None,
+    inputs: Sequence[dict[str, Any] | str] | None = None,
+    outputs: Sequence[dict[str, Any] | str] | None = None,
+    max_batch_size: int = 128,
+    dynamic_batching: dict[str, Any] | None = None,
+    parameters: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    profile: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> ModelPackage:
+    """Write an ONNX model as a verified `onnxruntime` model package at `out`.
+
+    `model`: the path of a .onnx file, its bytes, or an onnx ModelProto. Inputs and outputs
+    are named and typed as the graph declares them; `inputs`/`outputs` ("NAME:DATATYPE:DIMS"
+    or manifest dicts, graph names) give the row shapes of tensors whose graph shape is
+    symbolic beyond the batch dimension. `parameters`: onnxruntime settings
+    (vivace.spec.OnnxRuntimeParameters: intra_op_thread_count, inter_op_thread_count,
+    graph_optimization_level, execution_mode, session_config, ...). The model is run with
+    those settings on `example` (an array, or a sequence/mapping of arrays in input order)
+    or on a batch of 2 rows of zeros; outputs must have their declared shapes.
+    Raises PackageError naming the problem; nothing is written then.
+    """
+    import numpy as np
+
+    from . import onnx_model
+    from .package import NUMPY_DTYPES, TensorSpec
+
+    if hasattr(model, "SerializeToString"):
+        data = model.SerializeToString()
+    elif isinstance(model, (bytes, bytearray)):
+        data = bytes(model)
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise PackageError(f"{path}: no such model file")
+        data = path.read_bytes()
+    parameters = {"intra_op_thread_count": 1, "inter_op_thread_count": 1, **(parameters or {})}
+    where = f"{model}: " if isinstance(model, (str, os.PathLike)) else ""
+    try:
+        session = onnx_model.open_session(data, parameters)
+        graph_inputs, graph_outputs = onnx_model.graph_signature_or_declared(session, _declared(inputs),
+                                                                             _declared(outputs))
+    except PackageError as exc:
+        raise PackageError(f"{where}{exc}") from None
+    in_specs = [TensorSpec(s["name"], s["datatype"], tuple(s["shape"])) for s in graph_inputs]
+    out_specs = [TensorSpec(s["name"], s["datatype"], tuple(s["shape"])) for s in graph_outputs]
+    onnx_model.check_signature(session, in_specs, out_specs, name)
+
+    # Verification: the model, run with the settings it will be served with, must give
+    # outputs of the declared shapes and types on a batch of its declared inputs.
+    if example is None:
+        feed = {s.name: np.zeros((2, *s.row_shape), NUMPY_DTYPES[s.datatype]) for s in in_specs}
+    elif isinstance(example, dict):
+        feed = {s.name: np.asarray(example[s.name], NUMPY_DTYPES[s.datatype]) for s in in_specs}
+    else:
+        arrays = example if isinstance(example, (tuple, list)) else (example,)
+        feed = {s.name: np.asarray(a, NUMPY_DTYPES[s.datatype]) for s, a in zip(in_specs, arrays)}
+    rows = next(iter(feed.values())).shape[0]
+    try:
+        results = session.run([s.name for s in out_specs], feed)
+    except Exception as exc:  # onnxruntime's own error types
+        raise PackageError(f"{where}the model failed on a batch of {rows} rows of its declared inputs: {exc}") from None
+    for s, result in zip(out_specs, results):
+        if result.shape != (rows, *s.row_shape) or result.dtype != np.dtype(NUMPY_DTYPES[s.datatype]):
+            raise PackageError(f"{where}output {s.name!r} is declared {s.datatype} {list(s.shape)}, the model "
+                               f"returned {result.dtype} {list(result.shape)} for {rows} rows")
+    manifest: dict[str, Any] = {
+        "name": name, "version": str(version), "platform": "onnxruntime", "model_file": ONNX_FILE,
+        "inputs": graph_inputs, "outputs": graph_outputs, "max_batch_size": max_batch_size,
+        "dynamic_batching": dynamic_batching or {}, "parameters": parameters, "metadata": dict(metadata or {}),
+    }
+    return _write(out, manifest, {ONNX_FILE: data}, profile, overwrite)
+
+
 def _checked_profile(path: Path, inputs: list[dict[str, Any]]) -> bytes:
     """The profile's bytes, once it is known to describe the (single, flat) input's columns."""
+    if len(inputs) != 1 or len(inputs[0]["shape"]) != 2 or inputs[0]["datatype"] == "BYTES":
+        raise PackageError("a profile can be attached to a model with one numeric input of shape [-1, N] only")
     try:
         data = path.read_bytes()
         profile = json.loads(data)
@@ -210,10 +305,241 @@ def _checked_profile(path: Path, inputs: list[dict[str, Any]]) -> bytes:
     features = profile.get("features") if isinstance(profile, dict) else None
     if not isinstance(features, dict) or not features:
         raise PackageError(f"{path}: not a reference profile (write one with `vivace monitor profile`)")
-    if len(inputs) != 1 or len(inputs[0]["shape"]) != 2:
-        raise PackageError("a profile can be attached to a model with one input of shape [-1, N] only")
     columns = inputs[0]["shape"][1]
     if len(features) != columns:
         raise PackageError(f"{path} profiles {len(features)} features, the input {inputs[0]['name']!r} has "
                            f"{columns} columns")
     return data
+
+
+PYTHON_FILE = "model.py"
+
+
+def package_python_model(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    name: str,
+    inputs: Sequence[dict[str, Any] | str],
+    class_name: str | None = None,
+    version: str = "1",
+    outputs: Sequence[dict[str, Any] | str] | None = None,
+    files: Sequence[str | os.PathLike] = (),
+    example: Any = None,
+    max_batch_size: int = 128,
+    dynamic_batching: dict[str, Any] | None = None,
+    parameters: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    profile: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> ModelPackage:
+    """Write a user's Python class as a verified `python` model package at `out`.
+
+    `source`: "path/module.py:ClassName" (or the path, with `class_name`); the module is
+    stored as model.py, next to `files` (read by the model from `self.package_dir`). The
+    class is loaded from the written package and run on `example` (an array, or a
+    sequence/mapping of arrays in input order) or on 2 rows of zeros of the declared
+    `inputs`; what predict returns names and shapes the outputs, or must match the
+    declared `outputs`. Raises PackageError naming the problem; nothing is written then.
+    (The contract of the class: registry/python_model.py.)
+    """
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from . import python_model
+    from .package import NUMPY_DTYPES, load_package
+
+    text = os.fspath(source)
+    if class_name is None:
+        text, sep, class_name = text.rpartition(":")
+        if not sep or not class_name:
+            raise PackageError(f"{source}: expected MODULE.py:CLASS, e.g. model.py:Model")
+    path = Path(text)
+    if not path.is_file():
+        raise PackageError(f"{path}: no such module")
+    in_specs = _declared(inputs)
+    if not in_specs:
+        raise PackageError("declare the inputs (NAME:DATATYPE:DIMS)")
+    extra: dict[str, bytes | str | os.PathLike] = {PYTHON_FILE: path}
+    for f in map(Path, files):
+        if not f.is_file():
+            raise PackageError(f"{f}: no such file")
+        if f.name in (PYTHON_FILE, "profile.json") or f.name in extra:
+            raise PackageError(f"{f}: a package file named {f.name!r} is already there")
+        extra[f.name] = f
+    manifest: dict[str, Any] = {
+        "name": name, "version": str(version), "platform": "python", "model_file": PYTHON_FILE,
+        "inputs": in_specs, "outputs": _declared(outputs) or [{"name": "output__0", "datatype": "FP32", "shape": [-1]}],
+        "max_batch_size": max_batch_size, "dynamic_batching": dynamic_batching or {},
+        "parameters": {**(parameters or {}), "python_class": class_name}, "metadata": dict(metadata or {}),
+    }
+    dest = Path(out)
+    if dest.exists() and not overwrite:
+        raise PackageError(f"{dest}: already exists")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        # Written first (outputs provisional when not declared), then loaded from there as
+        # the server will load it: the class sees the package's files, not the sources.
+        staged = load_package(_write(staging / "package", manifest, extra, profile, overwrite=False).path)
+        try:
+            model = python_model.load_model(staged)
+        except python_model.UserCodeError as exc:
+            raise PackageError(str(exc)) from None
+        specs = staged.inputs
+
+        def dtype(s: Any) -> Any:  # BYTES: an object array of bytes, as the server gives predict
+            return object if s.datatype == "BYTES" else NUMPY_DTYPES[s.datatype]
+
+        if example is None:
+            arrays = [np.full((2, *s.row_shape), b"", object) if s.datatype == "BYTES" else
+                      np.zeros((2, *s.row_shape), dtype(s)) for s in specs]
+        elif isinstance(example, dict):
+            arrays = [np.asarray(example[s.name], dtype(s)) for s in specs]
+        else:
+            given = example if isinstance(example, (tuple, list)) else (example,)
+            arrays = [np.asarray(a, dtype(s)) for s, a in zip(specs, given)]
+        try:
+            arrays = [python_model.as_bytes(a) if s.datatype == "BYTES" else a for s, a in zip(specs, arrays)]
+        except ValueError as exc:
+            raise PackageError(f"example: {exc}") from None
+        rows = arrays[0].shape[0]
+        try:
+            result = python_model.predict(model, python_model.batch_of(arrays, specs), name)
+        except python_model.UserCodeError as exc:
+            raise PackageError(f"{exc} on a batch of {rows} rows of its declared inputs") from None
+        if not outputs:  # named and shaped by what predict returned
+            names = list(map(str, result)) if isinstance(result, dict) else \
+                [f"output__{i}" for i in range(len(result) if isinstance(result, (tuple, list)) else 1)]
+            manifest["outputs"] = python_model.output_specs(python_model.returned(result, names, name), names)
+            staged = load_package(_write(staging / "package", manifest, extra, profile, overwrite=True).path)
+        try:
+            values = python_model.returned(result, [s.name for s in staged.outputs], name)
+            for value, s in zip(values, staged.outputs):
+                python_model.check_output(value, s, rows, name)
+        except python_model.OutputMismatch as exc:
+            raise PackageError(str(exc)) from None
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(staging / "package", dest)
+        return load_package(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _register_lightgbm() -> None:
+    """Teach skl2onnx LightGBM's scikit-learn estimators (alone or in a pipeline) with
+    onnxmltools' converter, when both are installed."""
+    try:
+        from lightgbm import LGBMClassifier, LGBMRegressor
+        from onnxmltools.convert.lightgbm.operator_converters.LightGbm import convert_lightgbm
+    except ImportError:
+        return
+    from skl2onnx import update_registered_converter
+    from skl2onnx.common.shape_calculator import (
+        calculate_linear_classifier_output_shapes, calculate_linear_regressor_output_shapes)
+
+    update_registered_converter(LGBMClassifier, "LightGbmLGBMClassifier", calculate_linear_classifier_output_shapes,
+                                convert_lightgbm, options={"nocl": [True, False], "zipmap": [True, False, "columns"]})
+    update_registered_converter(LGBMRegressor, "LightGbmLGBMRegressor", calculate_linear_regressor_output_shapes,
+                                convert_lightgbm, options={"split": None})
+
+
+def package_sklearn_model(
+    estimator: Any,
+    out: str | os.PathLike,
+    *,
+    name: str,
+    version: str = "1",
+    example: Any = None,
+    input_name: str = "input__0",
+    tolerance: float = 1e-4,
+    max_batch_size: int = 128,
+    dynamic_batching: dict[str, Any] | None = None,
+    parameters: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    profile: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> ModelPackage:
+    """Write a fitted scikit-learn estimator (a tree ensemble, a pipeline, ...; LightGBM's
+    LGBMClassifier/LGBMRegressor too when onnxmltools is installed) as an `onnxruntime`
+    package: converted with skl2onnx, then checked against the estimator.
+
+    One FP32 input `input_name` [-1, n_features_in_]. A classifier answers `label` (INT64
+    [-1], when its classes are integers; otherwise the classes are listed in the package
+    metadata) and `probabilities` (FP32 [-1, n_classes]); a regressor `variable` (FP32
+    [-1, n_targets]). Verification: on `example` rows (default: 256 rows drawn from a
+    standard normal, seed 0), onnxruntime's probabilities or predictions must be within
+    `tolerance` (relative to the largest prediction for a regressor) of the estimator's
+    own, and its labels equal wherever the top two probabilities are not tied.
+    Raises PackageError naming the problem; nothing is written then.
+    """
+    import numpy as np
+
+    from . import onnx_model
+
+    try:
+        from skl2onnx import convert_sklearn
+        from skl2onnx.common.data_types import FloatTensorType
+    except ImportError:
+        raise PackageError("scikit-learn models need skl2onnx: pip install 'vivace[sklearn]'") from None
+    kind = f"{type(estimator).__module__.split('.')[0]}.{type(estimator).__name__}"
+    features = getattr(estimator, "n_features_in_", None)
+    if not hasattr(estimator, "predict") or features is None:
+        raise PackageError(f"{kind} is not a fitted scikit-learn estimator (no n_features_in_: call fit first)")
+    classifier = hasattr(estimator, "predict_proba")
+    _register_lightgbm()
+    try:
+        # ai.onnx.ml 3: the newest version onnxmltools' LightGBM converter writes
+        model = convert_sklearn(estimator, initial_types=[(input_name, FloatTensorType([None, int(features)]))],
+                                options={id(estimator): {"zipmap": False}} if classifier else None,
+                                target_opset={"": 17, "ai.onnx.ml": 3})
+    except Exception as exc:  # skl2onnx raises many types for estimators it cannot convert
+        raise PackageError(f"skl2onnx cannot convert {kind}: {_first_line(exc)}") from None
+    meta: dict[str, Any] = {"converted_from": kind, **(metadata or {})}
+    classes = getattr(estimator, "classes_", None)
+    if classifier and classes is not None and np.asarray(classes).dtype.kind not in "iub":
+        # String labels would be a BYTES output, which the batcher cannot hold: the client
+        # maps the probabilities' columns to these classes instead.
+        kept = [o for o in model.graph.output if o.name != "label"]
+        del model.graph.output[:]
+        model.graph.output.extend(kept)
+        meta["classes"] = [str(c) for c in classes]
+    rows = np.asarray(example, np.float32) if example is not None else \
+        np.random.default_rng(0).standard_normal((256, int(features))).astype(np.float32)
+    if rows.ndim != 2 or rows.shape[1] != features:
+        raise PackageError(f"example rows have shape {list(rows.shape)}, the estimator takes {features} features")
+    session = onnx_model.open_session(model.SerializeToString(), {"intra_op_thread_count": 1})
+    answers = dict(zip([o.name for o in session.get_outputs()], session.run(None, {input_name: rows})))
+    try:
+        if classifier:
+            reference = np.asarray(estimator.predict_proba(rows), np.float64)
+            error = float(np.abs(answers["probabilities"] - reference).max())
+            if "label" in answers:
+                top2 = np.sort(reference, axis=1)[:, -2:]
+                clear = top2[:, 1] - top2[:, 0] > 1e-5
+                wrong = int((answers["label"][clear] != np.asarray(estimator.predict(rows))[clear]).sum())
+                if wrong:
+                    raise PackageError(f"the converted {kind} labels {wrong} of {len(rows)} rows differently")
+        else:
+            reference = np.asarray(estimator.predict(rows), np.float64).reshape(len(rows), -1)
+            scale = max(1.0, float(np.abs(reference).max()))
+            error = float(np.abs(answers["variable"].reshape(len(rows), -1) - reference).max()) / scale
+    except PackageError:
+        raise
+    except Exception as exc:  # the estimator's own predict failing on the rows
+        raise PackageError(f"{kind} cannot predict the example rows: {_first_line(exc)}") from None
+    if not error <= tolerance:
+        raise PackageError(f"the converted {kind} differs from the estimator by {error:.3g} "
+                           f"(tolerance {tolerance:g}) on {len(rows)} rows")
+    meta["conversion"] = {"rows": int(len(rows)), "max_abs_error": error, "tolerance": tolerance}
+    return package_onnx_model(model, out, name=name, version=version, example=rows[:2], max_batch_size=max_batch_size,
+                              dynamic_batching=dynamic_batching, parameters=parameters, metadata=meta,
+                              profile=profile, overwrite=overwrite)

@@ -113,3 +113,21 @@ def test_bf16_binary_round_trip_through_codecs_and_batcher():
     })
     out, header_length = _infer(decoder, encoder, batcher, header + raw, len(header))
     assert out[header_length:] == raw  # opaque 2-byte elements: NaN payloads survive too
+
+
+def test_onnx_names_are_the_ones_onnxruntime_reports():
+    """Each datatype's `onnx` name is the type onnxruntime gives a graph input of it."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import helper
+
+    for d in datatypes.TABLE:
+        element = helper.np_dtype_to_tensor_dtype(np.dtype(object if d.name == "BYTES" else datatypes.numpy_dtype(d.name)))
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
+                                  [helper.make_tensor_value_info("x", element, ["n"])],
+                                  [helper.make_tensor_value_info("y", element, ["n"])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        reported = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).get_inputs()[0].type
+        assert (d.onnx, datatypes.from_onnx(reported)) == (reported, d.name)
+    assert datatypes.from_onnx("tensor(complex64)") is None

@@ -158,3 +158,52 @@ def test_serve_your_own_model_commands_work_in_a_fresh_home(fresh):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (alone / "models" / "mine" / "package.json").is_file()
+
+
+def run_block(block: str, cwd: Path, env: dict, model: str, body: bytes) -> None:
+    """A README shell block: `echo TEXT > FILE` lines, vivace commands, and `vivace serve`
+    answering one infer request for `model`."""
+    for argv in commands(block):
+        if argv[0] == "echo":
+            assert argv[2] == ">", argv
+            (cwd / argv[3]).write_text(argv[1] + "\n")
+            continue
+        assert argv[0] == "vivace", argv
+        if argv[1] == "serve":
+            server = Served(argv[1:], cwd, env)
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{server.port}/v2/models/{model}/infer", data=body)
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    assert response.status == 200, response.read()
+            finally:
+                server.stop()
+        else:
+            done = vivace(*argv[1:], cwd=cwd, env=env)
+            assert done.returncode == 0, (argv, done.stdout, done.stderr)
+
+
+def test_onnx_and_python_model_commands_work_in_a_fresh_home(fresh):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    cwd, env = fresh
+    text = section("Serve your own model")
+    onnx_block = text[text.index("### ONNX models"):text.index("### Python models")]
+    python_part = text[text.index("### Python models"):]
+    # an ONNX graph with a dynamic batch axis: features FP32 [n, 32] -> probs FP32 [n, 32]
+    graph = helper.make_graph([helper.make_node("Softmax", ["features"], ["probs"], axis=1)], "softmax",
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", 32])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 32])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(cwd / "model.onnx"))
+    body = ('{"inputs":[{"name":"features","shape":[2,32],"datatype":"FP32","data":[%s]}]}'
+            % ",".join(["0.5"] * 64)).encode()
+    run_block(blocks(onnx_block, "sh")[0], cwd, env, "mine-onnx", body)
+    # the Python block is scaler.py, as its first line says
+    module = blocks(python_part, "python")[0]
+    assert module.startswith("# scaler.py\n")
+    (cwd / "scaler.py").write_text(module)
+    body = b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
+    run_block(blocks(python_part, "sh")[0], cwd, env, "scaler", body)

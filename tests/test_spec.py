@@ -51,6 +51,13 @@ KINDS = {
         {"model.npz": b"npz"}),
     "by_entity": (_base(name="mlp_by_id", metadata={"feature_service": "scoring", "unknown_entity": "default"}),
                   {"model.pt": b"pt"}),
+    "onnx": (_base(
+        platform="onnxruntime", model_file="model.onnx",
+        parameters={"intra_op_thread_count": 2, "inter_op_thread_count": 1, "graph_optimization_level": "extended",
+                    "execution_mode": "parallel", "session_config": {"session.intra_op.allow_spinning": "0"}}),
+        {"model.onnx": b"onnx"}),
+    "python": (_base(platform="python", model_file="model.py", parameters={"python_class": "Model"}),
+               {"model.py": b"class Model: ...", "vocab.txt": b"a"}),
     "every_datatype": (_base(
         inputs=[{"name": f"i{n}", "datatype": d, "shape": [-1, 2, n + 1]} for n, d in enumerate(spec.TENSOR_DATATYPES)],
         outputs=[{"name": "o", "datatype": "BF16", "shape": [-1]}],

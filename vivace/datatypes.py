@@ -29,6 +29,7 @@ class Datatype:
     batchable: bool            # the batcher holds it as fixed-size rows (and packages may use it)
     float_max: float | None = None  # largest finite value of a float narrower than a JSON double
     cpp: str = ""              # enumerator in the generated C++ header
+    onnx: str = ""             # ONNX tensor type as onnxruntime names it, e.g. "tensor(float)"
 
     @property
     def int_range(self) -> tuple[int, int] | None:
@@ -42,8 +43,10 @@ class Datatype:
 
 
 def _dt(name: str, kind: str, itemsize: int, numpy: str | None, fmt: str | None, cpp: str,
-        float_max: float | None = None, triton: str | None = None, batchable: bool = True) -> Datatype:
-    return Datatype(name, kind, itemsize, numpy, fmt, triton or f"TYPE_{name}", batchable, float_max, cpp)
+        float_max: float | None = None, triton: str | None = None, batchable: bool = True,
+        onnx: str | None = None) -> Datatype:
+    return Datatype(name, kind, itemsize, numpy, fmt, triton or f"TYPE_{name}", batchable, float_max, cpp,
+                    f"tensor({onnx or numpy})")
 
 
 TABLE: tuple[Datatype, ...] = (
@@ -59,16 +62,27 @@ TABLE: tuple[Datatype, ...] = (
     # memoryview.cast has no half-precision code ("e" is struct-only), hence no format.
     _dt("FP16", "float", 2, "float16", None, "kFp16", float_max=65504.0),
     _dt("BF16", "float", 2, "bfloat16", None, "kBf16", float_max=3.3895313892515355e38),
-    _dt("FP32", "float", 4, "float32", "f", "kFp32", float_max=3.4028234663852886e38),
-    _dt("FP64", "float", 8, "float64", "d", "kFp64"),
-    # Variable-length strings: Triton calls them TYPE_STRING. Not batchable, so no package
-    # or batcher accepts them yet.
-    _dt("BYTES", "bytes", 0, None, None, "kBytes", triton="TYPE_STRING", batchable=False),
+    _dt("FP32", "float", 4, "float32", "f", "kFp32", float_max=3.4028234663852886e38, onnx="float"),
+    _dt("FP64", "float", 8, "float64", "d", "kFp64", onnx="double"),
+    # Variable-length strings: Triton calls them TYPE_STRING. Not batchable: the batcher
+    # holds them as handles (PACKAGE_DATATYPES, batch_datatype).
+    _dt("BYTES", "bytes", 0, None, None, "kBytes", triton="TYPE_STRING", batchable=False, onnx="string"),
 )
 
 BY_NAME: dict[str, Datatype] = {d.name: d for d in TABLE}
+_BY_ONNX: dict[str, str] = {d.onnx: d.name for d in TABLE}
+_BY_NUMPY: dict[str, str] = {d.numpy: d.name for d in TABLE if d.numpy}
 # The datatypes a package signature (and so the batcher) may use, in table order.
 TENSOR_DATATYPES: tuple[str, ...] = tuple(d.name for d in TABLE if d.batchable)
+# A package may also declare BYTES tensors (Python models only): the batcher holds each
+# element as an INT64 handle to its bytes (engine/strings.py), so rows keep a fixed size.
+PACKAGE_DATATYPES: tuple[str, ...] = (*TENSOR_DATATYPES, "BYTES")
+HANDLE_DATATYPE = "INT64"
+
+
+def batch_datatype(name: str) -> str:
+    """The datatype the batcher holds a tensor's elements as: BYTES as INT64 handles."""
+    return HANDLE_DATATYPE if name == "BYTES" else name
 
 
 class DatatypeError(ValueError):
@@ -88,6 +102,16 @@ def itemsize(name: str) -> int:
 
 def triton_name(name: str) -> str:
     return get(name).triton
+
+
+def from_numpy(dtype_name: str) -> str | None:
+    """The datatype of a numpy dtype name ("float32"), or None when it has none."""
+    return _BY_NUMPY.get(dtype_name)
+
+
+def from_onnx(onnx_type: str) -> str | None:
+    """The datatype of an ONNX tensor type as onnxruntime names it ("tensor(float)"), or None."""
+    return _BY_ONNX.get(onnx_type)
 
 
 def numpy_dtype(name: str) -> Any:

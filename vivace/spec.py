@@ -15,7 +15,8 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from vivace.datatypes import TENSOR_DATATYPES, itemsize
+# TENSOR_DATATYPES: re-exported for importers of the spec (the batchable names)
+from vivace.datatypes import PACKAGE_DATATYPES, TENSOR_DATATYPES, batch_datatype, itemsize  # noqa: F401
 
 FORMAT: Final = "vivace-model-package/1"
 MANIFEST = "package.json"
@@ -35,8 +36,13 @@ Positive = Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
 Level = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
 # A bound on one row of one tensor, so that size arithmetic in int64 never overflows.
 MAX_ROW_BYTES = 2**40
-Datatype = Literal[TENSOR_DATATYPES]  # type: ignore[valid-type]  # the table's batchable names
+Datatype = Literal[PACKAGE_DATATYPES]  # type: ignore[valid-type]  # batchable names, and BYTES
 InstanceKind = Literal["KIND_CPU", "KIND_GPU", "KIND_AUTO"]
+# A Python identifier (the class a `python` package serves).
+IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+ONNX_PLATFORM: Final = "onnxruntime"
+PYTHON_PLATFORM: Final = "python"
 
 
 class TensorSpec(msgspec.Struct, frozen=True):
@@ -48,7 +54,7 @@ class TensorSpec(msgspec.Struct, frozen=True):
 
     def __post_init__(self) -> None:
         # The types are only enforced when decoding; these checks also guard direct use.
-        if self.datatype not in TENSOR_DATATYPES:
+        if self.datatype not in PACKAGE_DATATYPES:
             raise ValueError(f"tensor {self.name!r} has unsupported datatype {self.datatype!r}")
         if not self.shape or self.shape[0] != -1:
             raise ValueError(f"tensor {self.name!r} shape must start with the batch dimension -1")
@@ -70,7 +76,8 @@ class TensorSpec(msgspec.Struct, frozen=True):
 
     @property
     def row_bytes(self) -> int:
-        return self.row_elements * itemsize(self.datatype)
+        """Bytes of one row in the batcher (a BYTES element is an 8-byte handle there)."""
+        return self.row_elements * itemsize(batch_datatype(self.datatype))
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
@@ -136,6 +143,57 @@ class Manifest(msgspec.Struct, kw_only=True):
                 raise ValueError(f"duplicate {kind} names {names}")
         if any(p > self.max_batch_size for p in self.dynamic_batching.preferred_batch_size):
             raise ValueError(f"preferred_batch_size entries must be integers in 1..{self.max_batch_size}")
+        if self.platform != PYTHON_PLATFORM:
+            for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+                for i, t in enumerate(specs):
+                    if t.datatype == "BYTES":
+                        raise ValueError(f"tensor {t.name!r} is BYTES: only python models take or return strings "
+                                         f"- at `$.{kind}[{i}].datatype`")
+        platform_parameters(self.platform, self.parameters)
+
+
+class OnnxRuntimeParameters(msgspec.Struct, kw_only=True):
+    """The `parameters` an `onnxruntime` package may set (names as Triton's onnxruntime
+    backend spells them where it has one); other keys (e.g. `execution`) are not read here.
+
+    Threads default to 1: the batcher runs batches on one core per executor, and
+    onnxruntime's own default (a thread per core) fights the server's other threads.
+    0 means onnxruntime's default.
+    """
+
+    intra_op_thread_count: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 1
+    inter_op_thread_count: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 1
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    enable_cpu_mem_arena: bool = True
+    enable_mem_pattern: bool = True
+    # onnxruntime session configuration entries (SessionOptions.add_session_config_entry),
+    # e.g. {"session.intra_op.allow_spinning": "0"}
+    session_config: dict[Annotated[str, msgspec.Meta(min_length=1)], str] = msgspec.field(default_factory=dict)
+
+
+class PythonParameters(msgspec.Struct, kw_only=True):
+    """The `parameters` a `python` package must set: the class of model_file to serve."""
+
+    python_class: Annotated[str, msgspec.Meta(pattern=IDENTIFIER_PATTERN)]
+
+
+# platform -> the Struct its package parameters must satisfy
+PLATFORM_PARAMETERS: dict[str, type[msgspec.Struct]] = {
+    ONNX_PLATFORM: OnnxRuntimeParameters, PYTHON_PLATFORM: PythonParameters,
+}
+
+
+def platform_parameters(platform: str, parameters: dict[str, Any]) -> Any:
+    """The typed parameters of a platform that declares them (None for the others);
+    raises ManifestError naming the parameter."""
+    struct = PLATFORM_PARAMETERS.get(platform)
+    if struct is None:
+        return None
+    try:
+        return msgspec.convert(parameters, struct)
+    except msgspec.ValidationError as exc:
+        raise ManifestError(f"{platform} parameters: {exc}".replace("`$.", "`$.parameters.")) from None
 
 
 _decoder = msgspec.json.Decoder(Manifest)
