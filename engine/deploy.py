@@ -596,7 +596,8 @@ def _render(args: argparse.Namespace) -> int:
                  else f"kubectl apply -f {Path(args.out) / env.name}")
         print(f"wrote {len(written)} files under {args.out}; apply with: {apply}", file=sys.stderr)
     print(f"{args.ref} -> {release.name}/{release.version}, package sha256 {release.package_sha256}, "
-          f"at {release.storage_uri}", file=sys.stderr)
+          f"expected at {release.storage_uri} (a copy of {Path(args.home) / 'packages' / release.package_sha256})",
+          file=sys.stderr)
     return 0
 
 
