@@ -12,6 +12,9 @@ storage — and writes the objects that serve it:
   `vivace_queue_depth` metric, PodDisruptionBudget, ServiceMonitor) and
   `overlays/ENV/` (replicas, limits, scaling bounds, image, and the release).
 
+`vivace deploy publish NAME@ALIAS --storage-uri PREFIX` uploads the package there first;
+`vivace deploy fetch` is what the k8s init container runs (registry/remote.py).
+
 The pods never resolve an alias: a manifest pins the version it was rendered from, and
 the server refuses to start on any other bytes (`vivace serve --expect-sha256`). Moving an
 alias is followed by rendering and applying again (docs/deploy.md: follow vs pin).
@@ -573,7 +576,18 @@ def register(subparsers) -> None:
     fetch.add_argument("uri", metavar="URI")
     fetch.add_argument("dest", metavar="DEST")
     fetch.add_argument("--sha256", required=True, help="the package id (SHA-256 of its package.json)")
+    fetch.add_argument("--cache", default=None, metavar="DIR",
+                       help="a local content-addressed cache: download there once (verified), copy from it after")
     fetch.set_defaults(func=_fetch)
+    publish = sub.add_parser(
+        "publish", help="upload the package NAME@ALIAS names to shared storage, where render expects it",
+        description="Upload the registry's package for NAME@ALIAS (or NAME/VERSION) to PREFIX/packages/<package id> "
+        "(s3://, gs://, file:// or a path on a shared mount). Files go first and package.json last, so an "
+        "interrupted upload is never fetched; a complete one is not uploaded again.")
+    publish.add_argument("ref", metavar="NAME@ALIAS")
+    publish.add_argument("--storage-uri", default=os.environ.get("VIVACE_STORAGE_URI"), metavar="PREFIX",
+                         help="s3://BUCKET/PATH, gs://BUCKET/PATH, file:///PATH or a path (default: $VIVACE_STORAGE_URI)")
+    publish.set_defaults(func=_publish)
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -604,6 +618,28 @@ def _render(args: argparse.Namespace) -> int:
 def _fetch(args: argparse.Namespace) -> int:
     from vivace.registry.remote import fetch_package
 
-    path = fetch_package(args.uri, args.dest, args.sha256)
+    path = fetch_package(args.uri, args.dest, args.sha256, cache=args.cache)
     print(f"fetched {args.uri} -> {path} (package sha256 {args.sha256})", file=sys.stderr)
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from vivace.registry.models import get_version
+    from vivace.registry.remote import publish_package
+    from vivace.registry.store import DB_NAME, open_home
+
+    prefix = args.storage_uri
+    if not prefix:
+        raise VivaceCLIError("no --storage-uri (or VIVACE_STORAGE_URI): where should the package go?")
+    if prefix.startswith("pvc://"):
+        raise VivaceCLIError(f"{prefix}: a claim is written from inside the cluster; publish to the path where it "
+                             "is mounted, or copy the home's packages/<package id>/ folder onto it")
+    if not (Path(args.home) / DB_NAME).is_file():
+        raise VivaceCLIError(f"no Vivace registry at {args.home} ({DB_NAME} is missing): pass --home or set VIVACE_HOME")
+    with open_home(args.home) as registry:
+        version = get_version(registry, args.ref)
+        uri = publish_package(registry, version.package_sha, prefix)
+    print(f"{args.ref} -> {version.name}/{version.version}, package sha256 {version.package_sha}, published to {uri}",
+          file=sys.stderr)
+    print(uri)
     return 0
