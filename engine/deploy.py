@@ -275,7 +275,7 @@ def deployment(release: Release, env: Environment, image: str, placeholders: boo
     serve_env, fetch_env = _model_env(None if placeholders else release, env)
     annotations = _scrape_annotations() if placeholders else {**_scrape_annotations(), **_release_annotations(release)}
     volumes: list[dict[str, Any]] = [{"name": "models", "emptyDir": {}}, {"name": "home", "emptyDir": {}}]
-    fetch_mounts = [{"name": "models", "mountPath": MODELS_DIR}]
+    fetch_mounts: list[dict[str, Any]] = [{"name": "models", "mountPath": MODELS_DIR}]
     if release.claim and not placeholders:
         # First, where kustomize puts what an overlay's patch adds to a list.
         volumes.insert(0, {"name": "artifacts", "persistentVolumeClaim": {"claimName": release.claim, "readOnly": True}})
@@ -515,19 +515,19 @@ def write_tree(out: Path, files: dict[str, str]) -> list[Path]:
             for folder in reversed(missing):
                 folder.mkdir()
                 made.append(folder)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-            staged.append((Path(tmp), target))
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+            staged.append((Path(tmp_name), target))
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
     except OSError as exc:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
+        for written, _ in staged:
+            written.unlink(missing_ok=True)
         for folder in reversed(made):
             shutil.rmtree(folder, ignore_errors=True)
         raise VivaceCLIError(f"--out {out}: {exc.strerror or exc}") from None
-    for tmp, target in staged:
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
+    for written, target in staged:
+        os.chmod(written, 0o644)
+        os.replace(written, target)
     return [target for _, target in staged]
 
 

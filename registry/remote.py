@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -139,7 +140,7 @@ def _stage_package(uri: str, sha256: str, staging: Path) -> list[str]:
         raise IntegrityError(f"{uri}/{MANIFEST}: {exc}") from None
     for name, digest in manifest.files.items():
         try:
-            _storage(uri, lambda n=name, d=digest: _copy_verified(fs, f"{root}/{n}", staging / n, d, f"{uri}/{n}"))
+            _storage(uri, partial(_copy_verified, fs, f"{root}/{name}", staging / name, digest, f"{uri}/{name}"))
         except FileNotFoundError:
             raise NotFoundError(f"{uri}/{name} is missing (listed in {MANIFEST})") from None
     (staging / MANIFEST).write_bytes(manifest_bytes)
@@ -285,13 +286,13 @@ def publish_package(home: Home | str | os.PathLike | None, package_sha: str, pre
     try:
         remote = _storage(uri, lambda: fs.cat_file(f"{root}/{MANIFEST}"))
         if remote == manifest_bytes and all(
-                _storage(uri, lambda n=name: fs.size(f"{root}/{n}")) == (local / name).stat().st_size
+                _storage(uri, partial(fs.size, f"{root}/{name}")) == (local / name).stat().st_size
                 for name in spec.decode(manifest_bytes).files):
             return uri
     except FileNotFoundError:
         pass
     for name in sorted(spec.decode(manifest_bytes).files):
-        _storage(uri, lambda n=name: _put(fs, local / n, f"{root}/{n}"))
+        _storage(uri, partial(_put, fs, local / name, f"{root}/{name}"))
     _storage(uri, lambda: _put(fs, manifest_bytes, f"{root}/{MANIFEST}"))
     return uri
 
