@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -242,3 +243,62 @@ def test_dataset_objects_round_trip_through_the_cache(s3, tmp_path, monkeypatch)
     assert not (tmp_path / "cache" / "objects" / digest[:2] / digest).exists()
     with pytest.raises(NotFoundError, match="no object at"):
         cache.object(prefix, hashlib.sha256(b"never stored").hexdigest())
+
+
+def expand(args, env):
+    """Kubernetes' $(VAR) expansion of container args from the container's env."""
+    values = {e["name"]: e["value"] for e in env}
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: values.get(m[1], m[0]), a) for a in args]
+
+
+def on_loopback(args, models):
+    """A container's args as they run here: /mnt/models -> `models`, on loopback, without
+    --port (ServerProcess picks a free one)."""
+    swap = {"/mnt/models": str(models), "0.0.0.0": "127.0.0.1"}
+    out = [swap.get(a, a) for a in args]
+    if "--port" in out:
+        at = out.index("--port")
+        assert out[at + 1] == "8080"
+        del out[at:at + 2]
+    return out
+
+
+@pytest.mark.parametrize("target", ["k8s", "kserve"])
+def test_the_rendered_pod_commands_fetch_and_serve_the_pinned_release(s3, registered, tmp_path, target):
+    """Run the rendered containers' own commands (the image's entry point is `vivace`):
+    the fetch from the bucket, then the server, which answers as churn version 1."""
+    import urllib.request
+
+    import yaml
+
+    from conftest import ServerProcess
+
+    home, sha = registered
+    prefix = f"{PREFIX}/e2e"
+    assert vivace(home, "deploy", "publish", "churn@production", "--storage-uri", prefix,
+                  env=s3.env()).returncode == 0
+    rendered = vivace(home, "deploy", "render", "churn@production", "--target", target, "--env", "prod",
+                      "--storage-uri", prefix)
+    objects = {o["kind"]: o for o in yaml.safe_load_all(rendered.stdout)}
+    models = tmp_path / "models"
+    if target == "k8s":
+        pod = objects["Deployment"]["spec"]["template"]["spec"]
+        (init,) = pod["initContainers"]
+        fetch = on_loopback(expand(init["args"], init["env"]), models)
+        serve_container = pod["containers"][0]
+        serve = expand(serve_container["args"], serve_container["env"])
+    else:
+        model = objects["InferenceService"]["spec"]["predictor"]["model"]
+        # KServe's storage initializer copies storageUri into /mnt/models; fetch does the same, verified.
+        fetch = ["deploy", "fetch", model["storageUri"], str(models), "--sha256", sha]
+        serve = objects["ServingRuntime"]["spec"]["containers"][0]["args"] + model["args"]
+    assert fetch[:2] == ["deploy", "fetch"] and serve[0] == "serve"
+    proc = vivace(home, *fetch, env=s3.env())
+    assert proc.returncode == 0, proc.stderr
+    serve = on_loopback(serve, models)
+    server = ServerProcess([], *serve[1:], env={"VIVACE_HOME": str(tmp_path / "pod-home")})
+    try:
+        with urllib.request.urlopen(f"{server.url}/v2/models/churn") as response:
+            assert json.loads(response.read())["versions"] == ["1"]
+    finally:
+        assert server.stop() == 0
