@@ -295,7 +295,7 @@ def deployment(release: Release, env: Environment, image: str, placeholders: boo
                 "spec": {
                     "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
                                         "seccompProfile": {"type": "RuntimeDefault"}},
-                    # Longer than `vivace serve --drain-timeout` (30 s): queued requests are answered.
+                    # The preStop pause plus `vivace serve --drain-timeout` (30 s), with room to spare.
                     "terminationGracePeriodSeconds": 45,
                     "initContainers": [{
                         "name": "fetch-model",
@@ -318,6 +318,9 @@ def deployment(release: Release, env: Environment, image: str, placeholders: boo
                         "env": serve_env,
                         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
                         **_probes(),
+                        # SIGTERM makes the server refuse new connections; wait until the
+                        # endpoint is gone from the Service before sending it.
+                        "lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}},
                         "resources": _resources(env),
                         "securityContext": _container_security(),
                         "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR, "readOnly": True},
