@@ -123,15 +123,27 @@ ALLOWED_LIBRARIES = {"linux-vdso.so.1", "libc.so.6", "libm.so.6", "libstdc++.so.
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")
 def test_wheel_from_a_clean_clone_serves_with_no_system_libraries(tmp_path, mlp_package):
-    """The builder stage (`pip wheel` of a clean checkout), then the runtime stage (install
-    the wheel, no compiler), then the image's command on a package in a models folder."""
+    """The builder stage (`pip wheel` of what it copies from a clean checkout), then the
+    runtime stage (install the wheel, no compiler), then the image's command on a package
+    in a models folder."""
     from test_build import throwaway_venv
 
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    # The builder's /src: exactly what its COPY instructions take from the checkout.
+    src = tmp_path / "src"
+    src.mkdir()
+    for word, args in stages()[0]:
+        if word == "COPY":
+            *sources, target = shlex.split(args)
+            for source in sources:
+                if source.endswith("/"):
+                    shutil.copytree(clone / source, src / target)
+                else:
+                    shutil.copy2(clone / source, src / Path(source).name)
     env = dict(os.environ, VIVACE_BUILD_DIR=str(tmp_path / "cmake"), PIP_DISABLE_PIP_VERSION_CHECK="1")
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "--wheel-dir", str(tmp_path / "wheels"), str(clone)],
+                            "--wheel-dir", str(tmp_path / "wheels"), str(src)],
                            capture_output=True, text=True, timeout=1800, env=env)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     (wheel,) = (tmp_path / "wheels").glob("vivace-*.whl")
