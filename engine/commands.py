@@ -123,6 +123,13 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
                        help="size at which the log rotates (6 files are kept)")
     serve.add_argument("--follow-interval", type=float, default=1.0,
                        help="seconds between checks that a served NAME@ALIAS still points to the same version")
+    release = serve.add_argument_group("deployed release", "what `vivace deploy render` passes to a pod serving "
+                                       "the package in /mnt/models")
+    release.add_argument("--model-name", default=None, help="serve the package under this name (the registry's)")
+    release.add_argument("--model-version", default=None, help="serve the package as this version (the registry's)")
+    release.add_argument("--expect-sha256", default=None, metavar="HEX",
+                         help="refuse to start unless the package's package.json has this SHA-256 (the registry's "
+                         "package id); its files are then checked against package.json")
     security = serve.add_argument_group("security")
     security.add_argument("--auth", action="store_true",
                           help="require bearer tokens (see `vivace auth create-token`); health checks stay open")

@@ -7,6 +7,7 @@ read the same fields instead of an argparse namespace.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -40,6 +41,11 @@ class ServeOptions:
     prediction_log_sample: float = 0.01
     prediction_log_max_mb: float = 64.0
     follow_interval: float = 1.0
+    # A deployed release (engine/deploy.py): the one package directory is served under the
+    # registry's name and version, and only if its package.json has this SHA-256.
+    model_name: str | None = None
+    model_version: str | None = None
+    expect_sha256: str | None = None
     worker_index: int | None = None       # set in worker processes (engine/workers.py)
 
     @classmethod
@@ -57,6 +63,14 @@ class ServeOptions:
         if self.workers > 1 and self.server.repository_control:
             raise OptionsError("--repository-control needs a single process: a load or unload would change one "
                                "worker only; move aliases in the registry (vivace models alias) instead")
+        if self.model_name or self.model_version or self.expect_sha256:
+            from .serving import is_registry_ref
+
+            if len(self.models) != 1 or is_registry_ref(self.models[0]):
+                raise OptionsError("--model-name, --model-version and --expect-sha256 apply to one package "
+                                   "directory (a deployment's /mnt/models), not to NAME@ALIAS or several packages")
+            if self.expect_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.expect_sha256):
+                raise OptionsError(f"--expect-sha256 must be 64 lowercase hex digits, got {self.expect_sha256!r}")
         if self.server.execution_timeout_s <= 0:
             raise OptionsError(f"--execution-timeout must be positive, got {self.server.execution_timeout_s:g}")
         from .frontend import use_native  # the one place that knows what each front end implements

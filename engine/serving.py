@@ -4,6 +4,7 @@ serve until a signal. The same function serves a single process and each worker 
 `--workers` (engine/workers.py)."""
 from __future__ import annotations
 
+import hashlib
 import shlex
 from pathlib import Path
 
@@ -20,17 +21,29 @@ def is_registry_ref(ref: str) -> bool:
     return "@" in ref or (version.isdigit() and bool(name) and not name.startswith("."))
 
 
-def resolve_package(ref: str, home: str):
+def resolve_package(ref: str, home: str, name: str | None = None, version: str | None = None,
+                    sha256: str | None = None):
     """Load a package directory, or NAME@ALIAS / NAME/VERSION through the registry.
 
-    Registry packages are served under their registered name and version number.
+    Registry packages are served under their registered name and version number. A
+    directory may be given the registry's `name` and `version` (a deployed release), and
+    with `sha256` it is refused unless its package.json is exactly the pinned one.
     """
-    from vivace.registry.package import load_package
+    from vivace.registry.package import MANIFEST, load_package
 
     if not is_registry_ref(ref):
         if not Path(ref).is_dir():
             raise VivaceCLIError(f"{ref}: not a package directory (and not NAME@ALIAS)")
-        return load_package(ref)
+        if sha256 is not None:
+            manifest = Path(ref) / MANIFEST
+            actual = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+            if actual != sha256:
+                raise VivaceCLIError(f"{ref}: package.json has sha256 {actual or 'none (missing)'}, "
+                                     f"the release pins {sha256}: refusing to serve another package")
+        package = load_package(ref)  # checks every file against package.json
+        package.name = name or package.name
+        package.version = version or package.version
+        return package
     return registered_package(ref, home)
 
 
@@ -71,7 +84,8 @@ def run(options: ServeOptions) -> int:
     acts_on_alerts = options.worker_index in (None, 0)
 
     def build(ref: str, package=None) -> ModelRunner:
-        package = package or resolve_package(ref, options.home)
+        package = package or resolve_package(ref, options.home, options.model_name, options.model_version,
+                                             options.expect_sha256)
         runner = ModelRunner(package, device=options.device, num_threads=options.threads,
                              execution=options.execution, home=options.home,
                              shed_queue_wait_ms=options.server.shed_queue_wait_ms,

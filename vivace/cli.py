@@ -19,7 +19,7 @@ from vivace.errors import VivaceCLIError
 # fresh `vivace score` imports only what scoring needs; `vivace --help` imports them all.
 COMMANDS = {
     "serve": "vivace.engine.commands", "score": "vivace.engine.commands", "demo": "vivace.engine.commands",
-    "quantize": "vivace.engine.native.cli", "auth": "vivace.engine.auth",
+    "quantize": "vivace.engine.native.cli", "auth": "vivace.engine.auth", "deploy": "vivace.engine.deploy",
     "bench": "vivace.bench.commands",
     "package": "vivace.registry.cli",
     "data": "vivace.registry.cli", "models": "vivace.registry.cli", "runs": "vivace.registry.cli",
