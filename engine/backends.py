@@ -12,17 +12,21 @@ The ONNX Runtime backend binds the batch buffers themselves as the session's inp
 outputs (IOBinding): onnxruntime reads the rows where the batcher put them and writes its
 outputs where the batcher answers from. The Python backend calls a user's class on
 read-only views of the batch buffers and copies what it returns into the output buffers.
+The ensemble backend runs its steps' backends one after another on the same batch, each
+step reading and writing the buffers the batcher and the earlier steps filled.
 """
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from vivace import datatypes
-from vivace.spec import ONNX_PLATFORM, PYTHON_PLATFORM
+from vivace import spec as package_spec
+from vivace.spec import ENSEMBLE_PLATFORM, ONNX_PLATFORM, PYTHON_PLATFORM
 from vivace.registry.package import NUMPY_DTYPES, ModelPackage, PackageError, TensorSpec
 
 TORCH_PLATFORMS = ("torchscript", "torch_export")
@@ -409,8 +413,126 @@ class PythonBackend:
         return execute
 
 
+class _Step:
+    __slots__ = ("name", "ensemble_step", "backend", "counts")
+
+    def __init__(self, ensemble_step: package_spec.EnsembleStep, backend: Any):
+        self.name = ensemble_step.name
+        self.ensemble_step = ensemble_step
+        self.backend = backend
+        # [executions, rows, nanoseconds] per executor: each counted by its executor's thread only
+        self.counts: list[list[int]] = [[0, 0, 0]]
+
+
+class EnsembleBackend:
+    """An `ensemble` package (a pipeline of models, e.g. Python preprocessing, then an
+    ONNX, torch or native model, then Python postprocessing) served as one model.
+
+    The batcher forms the ensemble's batches; each batch runs every step in order, each
+    through its own backend on the whole batch: a native step stays a GIL-free kernel call
+    per batch, a Python step one `predict` per batch. Tensors pass between steps in buffers
+    allocated once per executor (no copies): a step's input buffer is the ensemble input or
+    the earlier step's output buffer that feeds it, and a step producing an ensemble output
+    writes straight into the batcher's output buffer. Per-step executions, rows and time
+    are counted (`step_stats`: /v2/models/{m}/stats and the vivace_step_* metrics).
+    """
+
+    def __init__(self, package: ModelPackage, device: str | None = None, num_threads: int | None = None):
+        self.package = package
+        try:
+            ensemble = package_spec.decode_ensemble(package.model_path.read_bytes())
+            self.tensors = package_spec.check_wiring(ensemble, package.inputs, package.outputs)
+        except package_spec.ManifestError as exc:
+            raise PackageError(f"{package.path / package.model_file}: {exc}") from None
+        self.steps = []
+        for step in ensemble.steps:
+            step_package = ModelPackage(
+                path=package.path, name=f"{package.name}/{step.name}", version=package.version,
+                platform=step.platform, model_file=step.model_file, inputs=step.inputs, outputs=step.outputs,
+                max_batch_size=package.max_batch_size, instance_count=package.instance_count,
+                instance_kind=package.instance_kind, parameters=step.parameters, files=package.files)
+            self.steps.append(_Step(step, load_backend(step_package, device=device, num_threads=num_threads)))
+        served = {t.name for t in (*package.inputs, *package.outputs)}
+        # Tensors that live only between steps: a buffer per executor each.
+        self._between = [t for name, t in self.tensors.items() if name not in served]
+
+    @property
+    def preferred_execution(self) -> str:
+        # A step that must not stall the loop (a Python predict may hang) puts the whole batch on threads.
+        return "threads" if any(s.backend.preferred_execution == "threads" for s in self.steps) else "inline"
+
+    def run(self, inputs: Sequence[Any]) -> list[Any]:
+        """Run one batch offline: each step's backend on the tensors the earlier steps produced."""
+        values = {s.name: x for s, x in zip(self.package.inputs, inputs)}
+        for step in self.steps:
+            s = step.ensemble_step
+            outputs = step.backend.run([values[s.source(t.name)] for t in s.inputs])
+            values.update((s.target(t.name), out) for t, out in zip(s.outputs, outputs))
+        return [values[t.name] for t in self.package.outputs]
+
+    def batch_executor(
+        self, input_buffers: list[list[memoryview]], output_buffers: list[list[memoryview]]
+    ) -> Callable[[int, int], None]:
+        """execute(executor, rows): every step in order on the executor's batch."""
+        mbs = self.package.max_batch_size
+        buffers = []
+        for ins, outs in zip(input_buffers, output_buffers):
+            named = {t.name: b for t, b in zip(self.package.inputs, ins)}
+            named.update((t.name, b) for t, b in zip(self.package.outputs, outs))
+            named.update((t.name, memoryview(bytearray(mbs * t.row_bytes))) for t in self._between)
+            buffers.append(named)
+        runs = []
+        for step in self.steps:
+            s = step.ensemble_step
+            step.counts = [[0, 0, 0] for _ in buffers]
+            runs.append((step.counts, step.backend.batch_executor(
+                [[named[s.source(t.name)] for t in s.inputs] for named in buffers],
+                [[named[s.target(t.name)] for t in s.outputs] for named in buffers])))
+        # Strings produced between steps are handles (engine/strings.py) nobody answers with:
+        # freed once the batch has run.
+        between_strings = [(t.row_elements, [named[t.name] for named in buffers])
+                           for t in self._between if t.datatype == "BYTES"]
+        clock = time.perf_counter_ns
+
+        def execute(executor: int, rows: int) -> None:
+            try:
+                for counts, run in runs:
+                    started = clock()
+                    run(executor, rows)
+                    mine = counts[executor]
+                    mine[0] += 1
+                    mine[1] += rows
+                    mine[2] += clock() - started
+            finally:
+                if between_strings:
+                    from .strings import STRINGS
+
+                    for elements, per_executor in between_strings:
+                        handles = np.frombuffer(per_executor[executor], np.int64, rows * elements)
+                        STRINGS.release(handles)
+                        handles.fill(0)
+
+        return execute
+
+    def reset_step_stats(self) -> None:
+        """Forget what was counted so far (the server's warm-up batches)."""
+        for step in self.steps:
+            for counts in step.counts:
+                counts[:] = [0, 0, 0]
+
+    def step_stats(self) -> list[dict[str, Any]]:
+        stats = []
+        for s in self.steps:
+            executions, rows, ns = (sum(c[k] for c in s.counts) for k in range(3))
+            stats.append({"name": s.name, "platform": s.ensemble_step.platform, "execution_count": executions,
+                          "inference_count": rows, "compute_ns": ns})
+        return stats
+
+
 def load_backend(package: ModelPackage, device: str | None = None, num_threads: int | None = None):
     """The backend for a package's platform."""
+    if package.platform == ENSEMBLE_PLATFORM:
+        return EnsembleBackend(package, device=device, num_threads=num_threads)
     if package.platform in TORCH_PLATFORMS:
         return TorchBackend(package, device=device, num_threads=num_threads)
     if package.platform == ONNX_PLATFORM:

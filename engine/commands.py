@@ -29,7 +29,8 @@ def register(subparsers) -> None:
         "demo",
         help="the whole loop on synthetic churn data: version, train, register, promote, serve",
         description="Versions bundled synthetic customer-churn data, trains a model, registers and "
-        "promotes it, then serves churn@production next to the benchmark reference model `mlp`.",
+        "promotes it, then serves churn@production next to churn_action (a pipeline: the churn model, then a "
+        "Python step choosing an action) and the benchmark reference model `mlp`.",
         formatter_class=_ShowDefaults,
     )
     demo.add_argument("--no-serve", action="store_true", help="stop after promoting")
@@ -147,18 +148,19 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from vivace.registry.reference_model import write_reference_model
-    from vivace.registry.demo_data import run_lifecycle
+    from vivace.registry.demo_data import run_lifecycle, write_action_pipeline
 
     workdir = Path(args.home) / "demo"
     workdir.mkdir(parents=True, exist_ok=True)
     ref = run_lifecycle(args.home, workdir)
+    pipeline = write_action_pipeline(resolve_package(ref, args.home).path, workdir)
     reference = workdir / "mlp"
     write_reference_model(reference, overwrite=True)
     print(f"$ vivace bench model --out {reference}")
     if args.no_serve:
         return 0
-    args.models = [ref, str(reference)]
-    print(f"$ vivace serve {ref} {reference} --port {args.port}\n"
+    args.models = [ref, str(pipeline), str(reference)]
+    print(f"$ vivace serve {ref} {pipeline} {reference} --port {args.port}\n"
           f"  try: curl -s localhost:{args.port}/v2/models/churn   and   curl -s localhost:{args.port}/metrics",
           flush=True)
     return _serve(args)

@@ -176,6 +176,8 @@ class ModelRunner:
         # Why the model cannot serve (it failed warm-up), or None: it then stays out of
         # service, shown UNAVAILABLE with this reason (GET /v2/repository/index).
         self.unavailable_reason: str | None = self._warm_up(executors)
+        if hasattr(self.backend, "reset_step_stats"):  # an ensemble's steps count requests, not warm-up
+            self.backend.reset_step_stats()
         native = getattr(self.backend, "native_handle", None)
         # The kernel runs straight from the batch buffers: no Python, no GIL per batch.
         self.native_kernel = native is not None and self.entity is None
@@ -426,7 +428,11 @@ class ModelRunner:
         return await future
 
     def stats(self) -> dict[str, Any]:
-        return self.batcher.stats()
+        stats = self.batcher.stats()
+        step_stats = getattr(self.backend, "step_stats", None)  # an ensemble: each step's own counts
+        if step_stats is not None:
+            stats["steps"] = step_stats()
+        return stats
 
     def close(self, drain: bool = True) -> None:
         """Stop the batcher (running queued requests when drain) and answer what is left."""

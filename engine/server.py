@@ -335,8 +335,9 @@ class App:
 
     def _stats(self, protocol, seq, runner: ModelRunner | None, body) -> None:
         runners = [runner] if runner is not None else self.runners()
-        samples = model_samples(self.metrics.collect())
-        protocol.respond(seq, _ok({"model_stats": [triton_stats(r, samples) for r in runners]}))
+        families = list(self.metrics.collect())
+        samples, steps = model_samples(families), step_samples(families)
+        protocol.respond(seq, _ok({"model_stats": [triton_stats(r, samples, steps) for r in runners]}))
 
     def _rollout(self, protocol, seq, runner: ModelRunner, body) -> None:
         split = self.table.splits.get(runner.name)
@@ -726,9 +727,23 @@ def model_samples(families: Iterable[Any]) -> dict[tuple[str, str, str], float]:
     return totals
 
 
-def triton_stats(runner: ModelRunner, samples: dict[tuple[str, str, str], float]) -> dict[str, Any]:
+def step_samples(families: Iterable[Any]) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
+    """{(model, version): {step: {sample name: value}}} of the ensemble steps' metrics."""
+    steps: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    for family in families:
+        for sample in family.samples:
+            labels = sample.labels
+            if "step" in labels and "model" in labels and "version" in labels:
+                values = steps.setdefault((labels["model"], labels["version"]), {}).setdefault(labels["step"], {})
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return steps
+
+
+def triton_stats(runner: ModelRunner, samples: dict[tuple[str, str, str], float],
+                 steps: dict[tuple[str, str], dict[str, dict[str, float]]] | None = None) -> dict[str, Any]:
     """Triton's statistics of a model version, from the server's metrics (`model_samples`):
-    with --workers these are merged across the worker processes."""
+    with --workers these are merged across the worker processes. An ensemble's entry also
+    lists its steps (`steps`, from `step_samples`), each with its own counts and time."""
 
     def value(name: str, scale: float = 1.0) -> int:
         return int(round(samples.get((name, runner.name, runner.version), 0.0) * scale))
@@ -749,6 +764,14 @@ def triton_stats(runner: ModelRunner, samples: dict[tuple[str, str, str], float]
             "compute_output": {"count": executions, "ns": value("vivace_compute_output_seconds_total", 1e9)},
         },
         "batch_stats": [],
+        **({"steps": [{
+            "name": step,
+            "execution_count": int(values.get("vivace_step_execution_count_total", 0)),
+            "inference_count": int(values.get("vivace_step_inference_count_total", 0)),
+            "compute_infer": {"count": int(values.get("vivace_step_execution_count_total", 0)),
+                              "ns": int(round(values.get("vivace_step_compute_seconds_total", 0.0) * 1e9))},
+        } for step, values in steps[(runner.name, runner.version)].items()]}
+           if steps and (runner.name, runner.version) in steps else {}),
     }
 
 

@@ -45,6 +45,12 @@ COMPUTE_PHASES = {
     "compute_output_ns": ("vivace_compute_output_seconds_total", "Time scattering outputs to requests"),
 }
 
+# The steps of an ensemble (a pipeline served as one model), each counted on its own.
+STEP_COUNTERS = (("vivace_step_execution_count", "Batches an ensemble step ran"),
+                 ("vivace_step_inference_count", "Rows an ensemble step ran"),
+                 ("vivace_step_compute_seconds", "Time an ensemble step ran"))
+STEP_KEYS, STEP_SCALES = ("execution_count", "inference_count", "compute_ns"), (1, 1, 1e-9)
+
 
 def _buckets(bounds: list[float], counts: list[int]) -> list[tuple[str, float]]:
     cumulative, out = 0, []
@@ -125,9 +131,13 @@ class MetricsCollector:
         ready = GaugeMetricFamily("vivace_model_ready", "1 when the model version accepts requests", labels=LABELS)
         phases = {k: CounterMetricFamily(name, doc, labels=LABELS) for k, (name, doc) in COMPUTE_PHASES.items()}
         histograms = {k: HistogramMetricFamily(name, doc, labels=LABELS) for k, (name, doc) in HISTOGRAMS.items()}
+        step_families = [CounterMetricFamily(name, doc, labels=[*LABELS, "step"]) for name, doc in STEP_COUNTERS]
         for runner in runners:
             labels = [runner.name, runner.version]
             s = runner.stats()
+            for step in s.get("steps", ()):
+                for family, key, scale in zip(step_families, STEP_KEYS, STEP_SCALES):
+                    family.add_metric([*labels, step["name"]], step[key] * scale)
             success.add_metric(labels, s["success"])
             inferences.add_metric(labels, s["inference_count"])
             executions.add_metric(labels, s["execution_count"])
@@ -165,6 +175,7 @@ class MetricsCollector:
         yield ready
         yield from phases.values()
         yield from histograms.values()
+        yield from step_families
         yield drift
         yield http_errors
 

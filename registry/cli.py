@@ -90,9 +90,18 @@ def _package(args: argparse.Namespace) -> int:
         dynamic_batching["preferred_batch_size"] = args.preferred_batch_size
     common: dict[str, Any] = dict(
         name=args.name, version=args.version, inputs=args.input, outputs=args.output,
-        max_batch_size=args.max_batch_size, dynamic_batching=dynamic_batching,
+        max_batch_size=args.max_batch_size_given or 128, dynamic_batching=dynamic_batching,
         metadata={"description": args.description} if args.description else None,
         profile=args.profile, overwrite=args.force)
+    if args.step:
+        return _package_ensemble(args, dynamic_batching)
+    if args.model is None:
+        print("vivace package: error: give a MODEL file (or MODULE.py:CLASS), or --step NAME=PACKAGE for an "
+              "ensemble", file=sys.stderr)
+        return 1
+    if args.map:
+        print("vivace package: error: --map is for ensembles (--step)", file=sys.stderr)
+        return 1
     model = str(args.model)
     platform = args.platform or ("onnxruntime" if model.endswith(".onnx") else
                                  "python" if model.endswith(".py") or ".py:" in model else
@@ -612,6 +621,34 @@ def _models_reject(args: argparse.Namespace, home: Home) -> int:
     return 0
 
 
+def _package_ensemble(args: argparse.Namespace, dynamic_batching: dict[str, Any]) -> int:
+    from .packaging import package_ensemble
+
+    not_for_ensembles = [flag for flag, given in (("MODEL", args.model), ("--input", args.input), ("--file", args.file),
+                                                  ("--example", args.example), ("--param", args.param),
+                                                  ("--platform", args.platform)) if given]
+    if not_for_ensembles:
+        print(f"vivace package: error: {', '.join(not_for_ensembles)} cannot be given with --step: an ensemble's "
+              f"inputs come from its steps' packages", file=sys.stderr)
+        return 1
+    try:
+        steps = [(name, path) for name, _, path in (item.partition("=") for item in args.step)]
+        if any(not name or not path for name, path in steps):
+            raise RegistryError(f"--step takes NAME=PACKAGE, got {args.step}")
+        package = package_ensemble(
+            steps, args.out, name=args.name, version=args.version, tensor_map=_key_values(args.map or []),
+            outputs=args.output, max_batch_size=args.max_batch_size_given, dynamic_batching=dynamic_batching,
+            metadata={"description": args.description} if args.description else None,
+            profile=args.profile, overwrite=args.force)
+    except (PackageError, RegistryError) as exc:
+        print(f"vivace package: error: {exc}", file=sys.stderr)
+        return 1
+    signature = ", ".join(f"{s.name} {s.datatype} {list(s.shape)}" for s in package.inputs)
+    chain = " -> ".join(f"{step} ({package.metadata['steps'][k]['platform']})" for k, (step, _) in enumerate(steps))
+    print(f"wrote ensemble {package.name}/{package.version} ({signature}): {chain}, to {args.out}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add the lifecycle commands to the `vivace` parser."""
     p = subparsers.add_parser(
@@ -627,8 +664,12 @@ def register(subparsers: Any) -> None:
         "  vivace models register models/mine --name mine --metric auc=0.91\n"
         "  vivace serve models/mine",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="TorchScript (.pt), torch.export (.pt2), ONNX (.onnx) or scikit-learn "
-                   "(.pkl, .joblib) file, or MODULE.py:CLASS")
+    p.add_argument("model", nargs="?", help="TorchScript (.pt), torch.export (.pt2), ONNX (.onnx) or scikit-learn "
+                   "(.pkl, .joblib) file, or MODULE.py:CLASS (none with --step)")
+    p.add_argument("--step", action="append", metavar="NAME=PACKAGE",
+                   help="an ensemble: a step and the package it runs, in order (repeat); tensors connect by name")
+    p.add_argument("--map", action="append", metavar="STEP.TENSOR=NAME",
+                   help="ensemble wiring where names differ: feed a step's input from NAME, or rename a step's output")
     p.add_argument("--out", required=True, help="package directory to create")
     p.add_argument("--name", required=True, help="model name clients use in /v2/models/NAME")
     p.add_argument("--version", default="1")
@@ -644,7 +685,8 @@ def register(subparsers: Any) -> None:
                    "standard-normal rows)")
     p.add_argument("--file", action="append", metavar="PATH",
                    help="a file a Python model reads (from self.package_dir), stored in the package (repeat)")
-    p.add_argument("--max-batch-size", type=int, default=128)
+    p.add_argument("--max-batch-size", type=int, dest="max_batch_size_given", metavar="N",
+                   help="largest batch (default 128; an ensemble's: its steps' smallest)")
     p.add_argument("--max-queue-delay-us", type=int, default=0)
     p.add_argument("--preferred-batch-size", type=int, action="append", metavar="N")
     p.add_argument("--param", action="append", metavar="KEY=VALUE",

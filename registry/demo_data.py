@@ -96,3 +96,35 @@ def run_lifecycle(
     log(f"$ vivace models promote {name} {model.version} --alias {alias}\n"
         f"  -> {name}@{alias} = version {model.version}")
     return f"{name}@{alias}"
+
+
+# The demo's pipeline: the churn model, then a Python step that turns its probability into
+# what a retention team does about the customer (an ensemble served as one model).
+ACTION_STEP = '''
+import numpy as np
+
+
+class Action:
+    def predict(self, probability):
+        action = np.where(probability >= 0.5, b"call", np.where(probability >= 0.2, b"email", b"none"))
+        return {"churn_probability": probability, "action": action.astype(object)}
+'''
+
+
+def write_action_pipeline(churn_package: str | os.PathLike, workdir: str | os.PathLike,
+                          log: Callable[[str], None] = print) -> Path:
+    """Package `churn_action` (churn model -> Python action step) under `workdir`; returns its directory."""
+    from .packaging import package_ensemble, package_python_model
+
+    workdir = Path(workdir)
+    source = workdir / "action.py"
+    source.write_text(ACTION_STEP)
+    action = package_python_model(f"{source}:Action", workdir / "action", name="action",
+                                  inputs=["probability:FP32:1"], overwrite=True)
+    out = workdir / "churn_action"
+    package_ensemble([("churn", churn_package), ("action", action.path)], out, name="churn_action",
+                     tensor_map={"churn.output__0": "probability"}, overwrite=True)
+    log(f"$ vivace package {source}:Action --out {action.path} --name action --input probability:FP32:1\n"
+        f"$ vivace package --out {out} --name churn_action --step churn={churn_package} --step action={action.path} "
+        f"--map churn.output__0=probability\n  -> an ensemble: churn (the model) -> action (Python)")
+    return out

@@ -543,3 +543,116 @@ def package_sklearn_model(
     return package_onnx_model(model, out, name=name, version=version, example=rows[:2], max_batch_size=max_batch_size,
                               dynamic_batching=dynamic_batching, parameters=parameters, metadata=meta,
                               profile=profile, overwrite=overwrite)
+
+
+def package_ensemble(
+    steps: Sequence[tuple[str, str | os.PathLike | ModelPackage]],
+    out: str | os.PathLike,
+    *,
+    name: str,
+    version: str = "1",
+    tensor_map: dict[str, str] | None = None,
+    outputs: Sequence[str] | None = None,
+    max_batch_size: int | None = None,
+    dynamic_batching: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    profile: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> ModelPackage:
+    """Write a pipeline of model packages as one `ensemble` package, served as one model.
+
+    `steps`: (step name, package directory) in the order they run, e.g. a Python
+    preprocessing package, then an ONNX/torch/native model, then Python postprocessing.
+    Tensors connect by name: a step's input is fed by the earlier step output of the same
+    name, or else becomes an input of the ensemble. `tensor_map` renames where names differ:
+    {"STEP.INPUT": "TENSOR"} feeds a step's input from TENSOR, {"STEP.OUTPUT": "TENSOR"}
+    names what a step's output becomes. `outputs`: the tensors the ensemble answers with
+    (default: the last step's outputs). Every step's package is verified on reading; its
+    files are copied in (model files renamed STEP.FILE, other files, which a Python step
+    reads by name, kept as they are and refused if two steps bring different ones), and the
+    wiring is checked (datatypes and row shapes agree, nothing produced twice, no cycle).
+    Raises PackageError naming the problem; nothing is written then.
+    """
+    from vivace import spec
+
+    from .package import load_package
+
+    tensor_map = dict(tensor_map or {})
+    if not steps:
+        raise PackageError("an ensemble needs at least one step")
+    loaded = [(step, source if isinstance(source, ModelPackage) else load_package(source)) for step, source in steps]
+    names = [step for step, _ in loaded]
+    if len(set(names)) != len(names):
+        raise PackageError(f"step names must be unique, got {names}")
+    used_keys: set[str] = set()
+    inputs: dict[str, spec.TensorSpec] = {}
+    produced: dict[str, spec.TensorSpec] = {}
+    files: dict[str, Path] = {}
+    owners: dict[str, str] = {}
+    ensemble_steps = []
+    for step, package in loaded:
+        if package.platform == spec.ENSEMBLE_PLATFORM:
+            raise PackageError(f"step {step!r}: {package.path} is itself an ensemble; list its steps instead")
+        if package.metadata.get("feature_service"):
+            raise PackageError(f"step {step!r}: {package.path} is served by entity id, which a step cannot be")
+        input_map, output_map = {}, {}
+        for t in package.inputs:
+            key = f"{step}.{t.name}"
+            source = tensor_map.get(key, t.name)
+            used_keys.add(key)
+            if source not in produced:  # an input of the ensemble (several steps may share one)
+                if source in inputs and (inputs[source].datatype, inputs[source].shape) != (t.datatype, t.shape):
+                    raise PackageError(f"step {step!r}: input {t.name!r} wants {source!r} as {t.datatype} "
+                                       f"{list(t.shape)}, another step wants it as {inputs[source].datatype} "
+                                       f"{list(inputs[source].shape)}")
+                inputs.setdefault(source, spec.TensorSpec(source, t.datatype, t.shape))
+            if source != t.name:
+                input_map[t.name] = source
+        for t in package.outputs:
+            key = f"{step}.{t.name}"
+            target = tensor_map.get(key, t.name)
+            used_keys.add(key)
+            if target in produced or target in inputs:
+                raise PackageError(f"step {step!r}: output {t.name!r} would become {target!r}, which another "
+                                   f"tensor already is: rename it with {key}=NEW_NAME")
+            produced[target] = spec.TensorSpec(target, t.datatype, t.shape)
+            if target != t.name:
+                output_map[t.name] = target
+        model_file = f"{step}.{package.model_file}"
+        for file_name in package.files:
+            stored = model_file if file_name == package.model_file else file_name
+            if file_name == "profile.json" and package.metadata.get("profile") == "profile.json":
+                continue  # a step's drift profile: the ensemble is monitored on its own inputs
+            if stored in files and (files[stored].read_bytes() != (package.path / file_name).read_bytes()):
+                raise PackageError(f"steps {owners[stored]!r} and {step!r} both bring a file {stored!r} with "
+                                   f"different contents")
+            files[stored], owners[stored] = package.path / file_name, step
+        ensemble_steps.append(spec.EnsembleStep(
+            name=step, platform=package.platform, model_file=model_file, inputs=package.inputs,
+            outputs=package.outputs, parameters=package.parameters, input_map=input_map, output_map=output_map))
+    unused = sorted(set(tensor_map) - used_keys)
+    if unused:
+        raise PackageError(f"tensor map entries {unused} name no step's input or output (STEP.TENSOR)")
+    wanted = list(outputs) if outputs else [tensor_map.get(f"{names[-1]}.{t.name}", t.name)
+                                            for t in loaded[-1][1].outputs]
+    missing = [t for t in wanted if t not in produced]
+    if missing:
+        raise PackageError(f"outputs {missing} are not produced by any step (produced: {sorted(produced)})")
+    ensemble = spec.Ensemble(format=spec.ENSEMBLE_FORMAT, steps=ensemble_steps)
+    out_specs = [produced[t] for t in wanted]
+    try:
+        spec.check_wiring(ensemble, list(inputs.values()), out_specs)
+    except spec.ManifestError as exc:
+        raise PackageError(str(exc)) from None
+    if spec.ENSEMBLE_FILE in files:
+        raise PackageError(f"step {owners[spec.ENSEMBLE_FILE]!r} brings a file named {spec.ENSEMBLE_FILE!r}, "
+                           f"which the ensemble writes")
+    manifest: dict[str, Any] = {
+        "name": name, "version": str(version), "platform": spec.ENSEMBLE_PLATFORM, "model_file": spec.ENSEMBLE_FILE,
+        "inputs": [t.to_json() for t in inputs.values()], "outputs": [t.to_json() for t in out_specs],
+        "max_batch_size": max_batch_size or min(p.max_batch_size for _, p in loaded),
+        "dynamic_batching": dynamic_batching or {},
+        "metadata": {**(metadata or {}), "steps": [{"name": s, "platform": p.platform, "from": f"{p.name}/{p.version}"}
+                                                    for s, p in loaded]},
+    }
+    return _write(out, manifest, {spec.ENSEMBLE_FILE: spec.encode_ensemble(ensemble), **files}, profile, overwrite)

@@ -190,7 +190,7 @@ def test_onnx_and_python_model_commands_work_in_a_fresh_home(fresh):
     cwd, env = fresh
     text = section("Serve your own model")
     onnx_block = text[text.index("### ONNX models"):text.index("### Python models")]
-    python_part = text[text.index("### Python models"):]
+    python_part = text[text.index("### Python models"):text.index("### Pipelines (ensembles)")]
     # an ONNX graph with a dynamic batch axis: features FP32 [n, 32] -> probs FP32 [n, 32]
     graph = helper.make_graph([helper.make_node("Softmax", ["features"], ["probs"], axis=1)], "softmax",
                               [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", 32])],
@@ -207,3 +207,9 @@ def test_onnx_and_python_model_commands_work_in_a_fresh_home(fresh):
     (cwd / "scaler.py").write_text(module)
     body = b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
     run_block(blocks(python_part, "sh")[0], cwd, env, "scaler", body)
+    # the pipeline joins the scaler with risk.py (its first line names it)
+    pipeline_part = text[text.index("### Pipelines (ensembles)"):]
+    module = blocks(pipeline_part, "python")[0]
+    assert module.startswith("# risk.py\n")
+    (cwd / "risk.py").write_text(module)
+    run_block(blocks(pipeline_part, "sh")[0], cwd, env, "scored", body)

@@ -43,6 +43,10 @@ IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 ONNX_PLATFORM: Final = "onnxruntime"
 PYTHON_PLATFORM: Final = "python"
+ENSEMBLE_PLATFORM: Final = "ensemble"
+# The platforms whose tensors may be strings (BYTES): Python models, and ensembles that
+# feed them or return what they return.
+STRING_PLATFORMS: Final = (PYTHON_PLATFORM, ENSEMBLE_PLATFORM)
 
 
 class TensorSpec(msgspec.Struct, frozen=True):
@@ -143,13 +147,112 @@ class Manifest(msgspec.Struct, kw_only=True):
                 raise ValueError(f"duplicate {kind} names {names}")
         if any(p > self.max_batch_size for p in self.dynamic_batching.preferred_batch_size):
             raise ValueError(f"preferred_batch_size entries must be integers in 1..{self.max_batch_size}")
-        if self.platform != PYTHON_PLATFORM:
-            for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
-                for i, t in enumerate(specs):
-                    if t.datatype == "BYTES":
-                        raise ValueError(f"tensor {t.name!r} is BYTES: only python models take or return strings "
-                                         f"- at `$.{kind}[{i}].datatype`")
+        _strings_allowed(self.platform, self.inputs, self.outputs, "$.")
         platform_parameters(self.platform, self.parameters)
+
+
+def _strings_allowed(platform: str, inputs: list[TensorSpec], outputs: list[TensorSpec], path: str) -> None:
+    if platform in STRING_PLATFORMS:
+        return
+    for kind, specs in (("inputs", inputs), ("outputs", outputs)):
+        for i, t in enumerate(specs):
+            if t.datatype == "BYTES":
+                raise ValueError(f"tensor {t.name!r} is BYTES: only python models take or return strings "
+                                 f"- at `{path}{kind}[{i}].datatype`")
+
+
+ENSEMBLE_FORMAT: Final = "vivace-ensemble/1"
+ENSEMBLE_FILE: Final = "ensemble.json"
+
+
+class EnsembleStep(msgspec.Struct, kw_only=True):
+    """One step of an ensemble: a model of its own (any platform but ensemble), whose
+    files lie in the ensemble's package, and how its tensors connect. `input_map` names,
+    for each of the step's inputs, the tensor that feeds it: an input of the ensemble or an
+    earlier step's output; `output_map` names the tensor each output becomes (default: its
+    own name). Steps run in order, so the graph cannot have a cycle."""
+
+    name: Name
+    platform: Annotated[str, msgspec.Meta(min_length=1)]
+    model_file: FileName
+    inputs: Annotated[list[TensorSpec], msgspec.Meta(min_length=1)]
+    outputs: Annotated[list[TensorSpec], msgspec.Meta(min_length=1)]
+    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+    input_map: dict[str, Annotated[str, msgspec.Meta(min_length=1)]] = msgspec.field(default_factory=dict)
+    output_map: dict[str, Annotated[str, msgspec.Meta(min_length=1)]] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.platform == ENSEMBLE_PLATFORM:
+            raise ValueError(f"step {self.name!r}: an ensemble cannot be a step of another")
+        _strings_allowed(self.platform, self.inputs, self.outputs, f"step {self.name!r} ")
+        for kind, specs, mapping in (("inputs", self.inputs, self.input_map),
+                                     ("outputs", self.outputs, self.output_map)):
+            names = [t.name for t in specs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"step {self.name!r}: duplicate {kind} names {names}")
+            unknown = sorted(set(mapping) - set(names))
+            if unknown:
+                raise ValueError(f"step {self.name!r}: {kind} map names {unknown}, which are not among its {kind} {names}")
+        platform_parameters(self.platform, self.parameters)
+
+    def source(self, input_name: str) -> str:
+        """The ensemble tensor that feeds this step's input."""
+        return self.input_map.get(input_name, input_name)
+
+    def target(self, output_name: str) -> str:
+        """The ensemble tensor this step's output becomes."""
+        return self.output_map.get(output_name, output_name)
+
+
+class Ensemble(msgspec.Struct, kw_only=True):
+    """ensemble.json, the model file of an `ensemble` package: its steps in the order they run."""
+
+    format: Literal["vivace-ensemble/1"]
+    steps: Annotated[list[EnsembleStep], msgspec.Meta(min_length=1)]
+
+
+def check_wiring(ensemble: Ensemble, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> dict[str, TensorSpec]:
+    """Check that the steps connect the ensemble's inputs to its outputs: every step input
+    is fed by an ensemble input or an earlier step's output of the same datatype and row
+    shape, no tensor is produced twice, and every ensemble output is produced. Returns every
+    tensor of the graph by name; raises ManifestError naming the step and tensor."""
+    tensors = {t.name: t for t in inputs}
+    for step in ensemble.steps:
+        for t in step.inputs:
+            source = tensors.get(step.source(t.name))
+            if source is None:
+                raise ManifestError(f"step {step.name!r}: input {t.name!r} is fed by {step.source(t.name)!r}, which "
+                                    f"is neither an input of the ensemble nor an output of an earlier step")
+            if (source.datatype, source.shape) != (t.datatype, t.shape):
+                raise ManifestError(f"step {step.name!r}: input {t.name!r} is {t.datatype} {list(t.shape)}, its source "
+                                    f"{source.name!r} is {source.datatype} {list(source.shape)}")
+        for t in step.outputs:
+            target = step.target(t.name)
+            if target in tensors:
+                raise ManifestError(f"step {step.name!r}: output {t.name!r} becomes {target!r}, which already exists "
+                                    f"(an ensemble input or an earlier step's output): map it to another name")
+            tensors[target] = TensorSpec(target, t.datatype, t.shape)
+    for t in outputs:
+        produced = tensors.get(t.name)
+        if produced is None or t.name in {i.name for i in inputs}:
+            raise ManifestError(f"ensemble output {t.name!r} is not produced by any step")
+        if (produced.datatype, produced.shape) != (t.datatype, t.shape):
+            raise ManifestError(f"ensemble output {t.name!r} is {t.datatype} {list(t.shape)}, the step producing it "
+                                f"returns {produced.datatype} {list(produced.shape)}")
+    return tensors
+
+
+_ensemble_decoder = msgspec.json.Decoder(Ensemble)
+
+
+def decode_ensemble(data: bytes) -> Ensemble:
+    """Parse ensemble.json bytes."""
+    return _decode(_ensemble_decoder, data)
+
+
+def encode_ensemble(ensemble: Ensemble) -> bytes:
+    """ensemble.json bytes: indented, newline-terminated."""
+    return msgspec.json.format(_encoder.encode(ensemble), indent=2) + b"\n"
 
 
 class OnnxRuntimeParameters(msgspec.Struct, kw_only=True):
@@ -206,8 +309,12 @@ class ManifestError(ValueError):
 
 def decode(data: bytes) -> Manifest:
     """Parse package.json bytes."""
+    return _decode(_decoder, data)
+
+
+def _decode(decoder: msgspec.json.Decoder, data: bytes) -> Any:
     try:
-        return _decoder.decode(data)
+        return decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise ManifestError(str(exc)) from None
     except msgspec.DecodeError as exc:
