@@ -210,3 +210,33 @@ def test_quantize_command_registers_a_version_with_lineage(torch_package, tmp_pa
     version = get_version(home, "mlp/2")
     assert version.tags["quantized_from"] == "mlp/1"
     assert version.metrics["quantize_max_abs_error"] < 5e-3
+
+
+def test_quantize_certifies_on_the_packages_reference_data_not_only_on_unit_normal_rows(tmp_path):
+    """Issue 14: a 64-512-512-8 model passed the int8 gate on N(0,1) rows while inputs of
+    scale 3, its real data, are ~3x less accurate. With a reference profile the gate draws
+    its rows from the profile and says so; without one it still says N(0,1)."""
+    from vivace.monitor.drift import build_profile
+    from vivace.profile import dumps
+    from vivace.registry.packaging import package_torch_model
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 8)).eval()
+    data = 3.0 * rows(4000, 64, seed=5)
+    (tmp_path / "profile.json").write_text(dumps(build_profile(data)))
+    plain = package_torch_model(model, tmp_path / "plain", name="m", example=torch.zeros(2, 64))
+    profiled = package_torch_model(model, tmp_path / "profiled", name="m", example=torch.zeros(2, 64),
+                                   profile=tmp_path / "profile.json")
+    _, on_normal = quantize_package(plain, tmp_path / "q-plain", precision="int8", tolerance=1.0)
+    _, on_profile = quantize_package(profiled, tmp_path / "q-profiled", precision="int8", tolerance=1.0)
+    assert on_normal.data == "synthetic N(0,1)"
+    assert on_profile.data == "reference-profile (profile.json)"
+    # what the profile certifies is what the real data shows; N(0,1) understates it
+    real = np.abs(NativeMLPBackend(load_package(tmp_path / "q-profiled")).run([data])[0] - torch_out(model, data)).max()
+    assert on_profile.max_abs_error > 0.5 * real
+    assert on_normal.max_abs_error < 0.6 * on_profile.max_abs_error
+    # a tolerance the N(0,1) rows meet but the real data does not: refused, naming the data
+    tolerance = float(np.sqrt(on_normal.max_abs_error * on_profile.max_abs_error))
+    with pytest.raises(ConversionError, match="reference-profile"):
+        quantize_package(profiled, tmp_path / "refused", precision="int8", tolerance=tolerance)
+    assert not (tmp_path / "refused").exists()

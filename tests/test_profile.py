@@ -91,3 +91,23 @@ def test_the_profile_floor_imports_no_other_vivace_module():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert {m for m in imported if m and m.startswith("vivace")} == {"vivace"}  # only _core
+
+
+def test_rows_drawn_from_a_profile_follow_its_marginals_and_encode_categories():
+    sample_rows, ProfileError = profiles.sample_rows, profiles.ProfileError
+    rng = np.random.default_rng(0)
+    data = {"amount": rng.lognormal(3.0, 0.5, 5000), "plan": rng.choice(["basic", "premium", "gold"], 5000,
+                                                                         p=[0.6, 0.3, 0.1])}
+    profile = build_profile(data, categorical=["plan"])
+    rows = sample_rows(profile, [("amount", None), ("plan", ["basic", "premium"])], 20000, seed=1)
+    assert rows.dtype == np.float32 and rows.shape == (20000, 2)
+    assert data["amount"].min() <= rows[:, 0].min() and rows[:, 0].max() <= data["amount"].max()
+    for q in (0.1, 0.5, 0.9):  # decile bins, uniform within: quantiles agree closely
+        assert abs(np.quantile(rows[:, 0], q) - np.quantile(data["amount"], q)) < 0.05 * np.quantile(data["amount"], q)
+    codes, counts = np.unique(rows[:, 1], return_counts=True)
+    assert codes.tolist() == [-1.0, 0.0, 1.0]  # gold is not among the model's categories: -1, as training encodes
+    np.testing.assert_allclose(counts / 20000, [0.1, 0.6, 0.3], atol=0.02)
+    with pytest.raises(ProfileError, match="no feature 'missing'"):
+        sample_rows(profile, [("missing", None)], 10)
+    with pytest.raises(ProfileError, match="category frequencies"):
+        sample_rows(profile, [("amount", ["a"])], 10)

@@ -218,6 +218,41 @@ def bin_means(entry: Mapping[str, Any]) -> np.ndarray:
     return means
 
 
+def sample_rows(profile: Mapping[str, Any], columns: list[tuple[str, list[str] | None]], rows: int,
+                seed: int = 0) -> np.ndarray:
+    """Rows drawn from a profile's marginals, as float32 [rows, len(columns)].
+
+    `columns`: (feature name, categories) per model input column; a numeric feature is
+    drawn bin by bin with its frequencies, uniformly within a bin (the outer bins reach the
+    min and max), a categorical one by its frequencies and written as its index in
+    `categories` (-1 for a value not among them, as training encodes it). Features are drawn
+    independently: what the rows certify is each input's range and spread, not their joint
+    structure. Raises ProfileError for a column the profile lacks or cannot draw from.
+    """
+    rng = np.random.default_rng(seed)
+    features = validate_profile(profile)["features"]
+    out = np.empty((rows, len(columns)), np.float32)
+    for j, (name, categories) in enumerate(columns):
+        entry = features.get(name)
+        if entry is None:
+            raise ProfileError(f"the profile has no feature {name!r}")
+        if categories is not None:
+            if entry["kind"] != "categorical" or not entry["frequencies"]:
+                raise ProfileError(f"profile feature {name!r} has no category frequencies")
+            values = list(entry["frequencies"])
+            p = np.asarray([entry["frequencies"][v] for v in values], np.float64)
+            codes = np.asarray([categories.index(v) if v in categories else -1 for v in values], np.float32)
+            out[:, j] = codes[rng.choice(len(values), size=rows, p=p / p.sum())]
+            continue
+        if entry["kind"] != "numeric" or not has_values(entry):
+            raise ProfileError(f"profile feature {name!r} has no numeric distribution to draw from")
+        bounds = np.concatenate(([entry["min"]], entry["edges"], [entry["max"]]))
+        p = np.asarray(entry["frequencies"], np.float64)
+        bins = rng.choice(len(p), size=rows, p=p / p.sum())
+        out[:, j] = bounds[bins] + rng.random(rows) * (bounds[bins + 1] - bounds[bins])
+    return out
+
+
 def dumps(profile: Mapping[str, Any]) -> str:
     """profile.json text (strict JSON: a profile holds no NaN or infinity)."""
     return json.dumps(validate_profile(profile), indent=1, allow_nan=False)

@@ -12,6 +12,7 @@ refused when the max abs error exceeds the tolerance.
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,11 +187,13 @@ def convert(
     precision: str = "int8",
     activation_scales: str = "dynamic",
     tolerance: float = DEFAULT_TOLERANCE,
+    data_label: str | None = None,
 ) -> tuple[MLPSpec, Accuracy]:
     """Convert a torch MLP and check it; raises ConversionError when it cannot or is too inaccurate.
 
     With static activation scales, the first half of the rows calibrates the ranges and
-    the second half is the holdout the accuracy is measured on.
+    the second half is the holdout the accuracy is measured on. `data_label` says where
+    given rows come from (default "calibration"), in the accuracy record and errors.
     """
     if precision not in ("fp32", "int8"):
         raise ConversionError(f"precision must be 'fp32' or 'int8', got {precision!r}")
@@ -198,6 +201,7 @@ def convert(
         raise ConversionError("activation_scales must be 'dynamic', or 'static' with precision 'int8'")
     spec = spec_from_torch(model)
     rows, source = check_rows(rows, spec.in_features)
+    source = data_label or source
     holdout = rows
     if activation_scales == "static":
         split = rows.shape[0] // 2 if rows.shape[0] >= 64 else rows.shape[0]
@@ -222,6 +226,34 @@ def convert(
             f"> tolerance {tolerance:g} on {accuracy.rows} {source} rows"
         )
     return spec, accuracy
+
+
+def reference_rows(package: ModelPackage, in_features: int, seed: int = 0) -> tuple[np.ndarray | None, str | None]:
+    """Rows drawn from the package's reference profile (its training data, written by
+    `vivace train` or attached with --profile) and a description of them; (None, None)
+    when the package has none that maps onto its input columns (N(0,1) rows are used then).
+
+    A trained package names its input columns in metadata.features (categories encoded as
+    training encoded them); otherwise the profile's features, in order, are the columns.
+    """
+    from vivace.profile import ProfileError, sample_rows
+
+    path = package.path / package.metadata.get("profile", "profile.json")
+    if not path.is_file():
+        return None, None
+    try:
+        profile = json.loads(path.read_text())
+        specs = package.metadata.get("features")
+        if specs:
+            columns = [(s["name"], s.get("categories") if s.get("kind") == "categorical" else None) for s in specs]
+        else:
+            columns = [(name, None) for name in profile.get("features", {})]
+        if len(columns) != in_features:
+            return None, None
+        rows = sample_rows(profile, columns, SYNTHETIC_ROWS, seed)
+    except (OSError, ValueError, ProfileError, TypeError, KeyError):
+        return None, None
+    return rows, f"reference-profile ({path.name})"
 
 
 def load_torch_package(package: ModelPackage) -> Any:
@@ -258,9 +290,13 @@ def quantize_package(
         if spec.datatype != "FP32" or len(spec.shape) != 2:
             raise ConversionError(f"{package.name}: tensor {spec.name!r} must be FP32 with shape [-1, N]")
     model = load_torch_package(package)
-    mlp, accuracy = convert(model, rows, precision, activation_scales, tolerance)
-    if mlp.in_features != package.inputs[0].shape[1]:
-        raise ConversionError(f"{package.name}: the model takes {mlp.in_features} features, the signature says {package.inputs[0].shape[1]}")
+    in_features = spec_from_torch(model).in_features
+    if in_features != package.inputs[0].shape[1]:
+        raise ConversionError(f"{package.name}: the model takes {in_features} features, the signature says {package.inputs[0].shape[1]}")
+    source = None
+    if rows is None:
+        rows, source = reference_rows(package, in_features)
+    mlp, accuracy = convert(model, rows, precision, activation_scales, tolerance, data_label=source)
     manifest = package.manifest()
     manifest.pop("files", None)
     manifest.update(
