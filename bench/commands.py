@@ -12,6 +12,7 @@ BENCH_MODULES = [
     "vivace.bench.http",
     "vivace.bench.models",
     "vivace.bench.trees",
+    "vivace.bench.pipeline",
     "vivace.bench.scorer",
     "vivace.bench.kernels",
     "vivace.bench.features",

@@ -5,6 +5,10 @@ at most 2 ms wait), the same TorchScript model under torch.inference_mode, and g
 after start-up. It answers the OIP JSON infer route plus the metadata and config routes
 that perf_analyzer reads, so both load generators can drive it.
 
+Given an ensemble package, it glues the same steps by hand instead (`vivace bench pipeline`):
+each batch runs the steps' own code one after another in process (Vivace's offline path,
+`load_backend(...).run`), strings answered as JSON strings.
+
 Run: python -m vivace.bench.baselines.fastapi_server PACKAGE_DIR --port 8001
 """
 
@@ -25,8 +29,21 @@ def build_app(package_dir: Path):  # no postponed annotations: FastAPI inspects 
     from fastapi.responses import JSONResponse, Response
 
     manifest = json.loads((package_dir / "package.json").read_text())
-    model = torch.jit.load(str(package_dir / manifest["model_file"])).eval()
     torch.set_num_threads(1)
+    if manifest["platform"] == "ensemble":
+        from vivace.engine.backends import load_backend
+        from vivace.registry.package import load_package
+
+        steps = load_backend(load_package(package_dir))
+
+        def run(batch):
+            return steps.run([batch])
+    else:
+        model = torch.jit.load(str(package_dir / manifest["model_file"])).eval()
+
+        def run(batch):
+            with torch.inference_mode():
+                return [model(torch.from_numpy(batch)).numpy()]
     spec_in, spec_out = manifest["inputs"][0], manifest["outputs"][0]
     features = spec_in["shape"][1]
     queue: asyncio.Queue = asyncio.Queue()
@@ -45,12 +62,10 @@ def build_app(package_dir: Path):  # no postponed annotations: FastAPI inspects 
                     items.append(await asyncio.wait_for(queue.get(), timeout))
                 except asyncio.TimeoutError:
                     break
-            batch = np.concatenate([x for x, _ in items])
-            with torch.inference_mode():
-                out = model(torch.from_numpy(batch)).numpy()
+            outputs = run(np.concatenate([x for x, _ in items]))
             start = 0
             for x, future in items:
-                future.set_result(out[start:start + len(x)])
+                future.set_result([out[start:start + len(x)] for out in outputs])
                 start += len(x)
 
     @app.on_event("startup")
@@ -89,10 +104,12 @@ def build_app(package_dir: Path):  # no postponed annotations: FastAPI inspects 
             return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
         future = asyncio.get_running_loop().create_future()
         await queue.put((x, future))
-        out = await future
+        outputs = await future
         return {"model_name": name, "model_version": "1", "id": body.get("id"),
-                "outputs": [{"name": spec_out["name"], "datatype": "FP32", "shape": [rows, 1],
-                             "data": out.reshape(-1).tolist()}]}
+                "outputs": [{"name": spec["name"], "datatype": spec["datatype"], "shape": list(out.shape),
+                             "data": [v.decode() for v in out.ravel()] if spec["datatype"] == "BYTES"
+                             else out.reshape(-1).tolist()}
+                            for spec, out in zip(manifest["outputs"], outputs)]}
 
     @app.get("/v2/models/{name}/ready")
     async def model_ready(name: str):
