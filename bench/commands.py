@@ -14,6 +14,7 @@ BENCH_MODULES = [
     "vivace.bench.trees",
     "vivace.bench.pipeline",
     "vivace.bench.scorer",
+    "vivace.bench.ray",
     "vivace.bench.kernels",
     "vivace.bench.features",
     "vivace.bench.entities",

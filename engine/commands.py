@@ -49,6 +49,11 @@ def register(subparsers) -> None:
     score.add_argument("--device", default=None)
     score.add_argument("--threads", type=int, default=None)
     score.add_argument("--batch-size", type=int, default=65536)
+    score.add_argument("--ray", action="store_true",
+                       help="score on a Ray cluster (RAY_ADDRESS or --ray-address; default a local one): the input "
+                       "may be a folder of parquet files, the output a folder (no suffix)")
+    score.add_argument("--ray-address", default=None, help="the Ray cluster to join (default: $RAY_ADDRESS or local)")
+    score.add_argument("--ray-actors", type=int, default=1, help="Scorer actors on the cluster")
     score.set_defaults(func=_score)
 
 
@@ -182,12 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _read_table(path: Path, columns: str | None, package) -> tuple[Any, dict[str, Any]]:
-    """The model's input rows, and the columns carried through to a parquet output.
-
-    A package trained by `vivace train` names its raw feature columns (metadata.features):
-    a parquet holding them is encoded as training encoded it (categories as indexes), and
-    its other columns (ids, timestamps) are carried through to the output.
-    """
+    """The model's input rows of a .npy or .parquet file, and the columns carried through."""
     import numpy as np
 
     if path.suffix == ".npy":
@@ -196,21 +196,99 @@ def _read_table(path: Path, columns: str | None, package) -> tuple[Any, dict[str
         raise VivaceCLIError(f"{path}: expected a .npy or .parquet file")
     import pyarrow.parquet as pq
 
+    return table_inputs(pq.read_table(path), columns, package, str(path))
+
+
+def table_inputs(table: Any, columns: str | None, package, source: str = "the input") -> tuple[Any, dict[str, Any]]:
+    """The model's input rows of an Arrow table, and the columns carried through to the output.
+
+    A package trained by `vivace train` names its raw feature columns (metadata.features):
+    a table holding them is encoded as training encoded it (categories as indexes), and
+    its other columns (ids, timestamps) are carried through to the output. Otherwise the
+    `columns` given (comma-separated; default: all) are the features, in order. Shared by
+    `vivace score` and its Ray path (engine/distributed.py), so both read rows alike.
+    """
+    import numpy as np
+
     specs = package.metadata.get("features")
-    names = pq.read_schema(path).names
+    names = table.column_names
     if specs and columns is None and any(s["name"] in names for s in specs):
         missing = [s["name"] for s in specs if s["name"] not in names]
         if missing:
-            raise VivaceCLIError(f"{path} lacks the model's feature columns {missing} "
+            raise VivaceCLIError(f"{source} lacks the model's feature columns {missing} "
                                  f"(it takes {[s['name'] for s in specs]})")
         from vivace.registry.train import encode
 
-        frame = pq.read_table(path).to_pandas()
+        frame = table.to_pandas()
         features = {s["name"] for s in specs}
         carried = {c: frame[c].to_numpy() for c in frame.columns if c not in features}
         return encode(frame, specs), carried
-    table = pq.read_table(path, columns=columns.split(",") if columns else None)
-    return np.column_stack([table.column(i).to_numpy(zero_copy_only=False) for i in range(table.num_columns)]), {}
+    wanted = columns.split(",") if columns else names
+    unknown = [c for c in wanted if c not in names]
+    if unknown:
+        raise VivaceCLIError(f"{source} has no columns {unknown} (it has {names[:20]})")
+    return np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in wanted]), {}
+
+
+def output_columns(outputs: dict[str, Any], carried: dict[str, Any]) -> dict[str, Any]:
+    """The output table's columns: the carried ones, then each output (NAME, or NAME_k for
+    each of several values per row)."""
+    columns = dict(carried)
+    for name, values in outputs.items():
+        flat = values.reshape(values.shape[0], -1)
+        for k in range(flat.shape[1]):
+            columns[name if flat.shape[1] == 1 else f"{name}_{k}"] = flat[:, k]
+    return columns
+
+
+def _score_on_ray(args: argparse.Namespace, source: Path, dest: Path) -> int:
+    """`vivace score --ray`: the rows of a parquet file or folder scored by Scorer actors on
+    a Ray cluster (RAY_ADDRESS / --ray-address, or a local one), written to one .parquet
+    file (gathered here, in order: what `vivace score` writes) or, for an output without a
+    suffix, a folder of parquet files written by the cluster."""
+    remote_in, remote_out = "://" in args.input, "://" in args.output  # s3://, gs://: read by the cluster
+    if source.suffix == ".npy" or not (remote_in or source.is_dir() or source.suffix == ".parquet"):
+        raise VivaceCLIError(f"{args.input}: --ray reads a .parquet file or a folder of them")
+    if not remote_in and not source.exists():
+        raise VivaceCLIError(f"{args.input}: no such file or folder")
+    if dest.suffix not in ("", ".parquet") or (remote_out and dest.suffix):
+        raise VivaceCLIError(f"{args.output}: with --ray the output is a local .parquet file or a folder")
+    if not remote_out and dest.exists() and dest.suffix == "":
+        raise VivaceCLIError(f"{args.output}: already exists")
+    package = resolve_package(args.model, args.home)
+    try:
+        import ray
+    except ImportError:
+        raise VivaceCLIError("--ray needs Ray: pip install 'vivace[ray]'") from None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .distributed import score_dataset
+
+    ray.init(address=args.ray_address, logging_level="ERROR", log_to_driver=False)
+    try:
+        dataset = ray.data.read_parquet(args.input, file_extensions=["parquet"])
+        scored = score_dataset(dataset, package, columns=args.columns, actors=args.ray_actors,
+                               batch_size=args.batch_size, num_threads=args.threads)
+        if dest.suffix == "":
+            scored.write_parquet(args.output)
+            rows = scored.count()
+        else:
+            table = pa.concat_tables(ray.get(scored.to_arrow_refs()))
+            rows = table.num_rows
+            tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+            try:
+                pq.write_table(table, tmp)
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+    except ray.exceptions.RayError as exc:
+        raise VivaceCLIError(f"scoring on Ray failed: {str(exc).strip().splitlines()[-1]}") from None
+    finally:
+        ray.shutdown()
+    print(f"scored {rows} rows with {package.name}/{package.version} on Ray ({args.ray_actors} actors) -> {args.output}",
+          file=sys.stderr)
+    return 0
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -219,6 +297,8 @@ def _score(args: argparse.Namespace) -> int:
     from .scorer import Scorer
 
     source, dest = Path(args.input), Path(args.output)
+    if args.ray:
+        return _score_on_ray(args, source, dest)
     if not source.is_file():
         raise VivaceCLIError(f"{source}: no such file")
     if dest.suffix not in (".npy", ".parquet"):
@@ -239,12 +319,7 @@ def _score(args: argparse.Namespace) -> int:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            columns = dict(carried)
-            for name, values in outputs.items():
-                flat = values.reshape(values.shape[0], -1)
-                for k in range(flat.shape[1]):
-                    columns[name if flat.shape[1] == 1 else f"{name}_{k}"] = flat[:, k]
-            pq.write_table(pa.table(columns), tmp)
+            pq.write_table(pa.table(output_columns(outputs, carried)), tmp)
         os.replace(tmp, dest)  # readers never see a half-written output file
     finally:
         tmp.unlink(missing_ok=True)
