@@ -434,22 +434,37 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _register_lightgbm() -> None:
-    """Teach skl2onnx LightGBM's scikit-learn estimators (alone or in a pipeline) with
-    onnxmltools' converter, when both are installed."""
+def _register_boosters() -> None:
+    """Teach skl2onnx the scikit-learn estimators of LightGBM and XGBoost (alone or in a
+    pipeline) with onnxmltools' converters, for each library that is installed."""
+    try:
+        from skl2onnx import update_registered_converter
+        from skl2onnx.common.shape_calculator import (
+            calculate_linear_classifier_output_shapes, calculate_linear_regressor_output_shapes)
+    except ImportError:
+        return
+    classifier_options = {"nocl": [True, False], "zipmap": [True, False, "columns"]}
     try:
         from lightgbm import LGBMClassifier, LGBMRegressor
         from onnxmltools.convert.lightgbm.operator_converters.LightGbm import convert_lightgbm
     except ImportError:
-        return
-    from skl2onnx import update_registered_converter
-    from skl2onnx.common.shape_calculator import (
-        calculate_linear_classifier_output_shapes, calculate_linear_regressor_output_shapes)
-
-    update_registered_converter(LGBMClassifier, "LightGbmLGBMClassifier", calculate_linear_classifier_output_shapes,
-                                convert_lightgbm, options={"nocl": [True, False], "zipmap": [True, False, "columns"]})
-    update_registered_converter(LGBMRegressor, "LightGbmLGBMRegressor", calculate_linear_regressor_output_shapes,
-                                convert_lightgbm, options={"split": None})
+        pass
+    else:
+        update_registered_converter(LGBMClassifier, "LightGbmLGBMClassifier",
+                                    calculate_linear_classifier_output_shapes, convert_lightgbm,
+                                    options=classifier_options)
+        update_registered_converter(LGBMRegressor, "LightGbmLGBMRegressor", calculate_linear_regressor_output_shapes,
+                                    convert_lightgbm, options={"split": None})
+    try:
+        from onnxmltools.convert.xgboost.operator_converters.XGBoost import convert_xgboost
+        from xgboost import XGBClassifier, XGBRegressor
+    except ImportError:
+        pass
+    else:
+        update_registered_converter(XGBClassifier, "XGBoostXGBClassifier", calculate_linear_classifier_output_shapes,
+                                    convert_xgboost, options=classifier_options)
+        update_registered_converter(XGBRegressor, "XGBoostXGBRegressor", calculate_linear_regressor_output_shapes,
+                                    convert_xgboost)
 
 
 def package_sklearn_model(
@@ -469,7 +484,8 @@ def package_sklearn_model(
     overwrite: bool = False,
 ) -> ModelPackage:
     """Write a fitted scikit-learn estimator (a tree ensemble, a pipeline, ...; LightGBM's
-    LGBMClassifier/LGBMRegressor too when onnxmltools is installed) as an `onnxruntime`
+    LGBMClassifier/LGBMRegressor and XGBoost's XGBClassifier/XGBRegressor too when
+    onnxmltools is installed) as an `onnxruntime`
     package: converted with skl2onnx, then checked against the estimator.
 
     One FP32 input `input_name` [-1, n_features_in_]. A classifier answers `label` (INT64
@@ -495,7 +511,7 @@ def package_sklearn_model(
     if not hasattr(estimator, "predict") or features is None:
         raise PackageError(f"{kind} is not a fitted scikit-learn estimator (no n_features_in_: call fit first)")
     classifier = hasattr(estimator, "predict_proba")
-    _register_lightgbm()
+    _register_boosters()
     try:
         # ai.onnx.ml 3: the newest version onnxmltools' LightGBM converter writes
         model = convert_sklearn(estimator, initial_types=[(input_name, FloatTensorType([None, int(features)]))],

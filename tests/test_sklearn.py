@@ -186,3 +186,24 @@ def test_lightgbm_estimators_convert_through_onnxmltools(tmp_path):
         np.testing.assert_allclose(infer(server, "lgbm-reg", rows[:5])["variable"][:, 0], expected, rtol=1e-4, atol=1e-4)
     finally:
         assert server.stop() == 0
+
+
+def test_xgboost_estimators_convert_through_onnxmltools(tmp_path):
+    xgboost = pytest.importorskip("xgboost")
+    pytest.importorskip("onnxmltools")
+    X, y = data()
+    classifier = xgboost.XGBClassifier(n_estimators=30, max_depth=4).fit(X, y)
+    regressor = xgboost.XGBRegressor(n_estimators=30, max_depth=4).fit(X, y * 10.0)
+    classified = package_sklearn_model(classifier, tmp_path / "xgb", name="xgb", example=X[:300])
+    assert classified.metadata["converted_from"] == "xgboost.XGBClassifier"
+    regressed = package_sklearn_model(regressor, tmp_path / "xgb-reg", name="xgb-reg", example=X[:300])
+    rows = data(seed=5)[0][:200]
+    scored = Scorer(classified).predict(rows)
+    np.testing.assert_array_equal(scored["label"], classifier.predict(rows))
+    np.testing.assert_allclose(scored["probabilities"], classifier.predict_proba(rows), atol=1e-5)
+    server = ServerProcess([regressed.path])
+    try:
+        expected = regressor.predict(rows[:5])
+        np.testing.assert_allclose(infer(server, "xgb-reg", rows[:5])["variable"][:, 0], expected, rtol=1e-4, atol=1e-4)
+    finally:
+        assert server.stop() == 0
