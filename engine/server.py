@@ -40,6 +40,8 @@ log = logging.getLogger("vivace.server")
 # How often the token file is checked for changes: its own short timer, not the sweep's
 # (which follows the HTTP timeouts and may tick every few seconds).
 TOKEN_RELOAD_S = 0.2
+# How often automatic rollouts are judged: likewise a timer of their own.
+ROLLOUT_ANALYSIS_S = 0.25
 
 # Vivace platform -> (Triton platform, Triton backend) in model metadata and /config.
 TRITON_PLATFORMS = {"torchscript": "pytorch_libtorch", "torch_export": "pytorch_libtorch",
@@ -546,7 +548,6 @@ class App:
         for conn in list(self.connections):
             conn.sweep(now)
         self.table.watch(now)
-        self._analyse_rollouts(now)
         if self.frontend is not None:
             self.frontend.sync_routes()  # a hung model leaves the native path until it is back
 
@@ -558,7 +559,7 @@ class App:
                      if model == runner.name and version == runner.version and reason != "bad_request")
         return Counts(stats["success"], failed, tuple(bounds), tuple(buckets))
 
-    def _analyse_rollouts(self, now: float) -> None:
+    def analyse_rollouts(self, now: float) -> None:
         # Splits exist only for names followed in the registry (self.home; None: the default).
         if not self.leader:
             return
@@ -851,6 +852,13 @@ async def serve(
             await asyncio.sleep(tick)
             app.sweep()
 
+    async def rollout_analyser() -> None:
+        # Its own clock, not the sweep's (a quarter of the shortest timeout): a failing
+        # canary is judged within ROLLOUT_ANALYSIS_S of its min_requests-th answer.
+        while True:
+            await asyncio.sleep(ROLLOUT_ANALYSIS_S)
+            app.analyse_rollouts(time.monotonic())
+
     async def expirer() -> None:
         # Request deadlines are honoured even while every executor runs a long batch.
         while True:
@@ -865,6 +873,7 @@ async def serve(
             app.reload_tokens()
 
     sweep_task = loop.create_task(sweeper())
+    analyse_task = loop.create_task(rollout_analyser())
     expire_task = loop.create_task(expirer())
     token_task = loop.create_task(token_watcher()) if app.auth is not None else None
     for follower in followers:
@@ -898,6 +907,7 @@ async def serve(
         if app.frontend is not None:
             app.frontend.close()
         sweep_task.cancel()
+        analyse_task.cancel()
         expire_task.cancel()
         if token_task is not None:
             token_task.cancel()
