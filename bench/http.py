@@ -216,6 +216,23 @@ def benchmark(duration: float, concurrencies: list[int], server_cpu: int | None,
     return results
 
 
+def interleaved_rounds(procs: dict[str, tuple[int, subprocess.Popen]], concurrencies: list[int], rounds: int,
+                       duration: float, client_cpu: int | None, results: dict) -> None:
+    """wrk against running servers ({name: (port, process)}) in turn, round after round,
+    so that a change in the machine's load hits each alike; appends each Result to
+    results[(name, concurrency)] and prints it."""
+    for name, (port, proc) in procs.items():
+        run_wrk(port, 16, 1.0, client_cpu, proc.pid, name, lua=LUA)  # warm-up
+    for r in range(rounds):
+        for c in concurrencies:
+            for name, (port, proc) in procs.items():
+                result = run_wrk(port, c, duration, client_cpu, proc.pid, name, lua=LUA)
+                results.setdefault((name, c), []).append(result)
+                print(f"  round {r + 1} {name:12s} c={c:<3d} {result.requests_per_s:9.0f} req/s  "
+                      f"p99 {result.p99_ms:7.3f} ms  cpu {result.cpu_us_per_request:6.1f} us/req  "
+                      f"errors {result.errors}", flush=True)
+
+
 def print_result(r: Result) -> None:
     print(f"  {r.server:8s} {r.tool:20s} c={r.concurrency:<3d} {r.requests_per_s:10.0f} req/s  "
           f"p50 {r.p50_ms:7.3f} ms  p99 {r.p99_ms:7.3f} ms  cpu {r.cpu_us_per_request:6.1f} us/req  errors {r.errors}",

@@ -18,7 +18,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from .http import LUA, _start, _stop, add_load_options, pinned_cpus, run_wrk, wrk_missing
+from .http import LUA, _start, _stop, add_load_options, interleaved_rounds, pinned_cpus, wrk_missing
 
 STANDARDIZE = '''
 import numpy as np
@@ -83,16 +83,7 @@ def benchmark(duration: float, rounds: int, concurrencies: list[int], server_cpu
             if answers["vivace"]["label"] != answers["fastapi"]["label"] or \
                     abs(answers["vivace"]["score"][0] - answers["fastapi"]["score"][0]) > 1e-6:
                 raise RuntimeError(f"the two servers answer differently ({answers}): not measuring")
-            for name, (p, proc) in procs.items():
-                run_wrk(p, 16, 1.0, client_cpu, proc.pid, name, lua=LUA)  # warm-up
-            for r in range(rounds):
-                for c in concurrencies:
-                    for name, (p, proc) in procs.items():
-                        result = run_wrk(p, c, duration, client_cpu, proc.pid, name, lua=LUA)
-                        results.setdefault((name, c), []).append(result)
-                        print(f"  round {r + 1} {name:8s} c={c:<3d} {result.requests_per_s:9.0f} req/s  "
-                              f"p99 {result.p99_ms:7.3f} ms  cpu {result.cpu_us_per_request:6.1f} us/req  "
-                              f"errors {result.errors}", flush=True)
+            interleaved_rounds(procs, concurrencies, rounds, duration, client_cpu, results)
         finally:
             for _, proc in procs.values():
                 _stop(proc)

@@ -167,36 +167,22 @@ def test_estimators_that_cannot_be_served_are_refused_with_the_reason(tmp_path):
                               tolerance=0.0)
 
 
-def test_lightgbm_estimators_convert_through_onnxmltools(tmp_path):
-    lightgbm = pytest.importorskip("lightgbm")
+@pytest.mark.parametrize("library", ["lightgbm", "xgboost"])
+def test_boosting_libraries_estimators_convert_through_onnxmltools(library, tmp_path):
+    module = pytest.importorskip(library)
     pytest.importorskip("onnxmltools")
     X, y = data()
-    classifier = lightgbm.LGBMClassifier(n_estimators=40, verbose=-1).fit(X, y)
-    pipeline = make_pipeline(StandardScaler(), lightgbm.LGBMRegressor(n_estimators=40, verbose=-1)).fit(X, y * 10.0)
-    classified = package_sklearn_model(classifier, tmp_path / "lgbm", name="lgbm", example=X[:300])
-    assert classified.metadata["converted_from"] == "lightgbm.LGBMClassifier"
-    regressed = package_sklearn_model(pipeline, tmp_path / "lgbm-reg", name="lgbm-reg")
-    rows = data(seed=5)[0][:200]
-    scored = Scorer(classified).predict(rows)
-    np.testing.assert_array_equal(scored["label"], classifier.predict(rows))
-    np.testing.assert_allclose(scored["probabilities"], classifier.predict_proba(rows), atol=1e-5)
-    server = ServerProcess([regressed.path])
-    try:
-        expected = pipeline.predict(rows[:5])
-        np.testing.assert_allclose(infer(server, "lgbm-reg", rows[:5])["variable"][:, 0], expected, rtol=1e-4, atol=1e-4)
-    finally:
-        assert server.stop() == 0
-
-
-def test_xgboost_estimators_convert_through_onnxmltools(tmp_path):
-    xgboost = pytest.importorskip("xgboost")
-    pytest.importorskip("onnxmltools")
-    X, y = data()
-    classifier = xgboost.XGBClassifier(n_estimators=30, max_depth=4).fit(X, y)
-    regressor = xgboost.XGBRegressor(n_estimators=30, max_depth=4).fit(X, y * 10.0)
-    classified = package_sklearn_model(classifier, tmp_path / "xgb", name="xgb", example=X[:300])
-    assert classified.metadata["converted_from"] == "xgboost.XGBClassifier"
-    regressed = package_sklearn_model(regressor, tmp_path / "xgb-reg", name="xgb-reg", example=X[:300])
+    if library == "lightgbm":
+        classifier = module.LGBMClassifier(n_estimators=40, verbose=-1).fit(X, y)
+        regressor = make_pipeline(StandardScaler(), module.LGBMRegressor(n_estimators=40, verbose=-1)).fit(X, y * 10.0)
+        kind = "lightgbm.LGBMClassifier"
+    else:
+        classifier = module.XGBClassifier(n_estimators=30, max_depth=4).fit(X, y)
+        regressor = module.XGBRegressor(n_estimators=30, max_depth=4).fit(X, y * 10.0)
+        kind = "xgboost.XGBClassifier"
+    classified = package_sklearn_model(classifier, tmp_path / "cls", name="cls", example=X[:300])
+    assert classified.metadata["converted_from"] == kind
+    regressed = package_sklearn_model(regressor, tmp_path / "reg", name="reg", example=X[:300])
     rows = data(seed=5)[0][:200]
     scored = Scorer(classified).predict(rows)
     np.testing.assert_array_equal(scored["label"], classifier.predict(rows))
@@ -204,6 +190,6 @@ def test_xgboost_estimators_convert_through_onnxmltools(tmp_path):
     server = ServerProcess([regressed.path])
     try:
         expected = regressor.predict(rows[:5])
-        np.testing.assert_allclose(infer(server, "xgb-reg", rows[:5])["variable"][:, 0], expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(infer(server, "reg", rows[:5])["variable"][:, 0], expected, rtol=1e-4, atol=1e-4)
     finally:
         assert server.stop() == 0
