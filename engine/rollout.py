@@ -112,24 +112,26 @@ class Split:
     def shadows(self) -> bool:
         return self.shadow is not None and random.random() < self.shadow_sample
 
-    def compare(self, primary: Outcome, primary_s: float, copy: Outcome, copy_s: float) -> None:
-        """Record how the shadow's answer to a copy differs from the answer returned."""
+    def compare(self, primary: Outcome, primary_s: float, copy: Outcome, copy_s: float) -> tuple[float, int] | None:
+        """Record how the shadow's answer to a copy differs from the answer returned;
+        returns (max abs difference, label disagreement 0/1), or None when not compared."""
         self.shadowed += 1
         if copy.status != 200:
             self.shadow_failed += 1
-            return
+            return None
         if primary.status != 200:
-            return
+            return None
         try:
             diff, disagree = divergence(outputs_of(primary), outputs_of(copy))
         except (ValueError, KeyError, TypeError, msgspec.DecodeError) as exc:
             log.warning("%s: cannot compare the shadow's answer: %s", self.ref, exc)
-            return
+            return None
         self.disagreements += disagree
         self.max_abs_diff = max(self.max_abs_diff, diff)
         self.sum_abs_diff += diff
         self.primary_latency_s += primary_s
         self.shadow_latency_s += copy_s
+        return diff, disagree
 
     def status(self) -> dict[str, Any]:
         compared = self.shadowed - self.shadow_failed

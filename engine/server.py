@@ -264,11 +264,13 @@ class App:
             return
         tee = TeeSink(protocol)
         self.inference.submit(tee, seq, target, body, protocol.header_length, self.draining)
-        task = asyncio.get_running_loop().create_task(self._shadow(split, tee, body, protocol.header_length))
+        task = asyncio.get_running_loop().create_task(
+            self._shadow(split, tee, body, protocol.header_length, target.version))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _shadow(self, split: Split, tee: TeeSink, body: bytes, header_length: bytes | None) -> None:
+    async def _shadow(self, split: Split, tee: TeeSink, body: bytes, header_length: bytes | None,
+                      answered_by: str) -> None:
         shadow = split.shadow
         assert shadow is not None
         started = time.monotonic()
@@ -276,7 +278,26 @@ class App:
                                 None if header_length is None else int(header_length))
         copy_s = time.monotonic() - started
         primary, primary_s = await tee.answered
-        split.compare(primary, primary_s, copy, copy_s)
+        compared = split.compare(primary, primary_s, copy, copy_s)
+        if shadow.prediction_log is not None:  # every compared copy, with both latencies
+            self._log_shadow(shadow, body, header_length, copy, copy_s, answered_by, primary_s, compared)
+
+    @staticmethod
+    def _log_shadow(shadow: ModelRunner, body: bytes, header_length: bytes | None, copy: Outcome, copy_s: float,
+                    answered_by: str, primary_s: float, compared: tuple[float, int] | None) -> None:
+        """A prediction-log record of a shadow copy: its answer, its latency and the answered
+        version's, and how the two differed (the request itself is in the answered version's
+        records when sampled)."""
+        try:
+            sent = msgspec.json.decode(body[:int(header_length)] if header_length is not None else body)
+            got = msgspec.json.decode(copy.body[:copy.header_length] if copy.header_length is not None else copy.body)
+            shadow.prediction_log.append(
+                str(sent.get("id") or f"shadow-{id(body)}"), shadow.name, shadow.version, copy_s, None,
+                got.get("outputs"), shadow_of=answered_by, answered_latency_s=primary_s, shadow_status=copy.status,
+                max_abs_diff=None if compared is None else compared[0],
+                label_disagreement=None if compared is None else compared[1])
+        except (OSError, ValueError, AttributeError) as exc:  # the record must not fail the request it describes
+            log.error("%s/%s: cannot log a shadow comparison: %s", shadow.name, shadow.version, exc)
 
     async def infer(self, model: str, body: bytes, version: str | None = None,
                     header_length: int | None = None) -> Outcome:

@@ -170,8 +170,10 @@ def rollout_status(port: int) -> dict:
 
 
 @pytest.mark.parametrize("frontend", ["native", "python"])
-def test_server_applies_weights_stickiness_shadow_promotion_and_abort(home, frontend):
+def test_server_applies_weights_stickiness_shadow_promotion_and_abort(home, frontend, tmp_path):
+    predictions = tmp_path / "predictions.jsonl"
     server = ServerProcess(["scorer@production"], "--follow-interval", "0.1", "--http-frontend", frontend,
+                           "--prediction-log", str(predictions), "--prediction-log-sample", "0",
                            env={"VIVACE_HOME": str(home.path)})
     try:
         port = server.port
@@ -210,6 +212,14 @@ def test_server_applies_weights_stickiness_shadow_promotion_and_abort(home, fron
         assert 'vivace_shadow_requests_total{model="scorer",version="3"}' in metrics
         assert 'vivace_shadow_max_abs_diff{model="scorer",version="3"} 0.5' in metrics
         assert 'vivace_rollout_routed_total{model="scorer",version="1"}' in metrics
+        # Every compared copy is in the prediction log: the shadow's answer, both latencies, the divergence.
+        records = [json.loads(line) for line in predictions.read_text().splitlines()]
+        shadowed = [r for r in records if r.get("shadow_of")]
+        assert len(shadowed) >= 20 and len(shadowed) == len(records)  # sampling 0: nothing else is logged
+        for r in shadowed:
+            assert (r["model"], r["version"], r["shadow_of"], r["shadow_status"]) == ("scorer", "3", "1", 200)
+            assert r["max_abs_diff"] == pytest.approx(0.5) and r["label_disagreement"] == 1
+            assert r["latency_s"] > 0 and r["answered_latency_s"] > 0 and r["outputs"][0]["data"] == [0.75]
         import re
         from importlib.resources import files
 
