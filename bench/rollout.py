@@ -5,8 +5,9 @@ and 2), pinned to one core and driven by wrk on another. Rounds alternate, in th
 run: the alias alone (every request to version 1), then a 50/50 rollout of version 2
 (started and aborted through the `vivace rollout` command, applied live by the server).
 Printed per front end: req/s and CPU µs per request each way, and the ratio rollout /
-single version. While a rollout is on, the name's unversioned route is routed per request
-in Python, so on the native front end this also measures leaving its C++ fast path.
+single version. The native front end draws the version of a plain weighted rollout per
+request in C++ (a sticky or shadowed rollout is routed in Python, which this does not
+measure); the Python front end routes every rollout in Python.
 """
 from __future__ import annotations
 

@@ -144,28 +144,36 @@ class NativeFrontend:
             dispatch(connection, seq, method, target, body)
 
     def sync_routes(self) -> None:
-        """Give the C++ side the fast routes of the models that take them now: JSON fast
-        path on, ready, no prediction log (sampling needs the Python path). Python models
-        on executor threads stay on the Python path: the watchdog fails a hung batch's
-        requests from there (engine/runtime.py check_hung). Cheap when nothing changed."""
+        """Give the C++ side the fast routes of the models that take them now (`_fast`).
+        Cheap when nothing changed."""
         app = self.app
-        # A name under a rollout keeps its unversioned infer route on the Python path,
-        # which picks the version per request (engine/rollout.py).
-        serving = [(name, runner, runner is app.latest.get(name) and name not in app.table.splits)
+        # A name under a rollout keeps its unversioned infer route on the Python path, which
+        # picks the version per request (engine/rollout.py), unless the split is a plain
+        # weighted one (no sticky key, no shadow) between two fast-routed versions: then
+        # the C++ side draws the version per request itself.
+        splits = app.table.splits
+        serving = [(name, runner, runner is app.latest.get(name) and name not in splits)
                    for name, versions in app.models.items() for runner in versions.values()]
-        key = (tuple((id(runner), runner.ready, runner.prediction_log is None, latest) for _, runner, latest in serving))
+        key = (tuple((id(runner), runner.ready, runner.prediction_log is None, latest) for _, runner, latest in serving),
+               tuple((name, id(split), split.weight) for name, split in splits.items()))
         if key == self._routed:
             return
+        self.take_routed()  # the counts of the split routes about to be replaced
         self._routed = key
-        routes = []
+        routes: list = []
         for name, runner, latest in serving:
-            if not (runner.json_fast and runner.ready and runner.prediction_log is None
-                    and (runner.execution == "inline" or runner.native_kernel)):
+            if not _fast(runner):
                 continue
             targets = [f"/v2/models/{name}/versions/{runner.version}/infer"]
             if latest:
                 targets.append(f"/v2/models/{name}/infer")
             routes += [(target, runner.batcher, name, runner.version) for target in targets]
+        for name, split in splits.items():
+            canary = split.canary
+            if canary is not None and not split.sticky and split.shadow is None and _fast(split.stable) \
+                    and _fast(canary):
+                routes.append((f"/v2/models/{name}/infer", split.stable.batcher, name, split.stable.version,
+                               canary.batcher, canary.version, float(split.weight)))
         self.core.set_routes(routes)
         # Models served by a native kernel inline have their batches run by the C++ thread
         # right after it reads their requests: no hand-off to the loop per batch.
@@ -178,6 +186,17 @@ class NativeFrontend:
         for runner in driven:
             runner.drive_natively(True)
         self._driven = driven
+
+    def take_routed(self) -> None:
+        """Add the requests the C++ side routed for weighted rollouts to their splits' counts."""
+        splits = self.app.table.splits
+        for target, stable, canary in self.core.take_routed():
+            split = splits.get(target.split("/")[3])  # /v2/models/{name}/infer
+            if split is None or split.canary is None:
+                continue  # a rollout already ended: its counts went with it
+            for runner, count in ((split.stable, stable), (split.canary, canary)):
+                if count:
+                    split.routed[runner.version] = split.routed.get(runner.version, 0) + count
 
     # -- accounting (merged into the App's counters for /metrics) ---------------------------
     def http_errors(self) -> dict[int, int]:
@@ -209,3 +228,12 @@ class NativeFrontend:
         for connection in self.connections.values():
             connection.lost()
         self.connections.clear()
+
+
+def _fast(runner) -> bool:
+    """A runner whose JSON requests the C++ side may answer by itself: JSON fast path on,
+    ready, no prediction log (sampling needs the Python path), and inline or a native
+    kernel (Python models on executor threads stay on the Python path: the watchdog fails
+    a hung batch's requests from there, engine/runtime.py check_hung)."""
+    return bool(runner.json_fast and runner.ready and runner.prediction_log is None
+                and (runner.execution == "inline" or runner.native_kernel))

@@ -4,7 +4,8 @@ the rollout itself; the alias follower keeps this in step with it).
 
 Routing is per request: sticky by a key (the request parameter `routing_key`, or the first
 value of a named input) when the rollout says so — one key always lands on one version —
-otherwise at random with the canary's weight. A shadowed request is answered by the
+otherwise at random with the canary's weight (`choose`; for a plain weighted split on the
+native front end, the C++ side draws instead: engine/frontend.py). A shadowed request is answered by the
 version it was routed to; a copy runs on the shadow version in-process (engine/infer.py),
 and the two answers are compared: the largest absolute difference of their outputs, and
 whether their labels (argmax, or a 0.5 threshold for one column) disagree.

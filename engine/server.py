@@ -114,6 +114,8 @@ class App:
 
     def rollouts(self) -> list[dict[str, Any]]:
         """The status of each rollout being served (for /metrics)."""
+        if self.frontend is not None:
+            self.frontend.take_routed()
         return [split.status() for split in self.table.splits.values()]
 
     # -- accounting ---------------------------------------------------------------------
@@ -368,6 +370,8 @@ class App:
             status = {"ref": None, "stable": self.table.latest[runner.name].version, "canary": None, "weight": 0.0,
                       "sticky": "", "routed": {}, "shadow": None}
         else:
+            if self.frontend is not None:
+                self.frontend.take_routed()
             status = split.status()
         protocol.respond(seq, _ok(status))
 

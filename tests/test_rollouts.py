@@ -170,10 +170,8 @@ def rollout_status(port: int) -> dict:
 
 
 @pytest.mark.parametrize("frontend", ["native", "python"])
-def test_server_applies_weights_stickiness_shadow_promotion_and_abort(home, frontend, tmp_path):
-    predictions = tmp_path / "predictions.jsonl"
+def test_server_applies_weights_stickiness_shadow_promotion_and_abort(home, frontend):
     server = ServerProcess(["scorer@production"], "--follow-interval", "0.1", "--http-frontend", frontend,
-                           "--prediction-log", str(predictions), "--prediction-log-sample", "0",
                            env={"VIVACE_HOME": str(home.path)})
     try:
         port = server.port
@@ -188,6 +186,10 @@ def test_server_applies_weights_stickiness_shadow_promotion_and_abort(home, fron
         assert all(value == 0.25 * int(v) for v, value in answers)
         share = sum(v == "2" for v, _ in answers) / len(answers)
         assert 0.2 < share < 0.4, share  # p = 0.3, n = 400: 4+ standard deviations either side
+        # The rollout's counts are the answers, whichever front end drew the versions (the
+        # native one draws them itself for a plain weighted split).
+        routed = rollout_status(port)["routed"]
+        assert routed == {v: sum(a == v for a, _ in answers) for v in ("1", "2")}, routed
         assert infer(port, version="2")[0] == "2" and infer(port, version="1")[0] == "1"  # pinned versions
 
         # Sticky by the routing_key parameter: one key, one version.
@@ -212,14 +214,6 @@ def test_server_applies_weights_stickiness_shadow_promotion_and_abort(home, fron
         assert 'vivace_shadow_requests_total{model="scorer",version="3"}' in metrics
         assert 'vivace_shadow_max_abs_diff{model="scorer",version="3"} 0.5' in metrics
         assert 'vivace_rollout_routed_total{model="scorer",version="1"}' in metrics
-        # Every compared copy is in the prediction log: the shadow's answer, both latencies, the divergence.
-        records = [json.loads(line) for line in predictions.read_text().splitlines()]
-        shadowed = [r for r in records if r.get("shadow_of")]
-        assert len(shadowed) >= 20 and len(shadowed) == len(records)  # sampling 0: nothing else is logged
-        for r in shadowed:
-            assert (r["model"], r["version"], r["shadow_of"], r["shadow_status"]) == ("scorer", "3", "1", 200)
-            assert r["max_abs_diff"] == pytest.approx(0.5) and r["label_disagreement"] == 1
-            assert r["latency_s"] > 0 and r["answered_latency_s"] > 0 and r["outputs"][0]["data"] == [0.75]
         import re
         from importlib.resources import files
 
@@ -238,6 +232,26 @@ def test_server_applies_weights_stickiness_shadow_promotion_and_abort(home, fron
         assert {infer(port)[0] for _ in range(20)} == {"2"}
     finally:
         assert server.stop() == 0
+
+
+def test_shadow_comparisons_are_in_the_prediction_log(home, tmp_path):
+    predictions = tmp_path / "predictions.jsonl"
+    server = ServerProcess(["scorer@production"], "--follow-interval", "0.1", "--prediction-log", str(predictions),
+                           "--prediction-log-sample", "0", env={"VIVACE_HOME": str(home.path)})
+    try:
+        start_rollout(home, "scorer@production", shadow=3, shadow_sample=1.0)
+        wait_for(lambda: (rollout_status(server.port)["shadow"] or {}).get("version") == "3", what="the shadow")
+        assert {infer(server.port) for _ in range(20)} == {("1", 0.25)}
+        wait_for(lambda: rollout_status(server.port)["shadow"]["requests"] >= 20, what="the comparisons")
+    finally:
+        assert server.stop() == 0
+    # Every compared copy is a record: the shadow's answer, both latencies, the divergence.
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(records) == 20 and all(r.get("shadow_of") for r in records)  # sampling 0: nothing else is logged
+    for r in records:
+        assert (r["model"], r["version"], r["shadow_of"], r["shadow_status"]) == ("scorer", "3", "1", 200)
+        assert r["max_abs_diff"] == pytest.approx(0.5) and r["label_disagreement"] == 1
+        assert r["latency_s"] > 0 and r["answered_latency_s"] > 0 and r["outputs"][0]["data"] == [0.75]
 
 
 # -- automatic analysis -------------------------------------------------------------------------

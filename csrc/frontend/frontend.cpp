@@ -179,7 +179,20 @@ void HttpFrontend::SetRoutes(std::unordered_map<std::string, std::shared_ptr<con
     std::lock_guard<std::mutex> lk(routes_mu_);
     old.swap(routes_);
     routes_ = std::move(routes);
+    // Their counts so far go to Python with the next TakeRouted (a request the io thread
+    // is routing through an old route right now may go uncounted).
+    for (auto& [target, route] : old)
+      if (route->canary) replaced_routed_.push_back({target, route->routed.exchange(0), route->routed_canary.exchange(0)});
   }
+}
+
+std::vector<RoutedCounts> HttpFrontend::TakeRouted() {
+  std::lock_guard<std::mutex> lk(routes_mu_);
+  std::vector<RoutedCounts> out;
+  out.swap(replaced_routed_);
+  for (auto& [target, route] : routes_)
+    if (route->canary) out.push_back({target, route->routed.exchange(0), route->routed_canary.exchange(0)});
+  return out;
 }
 
 void HttpFrontend::SetDriven(std::vector<std::shared_ptr<Batcher>> batchers) {
@@ -668,7 +681,18 @@ void HttpFrontend::Dispatch(Conn* c, const char* body, size_t body_size) {
       auto it = routes_.find(h.target);
       if (it != routes_.end()) route = it->second;
     }
-    if (route && SubmitNative(c, seq, route, body, body_size)) return;
+    if (route && route->canary) {  // a weighted rollout: this request's version, drawn
+      draw_state_ ^= draw_state_ << 13;
+      draw_state_ ^= draw_state_ >> 7;
+      draw_state_ ^= draw_state_ << 17;
+      const bool to_canary = draw_state_ % 1000000 < route->canary_per_million;
+      if (SubmitNative(c, seq, to_canary ? route->canary : route, body, body_size)) {
+        (to_canary ? route->routed_canary : route->routed).fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+    } else if (route && SubmitNative(c, seq, route, body, body_size)) {
+      return;
+    }
   }
   ForwardedRequest f;
   f.conn = c->id;

@@ -43,6 +43,19 @@ struct InferRoute {
   std::shared_ptr<const OipJsonCodec> codec;
   std::string model, version;
   int64_t row_elements = 1;  // elements per row over all inputs: bounds the rows a body can hold
+  // A weighted rollout (engine/rollout.py Split, neither sticky nor shadowed): this share
+  // of the requests, per million, is answered by `canary` instead, drawn per request.
+  std::shared_ptr<const InferRoute> canary;
+  uint32_t canary_per_million = 0;
+  // Requests this split route answered natively, by itself and by its canary; Python
+  // takes them (TakeRouted) into the rollout's counts.
+  mutable std::atomic<uint64_t> routed{0}, routed_canary{0};
+};
+
+// A split route's natively answered requests since the last TakeRouted.
+struct RoutedCounts {
+  std::string target;
+  uint64_t stable = 0, canary = 0;
 };
 
 // A request for Python, or (closed) the notice that a connection Python knows has gone.
@@ -65,6 +78,8 @@ class HttpFrontend final : public CompletionSink {
 
   // Replaces the fast routes (exact request targets).
   void SetRoutes(std::unordered_map<std::string, std::shared_ptr<const InferRoute>> routes);
+  // The split routes' counts since the last call (those of routes just replaced included).
+  std::vector<RoutedCounts> TakeRouted();
   // Inline batchers whose batches this thread runs itself (native kernels: no GIL), right
   // after the requests it read: no thread hand-off per batch. The owner must not call
   // their RunReady meanwhile except to drain them (RunReady serialises anyway).
@@ -167,6 +182,8 @@ class HttpFrontend final : public CompletionSink {
 
   mutable std::mutex routes_mu_;
   std::unordered_map<std::string, std::shared_ptr<const InferRoute>> routes_;
+  std::vector<RoutedCounts> replaced_routed_;  // guarded by routes_mu_: counts of routes SetRoutes dropped
+  uint64_t draw_state_ = 0x9E3779B97F4A7C15ull;  // io thread only: xorshift64 draws for split routes
   std::vector<std::shared_ptr<Batcher>> driven_next_;  // guarded by routes_mu_
   bool driven_changed_ = false;                        // guarded by routes_mu_
 

@@ -32,22 +32,48 @@ class PyFrontend {
 
   ~PyFrontend() { Stop(); }
 
-  // routes: [(target, batcher, model, version)]
+  static std::shared_ptr<InferRoute> RouteOf(py::handle batcher, py::handle model, py::handle version) {
+    JsonEndpoint endpoint = JsonEndpointOf(batcher);
+    auto route = std::make_shared<InferRoute>();
+    route->batcher = std::move(endpoint.batcher);
+    route->codec = std::move(endpoint.codec);
+    route->row_elements = endpoint.row_elements;
+    route->model = model.cast<std::string>();
+    route->version = version.cast<std::string>();
+    return route;
+  }
+
+  // routes: [(target, batcher, model, version)], or for a weighted rollout
+  // [(target, batcher, model, version, canary_batcher, canary_version, canary_percent)]
   void SetRoutes(py::list routes) {
     std::unordered_map<std::string, std::shared_ptr<const InferRoute>> table;
     for (py::handle item : routes) {
       auto entry = item.cast<py::tuple>();
-      JsonEndpoint endpoint = JsonEndpointOf(entry[1]);
-      auto route = std::make_shared<InferRoute>();
-      route->batcher = std::move(endpoint.batcher);
-      route->codec = std::move(endpoint.codec);
-      route->row_elements = endpoint.row_elements;
-      route->model = entry[2].cast<std::string>();
-      route->version = entry[3].cast<std::string>();
+      auto route = RouteOf(entry[1], entry[2], entry[3]);
+      if (entry.size() == 7) {
+        const double percent = entry[6].cast<double>();
+        if (!(percent >= 0.0 && percent <= 100.0)) throw py::value_error("canary_percent must be within 0..100");
+        route->canary = RouteOf(entry[4], entry[2], entry[5]);
+        route->canary_per_million = static_cast<uint32_t>(percent * 10000.0 + 0.5);
+      } else if (entry.size() != 4) {
+        throw py::value_error("a route is (target, batcher, model, version[, canary_batcher, canary_version, percent])");
+      }
       table[entry[0].cast<std::string>()] = std::move(route);
     }
     py::gil_scoped_release nogil;  // the old routes may hold the last reference to a batcher
     frontend_->SetRoutes(std::move(table));
+  }
+
+  // [(target, answered by the stable version, by the canary)] since the last call
+  py::list TakeRouted() {
+    std::vector<RoutedCounts> counts;
+    {
+      py::gil_scoped_release nogil;
+      counts = frontend_->TakeRouted();
+    }
+    py::list out;
+    for (const RoutedCounts& c : counts) out.append(py::make_tuple(c.target, c.stable, c.canary));
+    return out;
   }
 
   void SetDriven(py::list batchers) {
@@ -121,7 +147,10 @@ readable, take() returns them, and respond() sends each answer (in request order
            py::arg("max_connections"), py::arg("max_body_bytes"), py::arg("max_header_bytes"), py::arg("max_headers"),
            py::arg("header_timeout"), py::arg("body_timeout"), py::arg("idle_timeout"))
       .def("set_routes", &PyFrontend::SetRoutes, py::arg("routes"),
-           "Fast routes: [(target, batcher, model, version)] for batchers with the JSON path on")
+           "Fast routes: [(target, batcher, model, version)] for batchers with the JSON path on, or "
+           "(target, batcher, model, version, canary_batcher, canary_version, canary_percent) for a weighted rollout")
+      .def("take_routed", &PyFrontend::TakeRouted,
+           "[(target, stable count, canary count)] of the split routes since the last call")
       .def("set_driven", &PyFrontend::SetDriven, py::arg("batchers"),
            "Inline batchers with a native kernel whose batches the front end's thread runs itself")
       .def("respond", &PyFrontend::Respond, py::arg("conn"), py::arg("seq"), py::arg("response"))
