@@ -636,17 +636,40 @@ void CancelClient(const Server& server, int iterations) {
 }
 
 // Changes the fast routes and the driven batchers while traffic runs.
+// A weighted rollout's route for model m: the same model as its own "canary" (so every
+// answer stays what the clients expect), drawn per request at `percent`.
+std::shared_ptr<const InferRoute> SplitRoute(const Model& m, uint32_t percent) {
+  auto canary = std::make_shared<InferRoute>();
+  canary->batcher = m.batcher;
+  canary->codec = m.codec;
+  canary->model = m.name;
+  canary->version = "1";
+  canary->row_elements = kWidth;
+  auto split = std::make_shared<InferRoute>();
+  split->batcher = m.batcher;
+  split->codec = m.codec;
+  split->model = m.name;
+  split->version = "1";
+  split->row_elements = kWidth;
+  split->canary = canary;
+  split->canary_per_million = percent * 10000;
+  return split;
+}
+
 void Chaos(HttpFrontend* frontend, const Server& server, Owner* owner, std::atomic<bool>* stop) {
   std::mt19937 rng(3);
   const auto& m = server.models;
   bool driving_switchable = true;
+  uint64_t routed = 0;
   while (!stop->load()) {
     Routes routes = server.AllRoutes();
-    const auto pick = rng() % 4;
+    const auto pick = rng() % 5;
     if (pick == 1) routes.erase(m[0]->target);  // forwarded: the owner runs them
     if (pick == 2) routes.erase(m[2]->target);
     if (pick == 3) routes.clear();
+    if (pick == 4) routes[m[1]->target] = SplitRoute(*m[1], 50);  // routes replaced while counting
     frontend->SetRoutes(std::move(routes));
+    for (const auto& counts : frontend->TakeRouted()) routed += counts.stable + counts.canary;
     const auto driven = rng() % 3;
     const bool drive_switchable = driven != 2;
     // Hand the switchable inline batcher over without a gap: whoever takes it over
@@ -664,9 +687,11 @@ void Chaos(HttpFrontend* frontend, const Server& server, Owner* owner, std::atom
     std::this_thread::sleep_for(std::chrono::milliseconds(3 + rng() % 10));
   }
   frontend->SetRoutes(server.AllRoutes());
+  for (const auto& counts : frontend->TakeRouted()) routed += counts.stable + counts.canary;
   frontend->SetDriven({m[0]->batcher});
   std::this_thread::sleep_for(std::chrono::milliseconds(5));
   owner->drive_switchable = false;
+  std::printf("mixed traffic: %llu requests answered through split routes\n", static_cast<unsigned long long>(routed));
 }
 
 // Python's shutdown order: stop accepting, drain, wait for what was accepted, shut the
