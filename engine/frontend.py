@@ -177,7 +177,7 @@ class NativeFrontend:
         self.core.set_routes(routes)
         # Models served by a native kernel inline have their batches run by the C++ thread
         # right after it reads their requests: no hand-off to the loop per batch.
-        routed = {id(batcher) for _, batcher, _, _ in routes}
+        routed = {id(route[1]) for route in routes} | {id(route[4]) for route in routes if len(route) == 7}
         driven = [runner for _, runner, _ in serving if runner.natively_drivable and id(runner.batcher) in routed]
         for runner in self._driven:
             if runner not in driven:
