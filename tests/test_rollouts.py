@@ -232,6 +232,8 @@ def test_server_applies_weights_stickiness_shadow_promotion_and_abort(home, fron
         assert {infer(port)[0] for _ in range(20)} == {"2"}
     finally:
         assert server.stop() == 0
+    errors = server.proc.stderr.read().decode()
+    assert "Traceback" not in errors and "ERROR" not in errors, errors[-3000:]  # e.g. a route table that failed
 
 
 def test_shadow_comparisons_are_in_the_prediction_log(home, tmp_path):
