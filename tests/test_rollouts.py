@@ -236,6 +236,29 @@ def test_server_applies_weights_stickiness_shadow_promotion_and_abort(home, fron
     assert "Traceback" not in errors and "ERROR" not in errors, errors[-3000:]  # e.g. a route table that failed
 
 
+def test_every_worker_applies_the_rollout(home):
+    """--workers 2: each worker follows the registry and splits alike (connections land on
+    either worker); an abort sends every worker back to the stable version."""
+    server = ServerProcess(["scorer@production"], "--follow-interval", "0.1", "--workers", "2",
+                           env={"VIVACE_HOME": str(home.path)})
+    try:
+        start_rollout(home, "scorer@production", canary=2, weight=50)
+
+        def applied_everywhere() -> bool:  # each call is a new connection, which either worker may take
+            return all(rollout_status(server.port)["canary"] == "2" for _ in range(20))
+
+        wait_for(applied_everywhere, timeout=30, what="the workers to apply the rollout")
+        answers = [infer(server.port)[0] for _ in range(300)]
+        share = answers.count("2") / len(answers)
+        assert 0.38 < share < 0.62, share  # p = 0.5, n = 300: 4 standard deviations either side
+        abort_rollout(home, "scorer@production")
+        wait_for(lambda: all(rollout_status(server.port)["ref"] is None for _ in range(20)), timeout=30,
+                 what="every worker to end the split")
+        assert {infer(server.port)[0] for _ in range(40)} == {"1"}
+    finally:
+        assert server.stop() == 0
+
+
 def test_shadow_comparisons_are_in_the_prediction_log(home, tmp_path):
     predictions = tmp_path / "predictions.jsonl"
     server = ServerProcess(["scorer@production"], "--follow-interval", "0.1", "--prediction-log", str(predictions),

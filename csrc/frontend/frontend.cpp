@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <random>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -148,6 +149,10 @@ struct HttpFrontend::Conn {
 
 HttpFrontend::HttpFrontend(int listen_fd, FrontendLimits limits)
     : limits_(limits), parse_limits_{limits.max_body_bytes, limits.max_header_bytes, limits.max_headers} {
+  // Each process its own sequence of rollout draws: with one seed for all, every worker of
+  // --workers (and every restart) would repeat the same first draws, whatever they are.
+  std::random_device entropy;
+  draw_state_ = (static_cast<uint64_t>(entropy()) << 32 | entropy()) | 1;
   listen_fd_ = fcntl(listen_fd, F_DUPFD_CLOEXEC, 0);
   if (listen_fd_ < 0) throw std::runtime_error(std::string("dup of the listening socket: ") + std::strerror(errno));
   fcntl(listen_fd_, F_SETFL, fcntl(listen_fd_, F_GETFL) | O_NONBLOCK);

@@ -183,7 +183,7 @@ class HttpFrontend final : public CompletionSink {
   mutable std::mutex routes_mu_;
   std::unordered_map<std::string, std::shared_ptr<const InferRoute>> routes_;
   std::vector<RoutedCounts> replaced_routed_;  // guarded by routes_mu_: counts of routes SetRoutes dropped
-  uint64_t draw_state_ = 0x9E3779B97F4A7C15ull;  // io thread only: xorshift64 draws for split routes
+  uint64_t draw_state_ = 1;  // io thread only: xorshift64 draws for split routes (seeded per process)
   std::vector<std::shared_ptr<Batcher>> driven_next_;  // guarded by routes_mu_
   bool driven_changed_ = false;                        // guarded by routes_mu_
 
