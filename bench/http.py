@@ -233,6 +233,22 @@ def interleaved_rounds(procs: dict[str, tuple[int, subprocess.Popen]], concurren
                       f"errors {result.errors}", flush=True)
 
 
+def compare_rounds(mine: list[Result], peer: list[Result]) -> str:
+    """One line comparing two servers measured in the same interleaved rounds: the median
+    of the rounds' throughput ratios (and each), median req/s, p99 and CPU per request."""
+    import statistics
+
+    def median(results: list[Result], field: str) -> float:
+        return statistics.median(getattr(r, field) for r in results)
+
+    ratios = [m.requests_per_s / p.requests_per_s for m, p in zip(mine, peer)]
+    return (f"throughput x{statistics.median(ratios):.2f} median (rounds {', '.join(f'{x:.2f}' for x in ratios)}); "
+            f"req/s {median(mine, 'requests_per_s'):.0f} vs {median(peer, 'requests_per_s'):.0f}; "
+            f"p99 {median(mine, 'p99_ms'):.2f} vs {median(peer, 'p99_ms'):.2f} ms; CPU per request "
+            f"{median(mine, 'cpu_us_per_request'):.1f} vs {median(peer, 'cpu_us_per_request'):.1f} us; "
+            f"errors {sum(m.errors for m in mine)} vs {sum(p.errors for p in peer)}")
+
+
 def print_result(r: Result) -> None:
     print(f"  {r.server:8s} {r.tool:20s} c={r.concurrency:<3d} {r.requests_per_s:10.0f} req/s  "
           f"p50 {r.p50_ms:7.3f} ms  p99 {r.p99_ms:7.3f} ms  cpu {r.cpu_us_per_request:6.1f} us/req  errors {r.errors}",

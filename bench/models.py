@@ -12,13 +12,12 @@ and the ratio to TorchScript of each round and their median.
 from __future__ import annotations
 
 import io
-import statistics
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
-from .http import _start, _stop, add_load_options, interleaved_rounds, pinned_cpus, wrk_missing
+from .http import _start, _stop, add_load_options, compare_rounds, interleaved_rounds, pinned_cpus, wrk_missing
 
 PEER = "torchscript"
 
@@ -116,20 +115,8 @@ def benchmark(types: list[str], duration: float, rounds: int, concurrencies: lis
 
 
 def summarize(results: dict, types: list[str], concurrencies: list[int]) -> list[str]:
-    lines = []
-    for c in concurrencies:
-        peer = results[(PEER, c)]
-        for name in types:
-            mine = results[(name, c)]
-            ratios = [m.requests_per_s / p.requests_per_s for m, p in zip(mine, peer)]
-            lines.append(
-                f"c={c}: {name} / {PEER}, same MLP: throughput x{statistics.median(ratios):.2f} median "
-                f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}); req/s {statistics.median(m.requests_per_s for m in mine):.0f}"
-                f" vs {statistics.median(p.requests_per_s for p in peer):.0f}; CPU per request "
-                f"{statistics.median(m.cpu_us_per_request for m in mine):.1f} vs "
-                f"{statistics.median(p.cpu_us_per_request for p in peer):.1f} us; errors "
-                f"{sum(m.errors for m in mine)}")
-    return lines
+    return [f"c={c}: {name} / {PEER}, same MLP: {compare_rounds(results[(name, c)], results[(PEER, c)])}"
+            for c in concurrencies for name in types]
 
 
 def register(subparsers) -> None:

@@ -12,13 +12,12 @@ round after round. Printed: req/s, p99 and server CPU per request, and Vivace/Fa
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import tempfile
 import urllib.request
 from pathlib import Path
 
-from .http import LUA, _start, _stop, add_load_options, interleaved_rounds, pinned_cpus, wrk_missing
+from .http import LUA, _start, _stop, add_load_options, compare_rounds, interleaved_rounds, pinned_cpus, wrk_missing
 
 STANDARDIZE = '''
 import numpy as np
@@ -91,19 +90,8 @@ def benchmark(duration: float, rounds: int, concurrencies: list[int], server_cpu
 
 
 def summarize(results: dict, concurrencies: list[int]) -> list[str]:
-    lines = []
-    for c in concurrencies:
-        mine, peer = results[("vivace", c)], results[("fastapi", c)]
-        ratios = [m.requests_per_s / p.requests_per_s for m, p in zip(mine, peer)]
-        lines.append(
-            f"c={c}: pipeline vivace / fastapi: throughput x{statistics.median(ratios):.2f} median (rounds "
-            f"{', '.join(f'{x:.2f}' for x in ratios)}); req/s {statistics.median(m.requests_per_s for m in mine):.0f} "
-            f"vs {statistics.median(p.requests_per_s for p in peer):.0f}; p99 "
-            f"{statistics.median(m.p99_ms for m in mine):.2f} vs {statistics.median(p.p99_ms for p in peer):.2f} ms; "
-            f"CPU per request {statistics.median(m.cpu_us_per_request for m in mine):.1f} vs "
-            f"{statistics.median(p.cpu_us_per_request for p in peer):.1f} us; errors "
-            f"{sum(m.errors for m in mine)} vs {sum(p.errors for p in peer)}")
-    return lines
+    return [f"c={c}: pipeline vivace / fastapi: {compare_rounds(results[('vivace', c)], results[('fastapi', c)])}"
+            for c in concurrencies]
 
 
 def register(subparsers) -> None:

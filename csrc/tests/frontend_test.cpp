@@ -639,19 +639,17 @@ void CancelClient(const Server& server, int iterations) {
 // A weighted rollout's route for model m: the same model as its own "canary" (so every
 // answer stays what the clients expect), drawn per request at `percent`.
 std::shared_ptr<const InferRoute> SplitRoute(const Model& m, uint32_t percent) {
-  auto canary = std::make_shared<InferRoute>();
-  canary->batcher = m.batcher;
-  canary->codec = m.codec;
-  canary->model = m.name;
-  canary->version = "1";
-  canary->row_elements = kWidth;
-  auto split = std::make_shared<InferRoute>();
-  split->batcher = m.batcher;
-  split->codec = m.codec;
-  split->model = m.name;
-  split->version = "1";
-  split->row_elements = kWidth;
-  split->canary = canary;
+  auto copy = [&m] {  // InferRoute's counters make it non-copyable: field by field
+    auto route = std::make_shared<InferRoute>();
+    route->batcher = m.batcher;
+    route->codec = m.codec;
+    route->model = m.name;
+    route->version = "1";
+    route->row_elements = kWidth;
+    return route;
+  };
+  auto split = copy();
+  split->canary = copy();
   split->canary_per_million = percent * 10000;
   return split;
 }
