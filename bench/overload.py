@@ -83,9 +83,9 @@ def write_compute_bound_model(out: Path, width: int = 1024, depth: int = 48, see
     write_package(out, manifest, {"model.pt": buffer.getvalue()}, overwrite=True)
 
 
-def infer_payload(port: int, width: int, model: str = MODEL) -> bytes:
-    body = b'{"inputs":[{"name":"input__0","shape":[1,%d],"datatype":"FP32","data":[%s]}]}' % (
-        width, b",".join([b"0.5"] * width))
+def infer_payload(port: int, width: int, model: str = MODEL, rows: int = 1) -> bytes:
+    body = b'{"inputs":[{"name":"input__0","shape":[%d,%d],"datatype":"FP32","data":[%s]}]}' % (
+        rows, width, b",".join([b"0.5"] * (width * rows)))
     return (b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: 127.0.0.1:%d\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\n\r\n%s" % (model.encode(), port, len(body), body))
 
@@ -411,9 +411,9 @@ async def _measure_capacity(port: int, payload: bytes, concurrency: int, duratio
 
 
 async def _overload_run(label: str, port: int, pid: int, payload: bytes, rate: float,
-                        duration: float) -> OverloadResult:
+                        duration: float, max_connections: int = 6000) -> OverloadResult:
     rss_before, _ = rss_kib(pid)
-    pool = LoadPool(port, payload)
+    pool = LoadPool(port, payload, max_connections)
     outcomes = await open_loop(pool, rate, duration)
     # Answers to what was admitted before the schedule ended: bounded by the queue it built.
     await pool.wait_answered(timeout=duration * 3 + 10)
@@ -563,11 +563,44 @@ def scenario_drain(tmp: Path, width: int, depth: int, rate: float, server_cpu: i
     return result
 
 
+def scenario_rows(tmp: Path, rows: int, ratio: float, frontends: list[str], shed_ms: int, duration: float,
+                  server_cpu: int | None) -> dict[str, OverloadResult]:
+    """Issue 12's overload repro, on each front end: the reference MLP with shedding at
+    `shed_ms`, `rows`-row JSON requests, open loop at `ratio` x the capacity measured at c=8
+    just before, new connections as needed up to 512."""
+    from vivace.registry.reference_model import IN_FEATURES, write_reference_model
+
+    package = tmp / "mlp"
+    write_reference_model(package)
+    results = {}
+    for frontend in frontends:
+        port = _free_port()
+        cmd = _serve_cmd([str(package)], port, "--http-frontend", frontend, "--shed-queue-wait-ms", str(shed_ms))
+        proc = _start(cmd, server_cpu, port, tmp / f"serve-{frontend}.log")
+        payload = infer_payload(port, IN_FEATURES, "mlp", rows)
+        try:
+            capacity = asyncio.run(_measure_capacity(port, payload, 8, 3.0))
+            result = asyncio.run(_overload_run(f"{frontend}, {rows} rows", port, proc.pid, payload, ratio * capacity,
+                                               duration, max_connections=512))
+        finally:
+            _stop(proc)
+        result.capacity = capacity
+        print_overload(result)
+        results[frontend] = result
+    return results
+
+
 # -- command --------------------------------------------------------------------------------
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("overload", help="load shedding at 2x capacity, alias moves and SIGTERM under load")
-    parser.add_argument("--scenario", default="shed,switch,drain", help="comma-separated: shed, switch, drain")
+    parser.add_argument("--scenario", default="shed,switch,drain",
+                        help="comma-separated: shed, switch, drain, rows (issue 12's repro: --rows-per-request "
+                        "rows at --offered x capacity on both front ends; not in the default set)")
+    parser.add_argument("--rows-per-request", type=int, default=128, help="rows per request in the rows scenario")
+    parser.add_argument("--offered", type=float, default=3.0,
+                        help="offered load of the rows scenario, as a multiple of the c=8 capacity")
+    parser.add_argument("--rows-shed-ms", type=int, default=20, help="--shed-queue-wait-ms of the rows scenario")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds of open-loop overload per run")
     parser.add_argument("--shed-queue-wait-ms", type=int, default=500,
                         help="queue wait above which the server refuses new requests in the shedding run")
@@ -583,9 +616,10 @@ def register(subparsers) -> None:
 
 def _run(args) -> int:
     scenarios = [s.strip() for s in args.scenario.split(",") if s.strip()]
-    unknown = set(scenarios) - {"shed", "switch", "drain"}
+    unknown = set(scenarios) - {"shed", "switch", "drain", "rows"}
     if unknown:
-        print(f"vivace bench overload: unknown scenario(s) {sorted(unknown)}; use shed, switch, drain", file=sys.stderr)
+        print(f"vivace bench overload: unknown scenario(s) {sorted(unknown)}; use shed, switch, drain, rows",
+              file=sys.stderr)
         return 1
     import uvloop
 
@@ -599,6 +633,14 @@ def _run(args) -> int:
     capacity = None
     with tempfile.TemporaryDirectory(prefix="vivace-overload-") as tmp_name:
         tmp = Path(tmp_name)
+        if "rows" in scenarios:
+            by_frontend = scenario_rows(tmp, args.rows_per_request, args.offered, ["native", "python"],
+                                        args.rows_shed_ms, args.duration, server_cpu)
+            for frontend, r in by_frontend.items():
+                print(f"rows: {frontend} front end at {args.offered:g}x capacity ({r.capacity:.0f} req/s): goodput "
+                      f"{r.admitted_rate / r.capacity:.0%} of capacity (target >= 90%), admitted p99 "
+                      f"{r.admitted_ms[1]:.0f} ms = x{r.admitted_ms[1] / args.rows_shed_ms:.1f} the shed budget "
+                      f"(target <= 3x), refusals p50 {r.rejected_ms[0]:.1f} ms; unanswered {r.unanswered}")
         if "shed" in scenarios:
             shed, without = scenario_shed(tmp, args.width, args.depth, args.duration, args.shed_queue_wait_ms,
                                           server_cpu)
