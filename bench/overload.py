@@ -1,9 +1,10 @@
 """`vivace bench overload`: load shedding at 2x capacity, zero-downtime alias moves, SIGTERM drain.
 
 Scenarios (all by default; `--scenario` picks some), each against a real `vivace serve`
-subprocess on 127.0.0.1, driven from this process by an open-loop generator (requests sent
-on a fixed schedule whatever the responses, over as many keep-alive connections as needed;
-latency counted from the scheduled send time, so a slow generator cannot hide queueing):
+subprocess on 127.0.0.1, driven by the native open-loop generator (vivace._core.http_load:
+requests sent on a fixed schedule whatever the responses, over as many keep-alive
+connections as needed; latency counted from the scheduled send time, so a slow generator
+cannot hide queueing):
 
   shed    measure capacity closed-loop, then offer 2x capacity open-loop, once with shedding
           on (--shed-queue-wait-ms) and once with it off (each on a fresh server, capacity
@@ -16,12 +17,10 @@ latency counted from the scheduled send time, so a slow generator cannot hide qu
           be answered 200; afterwards new connections are refused.
 
 The model is deliberately compute-bound (one Linear(W, W) applied DEPTH times, max batch 8,
-executed on an executor thread) so that capacity is a few hundred requests per second and
-a Python generator can offer twice that.
+executed on an executor thread) so that capacity is a few hundred requests per second.
 """
 from __future__ import annotations
 
-import asyncio
 import io
 import itertools
 import os
@@ -29,9 +28,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,11 +91,15 @@ def infer_payload(port: int, width: int, model: str = MODEL, rows: int = 1) -> b
 
 # -- the load generator ---------------------------------------------------------------------
 
+# vivace._core.http_load's error codes: answered, connect refused, connection lost, no answer in time
+_LOAD_ERRORS = ("", "refused", "lost", "unanswered")
+
+
 @dataclass(slots=True)
 class Outcome:
     """One request: when it was due, and how (and whether) it was answered."""
 
-    scheduled: float
+    scheduled: float        # time.monotonic() seconds
     sent: float = 0.0
     status: int = 0         # 0: no HTTP response
     latency: float = 0.0    # response time minus scheduled time
@@ -110,173 +113,34 @@ class Outcome:
         return self.status != 0 or bool(self.error)
 
 
-class _Connection(asyncio.Protocol):
-    """A keep-alive client connection carrying one request at a time."""
+def run_load(port: int, payload: bytes, *, duration: float, rate: float = 0.0, concurrency: int = 0,
+             warmup: float = 0.0, max_connections: int = 6000, answer_timeout: float = 30.0,
+             at: dict[float, Callable[[], None]] | None = None) -> list[Outcome]:
+    """Send `payload` to 127.0.0.1:`port` from the native generator (vivace._core.http_load, a
+    thread of its own, GIL released): open loop at `rate` per second for `duration` s, or
+    closed loop with `concurrency` clients. `at` maps seconds into the run to actions (alias
+    moves, signals) run from this thread when that time comes."""
+    from vivace._core import http_load
 
-    def __init__(self, pool: LoadPool):
-        self.pool = pool
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.current: Outcome | None = None
+    raw: list = []
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def drive() -> None:
+        raw.extend(http_load(port, payload, rate=rate, concurrency=concurrency, duration_s=duration,
+                             warmup_s=warmup, max_connections=max_connections, answer_timeout_s=answer_timeout))
 
-    def send(self, outcome: Outcome) -> None:
-        self.current = outcome
-        outcome.sent = self.pool.loop.time()
-        self.transport.write(self.pool.payload)
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        head_end = self.buffer.find(b"\r\n\r\n")
-        if head_end < 0 or self.current is None:
-            return
-        head = bytes(self.buffer[:head_end]).lower() + b"\r\n"
-        start = head.find(b"\r\ncontent-length:")
-        length = int(head[start + 17:head.find(b"\r\n", start + 2)]) if start >= 0 else 0
-        end = head_end + 4 + length
-        if len(self.buffer) < end:
-            return
-        outcome, self.current = self.current, None
-        outcome.status = int(head[9:12])
-        outcome.retry_after = b"\r\nretry-after:" in head
-        body = bytes(self.buffer[head_end + 4:end])
-        del self.buffer[:end]
-        if outcome.status == 200:
-            at = body.find(b'"model_version":"')
-            if at >= 0:
-                outcome.version = body[at + 17:body.find(b'"', at + 17)].decode()
-        else:
-            outcome.body = body
-        keep = b"\r\nconnection: close" not in head
-        if not keep:
-            self.transport.close()
-        self.pool.finish(outcome, self if keep else None)
-
-    def connection_lost(self, exc) -> None:
-        self.pool.forget(self)
-        if self.current is not None:
-            outcome, self.current = self.current, None
-            outcome.error = "lost"
-            self.pool.finish(outcome, None)
-
-
-class LoadPool:
-    """Sends `payload` to 127.0.0.1:`port` over a pool of keep-alive connections."""
-
-    def __init__(self, port: int, payload: bytes, max_connections: int = 6000):
-        self.loop = asyncio.get_running_loop()
-        self.port = port
-        self.payload = payload
-        self.max_connections = max_connections
-        self.idle: list[_Connection] = []
-        self.open: set[_Connection] = set()
-        self.connecting = 0
-        self.backlog: deque[Outcome] = deque()  # due while every connection was busy (generator limit)
-        self.pending = 0
-        self.on_done: Callable[[Outcome], None] | None = None
-        self.quiet = asyncio.Event()
-
-    def submit(self, outcome: Outcome) -> None:
-        self.pending += 1
-        self.quiet.clear()
-        if self.idle:
-            self.idle.pop().send(outcome)
-        elif len(self.open) + self.connecting < self.max_connections:
-            self.connecting += 1
-            self.loop.create_task(self._connect(outcome))
-        else:
-            self.backlog.append(outcome)
-
-    async def _connect(self, outcome: Outcome) -> None:
-        try:
-            _, conn = await self.loop.create_connection(lambda: _Connection(self), "127.0.0.1", self.port)
-        except OSError:
-            outcome.error = "refused"
-            self.finish(outcome, None)
-            return
-        finally:
-            self.connecting -= 1
-        self.open.add(conn)
-        conn.send(outcome)
-
-    def finish(self, outcome: Outcome, conn: _Connection | None) -> None:
-        if not outcome.error:
-            outcome.latency = self.loop.time() - outcome.scheduled
-        self.pending -= 1
-        if conn is not None:
-            if self.backlog:
-                conn.send(self.backlog.popleft())
-            else:
-                self.idle.append(conn)
-        if self.on_done is not None:
-            self.on_done(outcome)
-        if self.pending == 0:
-            self.quiet.set()
-
-    def forget(self, conn: _Connection) -> None:
-        self.open.discard(conn)
-        if conn in self.idle:
-            self.idle.remove(conn)
-
-    def close(self) -> None:
-        for conn in list(self.open):
-            conn.transport.close()
-
-    async def wait_answered(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self.quiet.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-
-
-async def closed_loop(pool: LoadPool, concurrency: int, duration: float, warmup: float = 1.0) -> list[Outcome]:
-    """`concurrency` clients, each sending its next request when the previous one is answered."""
-    loop = pool.loop
-    end = loop.time() + warmup + duration
-    outcomes: list[Outcome] = []
-
-    def again(_: Outcome | None) -> None:
-        if loop.time() < end:
-            outcome = Outcome(loop.time())
-            outcomes.append(outcome)
-            pool.submit(outcome)
-
-    pool.on_done = again
-    for _ in range(concurrency):
-        again(None)
-    await asyncio.sleep(warmup + duration)
-    pool.on_done = None
-    await pool.wait_answered(30)
-    measured_from = end - duration
-    return [o for o in outcomes if o.scheduled >= measured_from]
-
-
-async def open_loop(pool: LoadPool, rate: float, duration: float,
-                    at: dict[float, Callable[[], None]] | None = None) -> list[Outcome]:
-    """Send at `rate` per second for `duration` s on a fixed schedule; `at` maps seconds into
-    the run to actions (alias moves, signals) run when that time comes."""
-    loop = pool.loop
-    start = loop.time() + 0.01
-    total = int(rate * duration)
-    actions = sorted((at or {}).items())
-    outcomes: list[Outcome] = []
-    for i in range(total):
-        due = start + i / rate
-        while actions and start + actions[0][0] <= due:
-            await asyncio.sleep(max(0.0, start + actions[0][0] - loop.time()))
-            actions.pop(0)[1]()
-        delay = due - loop.time()
-        if delay > 0.0005:
-            await asyncio.sleep(delay)
-        outcome = Outcome(due)
-        outcomes.append(outcome)
-        pool.submit(outcome)
-    for offset, action in actions:
-        await asyncio.sleep(max(0.0, start + offset - loop.time()))
-        action()
-    return outcomes
+    if not at:
+        drive()
+    else:
+        generator = threading.Thread(target=drive, name="vivace-load")
+        begun = time.monotonic()
+        generator.start()
+        for offset, action in sorted(at.items()):
+            time.sleep(max(0.0, begun + offset - time.monotonic()))
+            action()
+        generator.join()
+    return [Outcome(scheduled, sent, status, answered - scheduled if answered else 0.0, retry_after, version,
+                    _LOAD_ERRORS[error], body)
+            for scheduled, sent, answered, status, retry_after, error, version, body in raw]
 
 
 # -- figures --------------------------------------------------------------------------------
@@ -400,24 +264,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _measure_capacity(port: int, payload: bytes, concurrency: int, duration: float) -> float:
-    pool = LoadPool(port, payload)
-    outcomes = await closed_loop(pool, concurrency, duration)
-    pool.close()
+def _measure_capacity(port: int, payload: bytes, concurrency: int, duration: float) -> float:
+    outcomes = run_load(port, payload, concurrency=concurrency, duration=duration, warmup=1.0)
     ok = sum(1 for o in outcomes if o.status == 200)
     if ok == 0:
         raise RuntimeError(f"capacity run got no 200 responses: {outcomes[:1]}")
     return ok / duration
 
 
-async def _overload_run(label: str, port: int, pid: int, payload: bytes, rate: float,
-                        duration: float, max_connections: int = 6000) -> OverloadResult:
+def _overload_run(label: str, port: int, pid: int, payload: bytes, rate: float,
+                  duration: float, max_connections: int = 6000) -> OverloadResult:
     rss_before, _ = rss_kib(pid)
-    pool = LoadPool(port, payload, max_connections)
-    outcomes = await open_loop(pool, rate, duration)
     # Answers to what was admitted before the schedule ended: bounded by the queue it built.
-    await pool.wait_answered(timeout=duration * 3 + 10)
-    pool.close()
+    outcomes = run_load(port, payload, rate=rate, duration=duration, max_connections=max_connections,
+                        answer_timeout=duration * 3 + 10)
     return summarize(label, outcomes, duration, rss_before, pid)
 
 
@@ -429,8 +289,8 @@ def _overload_phase(tmp: Path, package: Path, label: str, serve_options: list[st
     payload = infer_payload(port, width)
     try:
         # Measured on this server right before the overload: on a shared machine capacity drifts.
-        capacity = asyncio.run(_measure_capacity(port, payload, 4 * MAX_BATCH, 2.0))
-        result = asyncio.run(_overload_run(label, port, proc.pid, payload, RATIO_OFFERED * capacity, duration))
+        capacity = _measure_capacity(port, payload, 4 * MAX_BATCH, 2.0)
+        result = _overload_run(label, port, proc.pid, payload, RATIO_OFFERED * capacity, duration)
     finally:
         _stop(proc)
     result.capacity = capacity
@@ -472,25 +332,11 @@ def scenario_switch(tmp: Path, width: int, depth: int, rate: float, moves: int, 
     gap = 1.0
     duration = gap * (moves + 1)
     targets = [2 if i % 2 == 0 else 1 for i in range(moves)]
-    moved: list = []
-
-    def move(version: int) -> None:
-        # A registry write takes milliseconds of SQLite: off the loop, so the schedule holds.
-        moved.append(asyncio.get_running_loop().run_in_executor(None, set_alias, home, MODEL, version, "production"))
-
-    actions = {gap * (i + 1): (lambda v=v: move(v)) for i, v in enumerate(targets)}
-
-    async def run() -> list[Outcome]:
-        await _measure_capacity(port, infer_payload(port, width), MAX_BATCH, 0.5)  # warm-up
-        pool = LoadPool(port, infer_payload(port, width))
-        outcomes = await open_loop(pool, rate, duration, at=actions)
-        await asyncio.gather(*moved)
-        await pool.wait_answered(30)
-        pool.close()
-        return outcomes
-
+    # A registry write (milliseconds of SQLite) runs on this thread; the generator's schedule holds.
+    actions = {gap * (i + 1): (lambda v=v: set_alias(home, MODEL, v, "production")) for i, v in enumerate(targets)}
     try:
-        outcomes = asyncio.run(run())
+        _measure_capacity(port, infer_payload(port, width), MAX_BATCH, 0.5)  # warm-up
+        outcomes = run_load(port, infer_payload(port, width), rate=rate, duration=duration, at=actions)
     finally:
         _stop(proc)
     by_version: dict[str, int] = {}
@@ -522,19 +368,12 @@ def scenario_drain(tmp: Path, width: int, depth: int, rate: float, server_cpu: i
     signalled = {}
 
     def terminate() -> None:
-        signalled["at"] = asyncio.get_running_loop().time()
+        signalled["at"] = time.monotonic()
         proc.send_signal(signal.SIGTERM)
 
-    async def run() -> list[Outcome]:
-        await _measure_capacity(port, infer_payload(port, width), MAX_BATCH, 0.5)  # warm-up
-        pool = LoadPool(port, infer_payload(port, width))
-        outcomes = await open_loop(pool, rate, 3.0, at={2.0: terminate})
-        await pool.wait_answered(30)
-        pool.close()
-        return outcomes
-
     try:
-        outcomes = asyncio.run(run())
+        _measure_capacity(port, infer_payload(port, width), MAX_BATCH, 0.5)  # warm-up
+        outcomes = run_load(port, infer_payload(port, width), rate=rate, duration=3.0, at={2.0: terminate})
         exit_code = proc.wait(timeout=30)
     finally:
         _stop(proc)
@@ -579,9 +418,9 @@ def scenario_rows(tmp: Path, rows: int, ratio: float, frontends: list[str], shed
         proc = _start(cmd, server_cpu, port, tmp / f"serve-{frontend}.log")
         payload = infer_payload(port, IN_FEATURES, "mlp", rows)
         try:
-            capacity = asyncio.run(_measure_capacity(port, payload, 8, 3.0))
-            result = asyncio.run(_overload_run(f"{frontend}, {rows} rows", port, proc.pid, payload, ratio * capacity,
-                                               duration, max_connections=512))
+            capacity = _measure_capacity(port, payload, 8, 3.0)
+            result = _overload_run(f"{frontend}, {rows} rows", port, proc.pid, payload, ratio * capacity, duration,
+                                   max_connections=512)
         finally:
             _stop(proc)
         result.capacity = capacity
@@ -621,9 +460,6 @@ def _run(args) -> int:
         print(f"vivace bench overload: unknown scenario(s) {sorted(unknown)}; use shed, switch, drain, rows",
               file=sys.stderr)
         return 1
-    import uvloop
-
-    uvloop.install()
     server_cpu, client_cpu = pinned_cpus(args)
     if client_cpu is not None:
         os.sched_setaffinity(0, {client_cpu})
@@ -658,7 +494,7 @@ def _run(args) -> int:
             port = _free_port()
             proc = _start(_serve_cmd([str(package)], port, *_no_shedding()), server_cpu, port, tmp / "serve.log")
             try:
-                capacity = asyncio.run(_measure_capacity(port, infer_payload(port, args.width), 4 * MAX_BATCH, 2.0))
+                capacity = _measure_capacity(port, infer_payload(port, args.width), 4 * MAX_BATCH, 2.0)
             finally:
                 _stop(proc)
             print(f"  capacity (closed loop, {4 * MAX_BATCH} clients): {capacity:.0f} req/s", flush=True)

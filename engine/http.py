@@ -12,7 +12,11 @@ enforced by one periodic sweep rather than a timer per request.
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import ssl
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -36,6 +40,63 @@ LINGER_SECONDS = 2.0
 
 
 RETRY_AFTER = b"retry-after: 1\r\n"
+# Connections accepted per readiness of the listening socket: all that are pending, in
+# practice; the bound keeps one wake-up from holding the loop through a connection storm.
+ACCEPT_BATCH = 1024
+ACCEPT_RETRY_S = 0.1  # out of descriptors: wait this long before accepting again
+
+log = logging.getLogger("vivace.http")
+
+
+class Acceptor:
+    """Accepts the connections of a listening socket for the loop.
+
+    asyncio's create_server under uvloop accepts one connection per loop iteration; while the
+    loop is busy (parsing, refusing, running inline batches) a burst of new connections then
+    waits in the kernel's accept queue for seconds, unanswered. This accepts every pending
+    connection at each wake-up and hands each to `protocol_factory` as create_server would.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 protocol_factory: Callable[[], asyncio.Protocol], tls: ssl.SSLContext | None = None):
+        self.loop = loop
+        self.sock = sock
+        self.protocol_factory = protocol_factory
+        self.tls = tls
+        self.port = sock.getsockname()[1]
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: the queue waits, the loop does not spin
+                log.warning("accepting a connection failed: %s", exc)
+                self.loop.remove_reader(self.sock.fileno())
+                self.loop.call_later(ACCEPT_RETRY_S, self._resume)
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self.loop.create_task(self.loop.connect_accepted_socket(self.protocol_factory, conn, ssl=self.tls))
+            task.add_done_callback(_handshake_done)
+
+    def _resume(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Stop accepting: the listening socket closes, new connections are refused."""
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
+def _handshake_done(task: asyncio.Task) -> None:
+    # A client that fails its TLS handshake (or resets at once) is its own problem, not the server's.
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("connection setup failed: %s", task.exception())
 
 
 def http_response(status: int, body: bytes, content_type: bytes = JSON, extra: bytes = b"", close: bool = False) -> bytes:

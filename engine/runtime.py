@@ -28,6 +28,8 @@ from .config import ServerConfig
 from .oip import InferDecoder, ResponseEncoder
 from .strings import STRINGS
 
+# The longest an inline slice of batches may hold the loop (see Model._on_ready).
+MAX_INLINE_SLICE_US = 20_000
 STATUS_OK = int(_core.Status.OK)
 STATUS_QUEUE_FULL = int(_core.Status.QUEUE_FULL)
 STATUS_TIMEOUT = int(_core.Status.TIMEOUT)
@@ -145,6 +147,8 @@ class ModelRunner:
         if self.execution not in ("inline", "threads"):
             raise ValueError(f"execution must be 'inline' or 'threads', got {self.execution!r}")
         self._timer: asyncio.TimerHandle | None = None
+        self._backlogged = False  # inline: the last slice left ready batches behind
+        self._slice_end = 0.0
         self.drift = None  # a DriftMonitor once enable_drift() ran
         self.prediction_log = None  # a monitor.predlog.PredictionLogger: sampled requests are logged
         self.batcher = _core.Batcher(
@@ -320,7 +324,7 @@ class ModelRunner:
             self.loop.call_soon(self._on_ready)  # rows may have been queued meanwhile
 
     def _on_ready(self) -> None:
-        """Inline mode: run every ready batch on the loop's thread, then answer them.
+        """Inline mode: run the ready batches on the loop's thread, then answer them.
 
         The first row queued signals the descriptor, so by the time the loop gets here it
         has read every request that arrived in the same iteration: they form one batch.
@@ -328,9 +332,19 @@ class ModelRunner:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        due_us = self.batcher.run_ready()
+        # One slice of batches, then back to the loop: reading, accepting and refusing
+        # requests must not wait behind the whole queue. While a backlog lasts, the batches
+        # get at least as long as the loop spent on everything else since the last slice,
+        # so a burst of new connections cannot slow the admitted queue down to a crawl.
+        slice_us = _core.INLINE_SLICE_US
+        if self._backlogged:
+            away_us = int((time.monotonic() - self._slice_end) * 1e6)
+            slice_us = min(max(slice_us, away_us), MAX_INLINE_SLICE_US)
+        due_us = self.batcher.run_ready(slice_us)
+        self._slice_end = time.monotonic()
+        self._backlogged = due_us == 0
         self._on_completions()
-        if due_us >= 0:  # a batch waits for max_queue_delay or a timeout to expire
+        if due_us >= 0:  # more batches ready (0), or one waits for max_queue_delay or a timeout
             self._timer = self.loop.call_later(due_us / 1e6, self._on_ready)
 
     def _on_completions(self) -> None:

@@ -26,8 +26,8 @@ from vivace.registry.models import ProtectedAlias
 from . import oip, routes
 from .auth import AuditLog, Authenticator, Principal
 from .config import ServerConfig
-from .frontend import NativeConnection, NativeFrontend, bind_error, listening_socket, use_native
-from .http import HttpProtocol, error_body, http_response
+from .frontend import NativeConnection, NativeFrontend, listening_socket, use_native
+from .http import Acceptor, HttpProtocol, error_body, http_response
 from .infer import Inference, LocalSink, Outcome
 from .infer import error as infer_error
 from .model_table import AliasFollower, ModelTable, registry_follower, version_key
@@ -839,7 +839,7 @@ async def serve(
     for runner in runners:
         runner.attach(loop)
     tls = tls_context(config)
-    server = None
+    server: Acceptor | None = None  # the Python front end's
     if use_native(config):
         listener = sock if sock is not None else listening_socket(config, reuse_port)
         try:
@@ -849,17 +849,10 @@ async def serve(
             listener.close()
         app.frontend.attach(loop)
         app.frontend.sync_routes()
-    elif sock is not None:
-        server = await loop.create_server(lambda: HttpProtocol(app), sock=sock, backlog=4096, ssl=tls)
     else:
-        try:
-            server = await loop.create_server(
-                lambda: HttpProtocol(app), config.host, config.port, backlog=4096, reuse_port=reuse_port, ssl=tls
-            )
-        except OSError as exc:
-            raise bind_error(config, exc) from None
-    if server is not None:
-        port = server.sockets[0].getsockname()[1]
+        listener = sock if sock is not None else listening_socket(config, reuse_port)
+        server = Acceptor(loop, listener, lambda: HttpProtocol(app), tls)
+        port = server.port
     stop = loop.create_future()
 
     def on_signal(signum: int) -> None:

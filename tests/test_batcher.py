@@ -478,3 +478,19 @@ def test_bf16_binary_rows_pass_through_to_bf16_outputs():
     token, status, payload = b.drain()[0]
     assert (token, status) == (1, int(S.OK))
     assert bytes(payload) == rows.tobytes()
+
+
+def test_a_run_ready_slice_answers_each_batch_and_leaves_the_rest_for_the_next():
+    # The servers run inline batches in slices so that reading and refusing requests never
+    # waits behind a whole queue; each batch is answered as soon as it ran.
+    h = Harness(inline=True, max_batch_size=1)
+    h.delay_s = 0.01
+    for token in range(1, 5):
+        assert h.submit(token, value=float(token)) == int(S.OK)
+    assert h.batcher.run_ready(0) == 0  # one batch, and more are ready
+    assert h.batches == [1]
+    assert [token for token, _, _ in h.batcher.drain()] == [1]  # answered before the rest ran
+    assert h.batcher.run_ready(60_000_000) == -1  # a long slice: everything, nothing left waiting
+    assert h.batches == [1, 1, 1, 1] and sorted(t for t, _, _ in h.batcher.drain()) == [2, 3, 4]
+    assert _core.INLINE_SLICE_US > 0
+    h.close()

@@ -19,7 +19,7 @@ S = _core.Status
 DECLINED = 100
 
 
-def make_batcher(datatype="FP32", width=3, out_datatype="FP32"):
+def make_batcher(datatype="FP32", width=3, out_datatype="FP32", max_queue_size=0):
     holder = {}
 
     def execute(executor, rows):
@@ -28,7 +28,8 @@ def make_batcher(datatype="FP32", width=3, out_datatype="FP32"):
         out = np.frombuffer(holder["out"], dtype[out_datatype]).reshape(-1, 1)
         out[:rows, 0] = x.astype(np.float64).sum(axis=1)
 
-    b = _core.Batcher("m", 16, [], 0, 1, 1, 0, True, 0, 0, [(datatype, [width])], [(out_datatype, [1])], 1, True, execute)
+    b = _core.Batcher("m", 16, [], 0, 1, 1, 0, True, max_queue_size, 0, [(datatype, [width])], [(out_datatype, [1])], 1,
+                      True, execute)
     holder["in"] = b.input_buffers(0)[0]
     holder["out"] = b.output_buffers(0)[0]
     assert b.enable_json("m", "1", [("x", datatype, [width])], [("y", out_datatype, [1])])
@@ -132,6 +133,19 @@ def test_other_datatypes(datatype, data, expected):
     status, result = run(b, 1, body)
     assert status == int(S.OK)
     assert result["outputs"][0]["data"] == [expected]
+
+
+def test_a_full_queue_refuses_before_decoding_the_body():
+    # Under overload a refusal must cost no parsing: a body that would be declined (sent to
+    # the general decoder for its 400) is refused like any other while the queue is full.
+    b = make_batcher(max_queue_size=1)
+    truncated = b'{"inputs":[{"name":"x","shape":[1,3],"datatype":"FP32","data":[1,2'
+    assert b.submit_json(1, b'{"inputs":[{"name":"x","shape":[1,3],"datatype":"FP32","data":[1,2,3]}]}') == int(S.OK)
+    assert b.submit_json(2, truncated) == int(S.QUEUE_FULL)
+    b.run_ready()
+    ((token, status, payload),) = b.drain()
+    assert (token, status) == (1, int(S.OK)) and json.loads(payload)["outputs"][0]["data"] == [6.0]
+    assert b.submit_json(3, truncated) == DECLINED  # room again: decoded, and declined
 
 
 def test_integer_overflow_declines():

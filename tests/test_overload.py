@@ -20,7 +20,7 @@ import warnings
 
 import pytest
 
-from conftest import ServerProcess
+from conftest import ServerProcess, slow_model_bytes
 
 MODEL = "slow"
 MAX_BATCH = 2
@@ -49,7 +49,9 @@ def _slow_model_bytes() -> bytes:
     return buffer.getvalue()
 
 
-def _write_slow_package(path, max_queue_size: int) -> None:
+def _write_slow_package(path, max_queue_size: int, model: bytes | None = None, execution: str = "threads") -> None:
+    """`model` (TorchScript bytes): _slow_model_bytes() unless given; `execution` "threads" keeps
+    the loop free to refuse requests while a batch runs, "inline" runs batches on the loop."""
     from vivace.registry.package import write_package
 
     manifest = {
@@ -58,10 +60,9 @@ def _write_slow_package(path, max_queue_size: int) -> None:
         "outputs": [{"name": "output__0", "datatype": "FP32", "shape": [-1, 1]}],
         "max_batch_size": MAX_BATCH,
         "dynamic_batching": {"default_queue_policy": {"max_queue_size": max_queue_size}},
-        # Executor thread: the loop stays free to refuse requests while a batch runs.
-        "parameters": {"torch_num_threads": 1, "execution": "threads"},
+        "parameters": {"torch_num_threads": 1, "execution": execution},
     }
-    write_package(path, manifest, {"model.pt": _slow_model_bytes()})
+    write_package(path, manifest, {"model.pt": model or _slow_model_bytes()})
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +218,74 @@ def test_deadline_parameter_must_be_a_non_negative_integer(bounded_server):
     for bad in (-1, "soon", 1.5):
         status, _, body = _post(bounded_server.port, _body(0, timeout=bad))
         assert status == 400 and "timeout" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("frontend", ["native", "python"])
+def test_a_full_queue_refuses_a_request_before_decoding_it(tmp_path, frontend):
+    # Under overload a refusal must cost no parsing (issue 12: refusals that decode the body
+    # starve the requests being served). A body that would be a 400 shows it: while the queue
+    # is full it is refused 503 like any other, and only with room again decoded and explained.
+    path = tmp_path / "slow"
+    _write_slow_package(path, max_queue_size=1, model=slow_model_bytes(1000))  # ~3 s per batch
+    srv = ServerProcess([path], "--http-frontend", frontend, "--shed-queue-wait-ms", "0")
+    truncated = b'{"inputs":[{"name":"input__0","shape":[1,32],"datatype":"FP32","data":[1,2'
+    answers: dict[str, tuple] = {}
+
+    def send(name: str, body: bytes) -> None:
+        answers[name] = _post(srv.port, body)
+
+    try:
+        running = threading.Thread(target=send, args=("running", _body(1)))
+        running.start()
+        time.sleep(0.5)  # its batch has begun
+        queued = threading.Thread(target=send, args=("queued", _body(2)))
+        queued.start()
+        time.sleep(0.2)
+        status, retry_after, body = _post(srv.port, truncated)
+        assert (status, retry_after) == (503, "1"), body
+        assert json.loads(body) == {"error": f"queue of model '{MODEL}' is full"}
+        running.join(60)
+        queued.join(60)
+        assert answers["running"][0] == 200 and answers["queued"][0] == 200, answers
+        status, _, body = _post(srv.port, truncated)
+        assert status == 400 and json.loads(body)["error"], body
+    finally:
+        assert srv.stop() == 0
+
+
+def test_python_front_end_accepts_a_burst_of_connections_under_load(tmp_path):
+    # uvloop's own server accepted one connection per loop iteration: with the loop busy
+    # reading, refusing and running inline batches for many clients, a burst of new
+    # connections waited in the kernel's accept queue for seconds (issue 12: hundreds of
+    # connections, ~12 accepted per second). All pending connections are taken at once now.
+    from vivace._core import http_load
+
+    path = tmp_path / "inline"
+    _write_slow_package(path, max_queue_size=0, model=slow_model_bytes(3), execution="inline")
+    srv = ServerProcess([path], "--http-frontend", "python", "--shed-queue-wait-ms", "20")
+    request = b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+        MODEL.encode(), len(_body(0)), _body(0))
+    load = threading.Thread(target=http_load, args=(srv.port, request),
+                            kwargs=dict(concurrency=128, duration_s=4.0, warmup_s=0.0))
+    try:
+        started = time.monotonic()
+        assert _post(srv.port, _body(0))[0] == 200
+        one_request = time.monotonic() - started
+        load.start()
+        time.sleep(1.0)
+        burst = 100
+        started = time.monotonic()
+        sockets = [socket.create_connection(("127.0.0.1", srv.port), timeout=60) for _ in range(burst)]
+        for s in sockets:
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        for s in sockets:
+            assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+            s.close()
+        took = time.monotonic() - started
+        assert took < burst / 4 * one_request, f"{burst} connections answered in {took:.2f} s"
+    finally:
+        load.join(30)
+        assert srv.stop() == 0
 
 
 def test_sigterm_during_a_burst_answers_every_accepted_request(tmp_path):

@@ -147,14 +147,24 @@ class Batcher {
   // then calls SignalReady() once, so that the thread running batches wakes to all of them.
   Status Enqueue(Request* request, uint64_t token, int priority, int64_t timeout_us, bool defer_ready = false);
   void SignalReady() { Signal(ready_write_fd_); }
+  // What Enqueue would answer now for a request of the most urgent priority: kOk, or the
+  // refusal (kShutdown, kQueueFull, kOverloaded) that then awaits every request. The HTTP
+  // front end asks before parsing a body it would only refuse.
+  Status Admission() const;
   // Drops a request not yet executed; returns false when the token is unknown.
   bool Cancel(uint64_t token);
 
   // Completed requests since the last call; clears the notification descriptor.
   std::vector<Request*> Drain();
-  // Inline mode: run every batch that is ready now on the calling thread. Returns the
-  // microseconds until a waiting batch is due (max_queue_delay), or -1 if none waits.
-  int64_t RunReady();
+  // Inline mode: run the batches that are ready now on the calling thread, each answered
+  // as soon as it ran; with slice_us >= 0, stop starting batches once that much time has
+  // passed, so that the caller's own work (reading requests, refusing them) is not held
+  // up behind a whole queue. Returns the microseconds until the next batch is due (0: one
+  // is ready now), or -1 if none waits.
+  int64_t RunReady(int64_t slice_us = -1);
+  // The slice the servers run inline batches in (the native front end's thread, the
+  // Python loop): a few batches of a small model, short against any queue-wait budget.
+  static constexpr int64_t kServingSliceUs = 2000;
   // Answers queued requests whose deadline has passed. Executors do this whenever they
   // look for work; the owner calls it periodically so that a deadline is honoured
   // while every executor is busy with a long batch.
@@ -199,6 +209,7 @@ class Batcher {
   void ExecuteBatch(int executor, std::vector<Slice>* slices, std::vector<Request*>* done);
   void FailAllLocked(Status status, std::vector<Request*>* done);
   Clock::time_point OldestEnqueueTimeLocked(int priority) const;
+  Status AdmitLocked(Clock::time_point now, int priority) const;
   int64_t ReadyBatchSize(Clock::time_point now, Clock::time_point* wake_at) const;
   void TakeBatch(int64_t rows, std::vector<Slice>* slices);
   void ExpireLocked(Clock::time_point now, std::vector<Request*>* done);
@@ -234,11 +245,12 @@ class Batcher {
   int notify_fd_ = -1, notify_write_fd_ = -1;
   int ready_fd_ = -1, ready_write_fd_ = -1;  // inline mode only
   std::mutex run_mu_;                        // inline mode: one RunReady at a time
+  std::vector<Clock::time_point> last_batch_end_;  // per executor, for batch_ns_
 
   std::mutex join_mu_;
   std::vector<std::thread> executors_;
   Stats stats_;  // declared after config_: built from its max_batch_size
-  // Recent time per batch (exponential moving average), for shedding.
+  // Recent cost of a batch to the queue (exponential moving average), for shedding.
   std::atomic<int64_t> batch_ns_{0};
 };
 

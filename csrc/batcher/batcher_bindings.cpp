@@ -472,6 +472,9 @@ class PyBatcher {
   static constexpr int kDeclined = 100;
   int SubmitJson(uint64_t token, py::buffer body, int priority, int64_t timeout_us) {
     if (!json_) return kDeclined;
+    // A request the queue would refuse is refused before its body is decoded (see Admission).
+    const Status admission = batcher_->Admission();
+    if (admission != Status::kOk) return static_cast<int>(admission);
     Py_buffer view;
     if (PyObject_GetBuffer(body.ptr(), &view, PyBUF_SIMPLE) != 0) {
       PyErr_Clear();
@@ -531,7 +534,7 @@ class PyBatcher {
   }
 
   bool Cancel(uint64_t token) { return batcher_->Cancel(token); }
-  int64_t RunReady() { return batcher_->RunReady(); }
+  int64_t RunReady(int64_t slice_us) { return batcher_->RunReady(slice_us); }
   void ExpireDue() { batcher_->ExpireDue(); }
   int fileno() const { return batcher_->notify_fd(); }
   int ready_fileno() const { return batcher_->ready_fd(); }
@@ -610,6 +613,7 @@ JsonEndpoint JsonEndpointOf(py::handle batcher) { return py::cast<const PyBatche
 std::shared_ptr<Batcher> NativeBatcherOf(py::handle batcher) { return py::cast<const PyBatcher&>(batcher).Native(); }
 
 void BindBatcher(py::module_& m) {
+  m.attr("INLINE_SLICE_US") = Batcher::kServingSliceUs;
   py::class_<PyBatcher>(m, "Batcher", R"doc(
 Dynamic batcher for one model (see vivace.engine.runtime.ModelRunner for the Python side).
 
@@ -639,8 +643,9 @@ it reads `rows` rows from input_buffers(executor) and writes output_buffers(exec
       .def("submit_json", &PyBatcher::SubmitJson, py::arg("token"), py::arg("body"), py::arg("priority") = 0,
            py::arg("timeout_us") = 0,
            "Queue a JSON infer body; returns a Status code, or 100 when the general path must decode it")
-      .def("run_ready", &PyBatcher::RunReady,
-           "Inline mode: run the batches ready now; returns microseconds until the next is due, or -1")
+      .def("run_ready", &PyBatcher::RunReady, py::arg("slice_us") = -1,
+           "Inline mode: run the batches ready now (with slice_us >= 0, those that start within that "
+           "many microseconds); returns microseconds until the next is due (0: ready now), or -1")
       .def("expire_due", &PyBatcher::ExpireDue,
            "Answer queued requests whose deadline passed (while executors are busy)")
       .def("cancel", &PyBatcher::Cancel, py::arg("token"))

@@ -425,7 +425,7 @@ void HttpFrontend::RunDriven(double now) {
   for (Driven& d : driven_) {
     if (!d.kick && (d.due == 0 || now < d.due)) continue;
     d.kick = false;
-    const int64_t wait_us = d.batcher->RunReady();
+    const int64_t wait_us = d.batcher->RunReady(Batcher::kServingSliceUs);
     d.due = wait_us < 0 ? 0 : Now() + static_cast<double>(wait_us) * 1e-6;
   }
 }
@@ -732,6 +732,13 @@ void HttpFrontend::ToPython(ForwardedRequest f) {
 // codec does not take, and invalid arguments. Refusals under load are answered here.
 bool HttpFrontend::SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<const InferRoute>& route,
                                 const char* body, size_t body_size) {
+  // Under overload a request is refused before its body is decoded: a refusal then costs
+  // reading its bytes, not parsing thousands of numbers that the server would throw away.
+  const Status admission = route->batcher->Admission();
+  if (admission != Status::kOk) {
+    Refuse(c, seq, *route, admission);
+    return true;
+  }
   thread_local std::vector<std::pair<const char*, const char*>> spans;
   std::string id;
   bool has_id = false;

@@ -7,6 +7,7 @@
 
 #include "batcher/py_batcher.h"
 #include "frontend/frontend.h"
+#include "frontend/loadgen.h"
 
 namespace py = pybind11;
 
@@ -163,6 +164,44 @@ readable, take() returns them, and respond() sends each answer (in request order
       .def("http_errors", &PyFrontend::HttpErrors)
       .def("failures", &PyFrontend::Failures)
       .def("stop", &PyFrontend::Stop);
+
+  m.def(
+      "http_load",
+      [](int port, py::bytes request, double rate, int concurrency, double duration_s, double warmup_s,
+         int max_connections, double answer_timeout_s, int cpu) {
+        LoadSpec spec;
+        spec.port = port;
+        spec.request = request;
+        spec.rate = rate;
+        spec.concurrency = concurrency;
+        spec.duration_s = duration_s;
+        spec.warmup_s = warmup_s;
+        spec.max_connections = max_connections;
+        spec.answer_timeout_s = answer_timeout_s;
+        spec.cpu = cpu;
+        std::vector<LoadOutcome> outcomes;
+        {
+          py::gil_scoped_release nogil;
+          outcomes = RunLoad(spec);
+        }
+        py::list out(outcomes.size());
+        for (size_t i = 0; i < outcomes.size(); ++i) {
+          const LoadOutcome& o = outcomes[i];
+          out[i] = py::make_tuple(o.scheduled, o.sent, o.answered, o.status, o.retry_after,
+                                  static_cast<int>(o.error), o.version, Bytes(o.body));
+        }
+        return out;
+      },
+      py::arg("port"), py::arg("request"), py::arg("rate") = 0.0, py::arg("concurrency") = 0,
+      py::arg("duration_s") = 1.0, py::arg("warmup_s") = 0.0, py::arg("max_connections") = 512,
+      py::arg("answer_timeout_s") = 10.0, py::arg("cpu") = -1,
+      R"doc(Sends `request` (a whole HTTP/1.1 request) to 127.0.0.1:`port` from a native thread (pinned
+to `cpu` when >= 0): open loop at `rate` per second for `duration_s`, new keep-alive
+connections opened as needed up to `max_connections`; or, with rate 0, closed loop with
+`concurrency` clients (`warmup_s` not reported). Returns [(scheduled, sent, answered,
+status, retry_after, error, model_version, body)]: times in seconds of time.monotonic()
+(CLOCK_MONOTONIC), sent and answered 0 when that did not happen; error is 0
+(answered), 1 (connect refused), 2 (connection lost) or 3 (unanswered in time).)doc");
 }
 
 }  // namespace vivace
