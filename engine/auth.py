@@ -35,7 +35,7 @@ import msgspec
 
 SCOPES = ("infer", "read", "admin", "approve")  # approve: promotion requests of others
 TOKEN_PREFIX = "vvc_"
-BEARER = b"bearer "
+BEARER = b"bearer"
 
 
 def _digest(token: bytes) -> str:
@@ -169,13 +169,20 @@ class Authenticator:
         self._stamp = stamp
         self.generation += 1
 
+    def grants(self) -> list[tuple[bytes, float, bool, str]]:
+        """(SHA-256 digest, expiry or 0, infer scope, name) of every token: what the native
+        front end checks requests against (csrc/frontend)."""
+        return [(bytes.fromhex(digest), principal.expires_at or 0.0, "infer" in principal.scopes, principal.name)
+                for digest, (_, principal) in self._by_digest.items()]
+
     def authenticate(self, header: bytes | None) -> Principal | str:
         """The principal for an Authorization header value, or why it is refused."""
         if not header:
             return "missing bearer token (send 'Authorization: Bearer <token>')"
-        if header[:7].lower() != BEARER:
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != BEARER:
             return "the Authorization header must use the Bearer scheme"
-        token = header[7:].strip()
+        token = token.strip()
         digest = _digest(token)
         found = self._by_digest.get(digest)
         if found is None or not hmac.compare_digest(found[0].digest, digest):

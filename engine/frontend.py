@@ -10,8 +10,11 @@ is handed to this module, which runs it through the same `App.dispatch` as the P
 front end (engine/http.py) and sends the answer back; the C++ side keeps responses in
 request order.
 
-The Python front end (uvloop + httptools) remains for TLS and bearer authentication,
-which the native one does not implement: `ServerConfig.http_frontend` picks.
+With `--auth`, the C++ side answers a fast-path request only when its bearer token is
+valid and has the infer scope (it checks the SHA-256 digests `sync_tokens` hands it);
+every other request goes through `App.dispatch`, which answers 401/403 and audits. The
+Python front end (uvloop + httptools) remains for TLS, which the native one does not
+implement (or a proxy terminates it): `ServerConfig.http_frontend` picks.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from vivace import _core
 from .config import ServerConfig
 from .http import http_answer
 from .infer import Outcome
+from .routes import OPEN_PATHS
 
 if TYPE_CHECKING:
     from .runtime import ModelRunner
@@ -34,13 +38,12 @@ if TYPE_CHECKING:
 def use_native(config: ServerConfig) -> bool:
     """Whether `config` serves through the native front end; raises ValueError when it
     asks for the native one together with a feature only the Python one has."""
-    python_only = [flag for flag, on in (("--tls-cert", config.tls_cert), ("--auth", config.auth_tokens)) if on]
-    if config.http_frontend == "native" and python_only:
-        raise ValueError(f"the native HTTP front end does not implement {' and '.join(python_only)}; "
-                         "use --http-frontend python (or auto)")
+    if config.http_frontend == "native" and config.tls_cert:
+        raise ValueError("the native HTTP front end does not implement --tls-cert (terminate TLS in a proxy in "
+                         "front of it, or use --http-frontend python or auto)")
     if config.http_frontend not in ("auto", "native", "python"):
         raise ValueError(f"http_frontend must be auto, native or python, got {config.http_frontend!r}")
-    return config.http_frontend != "python" and not python_only
+    return config.http_frontend != "python" and not config.tls_cert
 
 
 def listening_socket(config: ServerConfig, reuse_port: bool = False) -> socket.socket:
@@ -142,6 +145,14 @@ class NativeFrontend:
             connection.header_length = header_length
             connection.authorization = authorization
             dispatch(connection, seq, method, target, body)
+
+    def sync_tokens(self) -> None:
+        """Give the C++ side the tokens that may call infer (with --auth): it answers their
+        fast-route requests itself and hands every other to Python, which explains the 401
+        or 403 and audits it. Called at start and whenever the token file changed."""
+        auth = self.app.auth
+        self.core.set_auth(auth is not None, auth.grants() if auth is not None else [],
+                           sorted(path.decode() for path in OPEN_PATHS))
 
     def sync_routes(self) -> None:
         """Give the C++ side the fast routes of the models that take them now (`_fast`).

@@ -649,8 +649,11 @@ class App:
         """Pick up a changed token file (one stat when unchanged): revocations and new
         tokens apply within TOKEN_RELOAD_S."""
         try:
+            generation = self.auth.generation
             self.auth.reload()
             self._token_error = None
+            if self.frontend is not None and self.auth.generation != generation:
+                self.frontend.sync_tokens()
         except (OSError, ValueError) as exc:  # keep the tokens we have
             if str(exc) != self._token_error:
                 log.error("cannot reload the token file: %s", exc)
@@ -848,6 +851,7 @@ async def serve(
         finally:
             listener.close()
         app.frontend.attach(loop)
+        app.frontend.sync_tokens()
         app.frontend.sync_routes()
     else:
         listener = sock if sock is not None else listening_socket(config, reuse_port)

@@ -48,8 +48,15 @@ def audit_events(home) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.fixture(scope="module", params=["native", "python"])
+def frontend(request) -> str:
+    """Each front end: the native one answers granted fast-path infers in C++ and hands the
+    rest (refusals included) to the same Python dispatch as the Python front end."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, mlp_package):
+def home(tmp_path_factory, mlp_package, frontend):  # one per front end: tests revoke and move aliases
     home = tmp_path_factory.mktemp("home")
     cli(home, "models", "register", mlp_package, "--name", "churn")
     cli(home, "models", "register", mlp_package, "--name", "churn")
@@ -66,9 +73,9 @@ def tokens(home):
 
 
 @pytest.fixture(scope="module")
-def secured(home, tokens, mlp_package):
+def secured(frontend, home, tokens, mlp_package):
     server = ServerProcess(["churn@production", mlp_package], "--auth", "--follow-interval", "0.1", "--repository-control",
-                           env={"VIVACE_HOME": str(home)})
+                           "--http-frontend", frontend, env={"VIVACE_HOME": str(home)})
     yield server
     assert server.stop() == 0
 

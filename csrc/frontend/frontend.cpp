@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <random>
 #include <cerrno>
 #include <chrono>
@@ -70,13 +71,14 @@ void AppendJsonString(std::string* out, const std::string& text) {
   out->push_back('"');
 }
 
-std::string ErrorResponse(int status, const std::string& message, bool close) {
+std::string ErrorResponse(int status, const std::string& message, bool close, const char* extra_headers = "") {
   std::string body = "{\"error\":";
   AppendJsonString(&body, message);
   body += "}";
   std::string out = "HTTP/1.1 " + std::to_string(status) + " " + Reason(status) +
                     "\r\ncontent-type: application/json\r\ncontent-length: " + std::to_string(body.size()) + "\r\n";
   if (status == 503) out += "retry-after: 1\r\n";  // every 503 tells the client when to retry
+  out += extra_headers;
   if (close) out += "connection: close\r\n";
   out += "\r\n";
   out += body;
@@ -189,6 +191,61 @@ void HttpFrontend::SetRoutes(std::unordered_map<std::string, std::shared_ptr<con
     for (auto& [target, route] : old)
       if (route->canary) replaced_routed_.push_back({target, route->routed.exchange(0), route->routed_canary.exchange(0)});
   }
+}
+
+void HttpFrontend::SetAuth(bool required, std::vector<TokenGrant> grants, std::vector<std::string> open_paths) {
+  std::unordered_map<std::string, TokenGrant> table;
+  for (TokenGrant& g : grants) {
+    std::string key(reinterpret_cast<const char*>(g.digest.data()), g.digest.size());
+    table[std::move(key)] = std::move(g);
+  }
+  std::lock_guard<std::mutex> lk(routes_mu_);
+  auth_required_ = required;
+  grants_.swap(table);
+  open_paths_ = std::move(open_paths);
+}
+
+// The rules and words of engine/auth.py Authenticator.authenticate: the Bearer scheme (any
+// case), the token hashed before it is looked up (the lookup's time depends on the digest,
+// not on how much of a real token was guessed), the digests compared in constant time.
+const TokenGrant* HttpFrontend::TokenLocked(const Head& h, std::string* refusal) const {
+  const std::string& header = h.authorization;
+  if (!h.has_authorization || header.empty()) {
+    *refusal = "missing bearer token (send 'Authorization: Bearer <token>')";
+    return nullptr;
+  }
+  const size_t space = std::min(header.find(' '), header.size());
+  static constexpr char kBearer[] = "bearer";
+  bool bearer = space == 6;
+  for (size_t i = 0; bearer && i < 6; ++i)
+    bearer = std::tolower(static_cast<unsigned char>(header[i])) == kBearer[i];
+  if (!bearer) {
+    *refusal = "the Authorization header must use the Bearer scheme";
+    return nullptr;
+  }
+  size_t begin = space, end = header.size();
+  while (begin < end && std::isspace(static_cast<unsigned char>(header[begin]))) ++begin;
+  while (end > begin && std::isspace(static_cast<unsigned char>(header[end - 1]))) --end;
+  const Sha256Digest digest = Sha256(header.data() + begin, end - begin);
+  const auto it = grants_.find(std::string(reinterpret_cast<const char*>(digest.data()), digest.size()));
+  if (it == grants_.end() || !DigestsEqual(it->second.digest, digest)) {
+    *refusal = "invalid or revoked token";
+    return nullptr;
+  }
+  const TokenGrant& grant = it->second;
+  if (grant.expires_at != 0.0 &&
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count() >= grant.expires_at) {
+    *refusal = "token '" + grant.name + "' has expired";
+    return nullptr;
+  }
+  return &grant;
+}
+
+bool HttpFrontend::MayContinueLocked(const Head& h, std::string* refusal) const {
+  if (!auth_required_) return true;
+  const std::string path = h.target.substr(0, h.target.find('?'));
+  if (std::find(open_paths_.begin(), open_paths_.end(), path) != open_paths_.end()) return true;
+  return TokenLocked(h, refusal) != nullptr;
 }
 
 std::vector<RoutedCounts> HttpFrontend::TakeRouted() {
@@ -567,6 +624,16 @@ bool HttpFrontend::ParseOne(Conn* c) {
   }
   if (body == nullptr) {
     if (h.expect_continue && !h.continue_sent) {
+      std::string refusal;
+      bool may_continue;
+      {
+        std::lock_guard<std::mutex> lk(routes_mu_);
+        may_continue = MayContinueLocked(h, &refusal);
+      }
+      if (!may_continue) {  // refused before the client sends the body it announced
+        Reject(c, 401, refusal, "www-authenticate: Bearer realm=\"vivace\"\r\n");
+        return false;
+      }
       h.continue_sent = true;
       c->out += "HTTP/1.1 100 Continue\r\n\r\n";
       if (!c->dirty) {
@@ -684,7 +751,10 @@ void HttpFrontend::Dispatch(Conn* c, const char* body, size_t body_size) {
     {
       std::lock_guard<std::mutex> lk(routes_mu_);
       auto it = routes_.find(h.target);
-      if (it != routes_.end()) route = it->second;
+      // Without an infer grant the request goes to Python, which explains the 401/403 and audits it.
+      std::string refusal;
+      const TokenGrant* grant = auth_required_ ? TokenLocked(h, &refusal) : nullptr;
+      if (it != routes_.end() && (!auth_required_ || (grant != nullptr && grant->infer))) route = it->second;
     }
     if (route && route->canary) {  // a weighted rollout: this request's version, drawn
       draw_state_ ^= draw_state_ << 13;
@@ -896,7 +966,7 @@ void HttpFrontend::Answer(Conn* c, uint64_t seq, std::string response) {
   }
 }
 
-void HttpFrontend::Reject(Conn* c, int status, const std::string& message) {
+void HttpFrontend::Reject(Conn* c, int status, const std::string& message, const char* extra_headers) {
   if (c->rejected && c->close_after >= 0 && static_cast<int64_t>(c->next_seq) > c->close_after) return;
   CountHttpError(status);
   const uint64_t seq = c->next_seq++;
@@ -904,7 +974,7 @@ void HttpFrontend::Reject(Conn* c, int status, const std::string& message) {
   EndDrainRead(c);
   c->rejected = true;
   c->close_after = static_cast<int64_t>(seq);
-  Answer(c, seq, ErrorResponse(status, message, true));
+  Answer(c, seq, ErrorResponse(status, message, true, extra_headers));
 }
 
 void HttpFrontend::WatchWrites(Conn* c, bool on) {

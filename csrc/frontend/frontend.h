@@ -24,6 +24,7 @@
 #include "batcher/batcher.h"
 #include "batcher/oip_json.h"
 #include "frontend/http_parse.h"
+#include "frontend/sha256.h"
 
 namespace vivace {
 
@@ -52,6 +53,15 @@ struct InferRoute {
   mutable std::atomic<uint64_t> routed{0}, routed_canary{0};
 };
 
+// A bearer token (engine/auth.py Authenticator.grants): the SHA-256 digest of the token,
+// when it expires (Unix seconds; 0: never), whether it may call infer, and its name.
+struct TokenGrant {
+  Sha256Digest digest{};
+  double expires_at = 0.0;
+  bool infer = false;
+  std::string name;
+};
+
 // A split route's natively answered requests since the last TakeRouted.
 struct RoutedCounts {
   std::string target;
@@ -78,6 +88,12 @@ class HttpFrontend final : public CompletionSink {
 
   // Replaces the fast routes (exact request targets).
   void SetRoutes(std::unordered_map<std::string, std::shared_ptr<const InferRoute>> routes);
+  // Bearer-token auth. With `required`, a fast-route request is answered here only when it
+  // presents a grant with the infer scope; any other goes to Python, which answers it 401
+  // or 403 and writes the refusal to the audit log. A request announcing its body with
+  // `Expect: 100-continue` outside `open_paths` gets its 100 only with a valid token, and a
+  // 401 (the words of engine/auth.py) otherwise. Replaces the previous grants.
+  void SetAuth(bool required, std::vector<TokenGrant> grants, std::vector<std::string> open_paths);
   // The split routes' counts since the last call (those of routes just replaced included).
   std::vector<RoutedCounts> TakeRouted();
   // Inline batchers whose batches this thread runs itself (native kernels: no GIL), right
@@ -148,7 +164,12 @@ class HttpFrontend final : public CompletionSink {
   bool SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<const InferRoute>& route, const char* body,
                     size_t body_size);
   void Refuse(Conn* c, uint64_t seq, const InferRoute& route, Status status);
-  void Reject(Conn* c, int status, const std::string& message);
+  // The grant the request's Authorization header presents, or null with why not in
+  // *refusal (routes_mu_ held).
+  const TokenGrant* TokenLocked(const Head& h, std::string* refusal) const;
+  // Whether a request waiting for 100 Continue may send its body (routes_mu_ held).
+  bool MayContinueLocked(const Head& h, std::string* refusal) const;
+  void Reject(Conn* c, int status, const std::string& message, const char* extra_headers = "");
   void Answer(Conn* c, uint64_t seq, std::string response);
   void Flush(Conn* c);
   void Close(Conn* c);
@@ -183,6 +204,9 @@ class HttpFrontend final : public CompletionSink {
   mutable std::mutex routes_mu_;
   std::unordered_map<std::string, std::shared_ptr<const InferRoute>> routes_;
   std::vector<RoutedCounts> replaced_routed_;  // guarded by routes_mu_: counts of routes SetRoutes dropped
+  bool auth_required_ = false;                            // guarded by routes_mu_
+  std::unordered_map<std::string, TokenGrant> grants_;  // guarded by routes_mu_: by digest bytes
+  std::vector<std::string> open_paths_;                 // guarded by routes_mu_
   uint64_t draw_state_ = 1;  // io thread only: xorshift64 draws for split routes (seeded per process)
   std::vector<std::shared_ptr<Batcher>> driven_next_;  // guarded by routes_mu_
   bool driven_changed_ = false;                        // guarded by routes_mu_

@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <memory>
 #include <string>
 
@@ -75,6 +76,23 @@ class PyFrontend {
     py::list out;
     for (const RoutedCounts& c : counts) out.append(py::make_tuple(c.target, c.stable, c.canary));
     return out;
+  }
+
+  void SetAuth(bool required, py::list grants, std::vector<std::string> open_paths) {
+    std::vector<TokenGrant> table;
+    for (py::handle item : grants) {
+      auto entry = item.cast<py::tuple>();
+      TokenGrant g;
+      const std::string digest = entry.size() == 4 ? entry[0].cast<std::string>() : std::string();
+      if (digest.size() != g.digest.size())
+        throw py::value_error("a grant is (32-byte SHA-256 digest, expires_at, infer, name)");
+      std::memcpy(g.digest.data(), digest.data(), g.digest.size());
+      g.expires_at = entry[1].cast<double>();
+      g.infer = entry[2].cast<bool>();
+      g.name = entry[3].cast<std::string>();
+      table.push_back(std::move(g));
+    }
+    frontend_->SetAuth(required, std::move(table), std::move(open_paths));
   }
 
   void SetDriven(py::list batchers) {
@@ -152,6 +170,10 @@ readable, take() returns them, and respond() sends each answer (in request order
            "(target, batcher, model, version, canary_batcher, canary_version, canary_percent) for a weighted rollout")
       .def("take_routed", &PyFrontend::TakeRouted,
            "[(target, stable count, canary count)] of the split routes since the last call")
+      .def("set_auth", &PyFrontend::SetAuth, py::arg("required"), py::arg("grants"), py::arg("open_paths"),
+           "Bearer auth: with required, only fast-path requests presenting a grant [(sha256 digest of the "
+           "token, expires_at or 0, infer scope, name)] with the infer scope are answered natively; "
+           "others go to Python")
       .def("set_driven", &PyFrontend::SetDriven, py::arg("batchers"),
            "Inline batchers with a native kernel whose batches the front end's thread runs itself")
       .def("respond", &PyFrontend::Respond, py::arg("conn"), py::arg("seq"), py::arg("response"))

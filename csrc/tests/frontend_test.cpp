@@ -36,6 +36,7 @@
 #include "batcher/batcher.h"
 #include "batcher/oip_json.h"
 #include "frontend/frontend.h"
+#include "frontend/sha256.h"
 
 using vivace::Batcher;
 using vivace::BatcherConfig;
@@ -962,6 +963,118 @@ void StopInFlight() {
   std::printf("stop: %lld responses before Stop\n", static_cast<long long>(answered.load()));
 }
 
+// -- phase: bearer tokens on the fast path ------------------------------------------------------
+
+std::string Hex(const vivace::Sha256Digest& d) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string out;
+  for (uint8_t byte : d) {
+    out += kDigits[byte >> 4];
+    out += kDigits[byte & 15];
+  }
+  return out;
+}
+
+void Sha256Vectors() {
+  // FIPS 180-4's examples, and lengths around the block boundaries where the padding changes.
+  const std::pair<std::string, const char*> vectors[] = {
+      {"", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"},
+      {"abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"},
+      {"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq",
+       "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"},
+      {std::string(55, 'a'), "9f4390f8d30c2dd92ec9f095b65e2b9ae9b0a925a5258e241c9f1e910f734318"},
+      {std::string(64, 'a'), "ffe054fe7ae0cb6dc65c3af9b61d5209f439851db43d0ba5997337df154668eb"},
+      {std::string(1000000, 'a'), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"},
+  };
+  for (const auto& [text, expected] : vectors)
+    Check(Hex(vivace::Sha256(text.data(), text.size())) == expected,
+          "sha256 of " + std::to_string(text.size()) + " bytes");
+  const auto a = vivace::Sha256("a", 1), b = vivace::Sha256("b", 1);
+  Check(vivace::DigestsEqual(a, a) && !vivace::DigestsEqual(a, b), "DigestsEqual");
+}
+
+void BearerTokens() {
+  current_phase = "bearer tokens";
+  Sha256Vectors();
+  Server server({Threaded("guarded", 1, 8, 0)}, vivace::FrontendLimits{});
+  HttpFrontend& fe = *server.frontend;
+  fe.SetRoutes(server.AllRoutes());
+  const std::string good = "vvc_good", expired = "vvc_expired", reader = "vvc_reader";
+  fe.SetAuth(true,
+             {{vivace::Sha256(good.data(), good.size()), 0.0, true, "good"},
+              {vivace::Sha256(expired.data(), expired.size()), 1.0 /* 1970 */, true, "old"},
+              {vivace::Sha256(reader.data(), reader.size()), 0.0, false, "reader"}},
+             {"/v2/health/ready"});
+  Owner owner(&fe, server.models, nullptr, nullptr);
+  const Model& m = *server.models[0];
+  // Natively answered: a granted token (any case of the scheme, spaces around it). Everything
+  // else goes to Python, which answers 401/403 and audits (here the owner answers it).
+  const std::pair<std::string, bool> cases[] = {
+      {"authorization: Bearer vvc_good\r\n", true},
+      {"Authorization: BEARER   vvc_good  \r\n", true},
+      {"authorization: Bearer vvc_goo\r\n", false},
+      {"authorization: Bearer vvc_goodx\r\n", false},
+      {"authorization: Bearer vvc_expired\r\n", false},
+      {"authorization: Bearer vvc_reader\r\n", false},  // valid, without the infer scope
+      {"authorization: Basic dnZjX2dvb2Q=\r\n", false},
+      {"authorization: Bearervvc_good\r\n", false},
+      {"", false},
+  };
+  int64_t forwarded = 0, serial = 0;
+  auto exchange = [&](const std::string& header) {
+    const std::vector<int64_t> values = {serial, 1, 2, 3};
+    const std::string id = "auth-" + std::to_string(serial++);
+    const std::string body = "{\"id\":\"" + id + "\",\"inputs\":[{\"name\":\"x\",\"shape\":[1,4],\"datatype\":"
+                             "\"INT64\",\"data\":[" + std::to_string(values[0]) + ",1,2,3]}]}";
+    const std::string wire = "POST " + m.target + " HTTP/1.1\r\nhost: t\r\n" + header +
+                             "content-length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+    const int fd = Connect(server.port);
+    std::mt19937 rng(7);
+    Check(SendAll(fd, wire, &rng), "auth: send");
+    std::string buf;
+    Response r;
+    Check(ReadResponse(fd, &buf, &r) == Read::kOk && r.status == 200 && r.body == ExpectedBody(m, values, id),
+          "auth: wrong answer to " + Clip(header));
+    close(fd);
+  };
+  for (const auto& [header, native] : cases) {
+    exchange(header);
+    if (!native) ++forwarded;
+  }
+  // Expect: 100-continue: the body is let in only with a valid token; otherwise 401 at once.
+  auto expect = [&](const std::string& header, const std::string& target) {
+    const int fd = Connect(server.port);
+    std::mt19937 rng(7);
+    Check(SendAll(fd, "POST " + target + " HTTP/1.1\r\nhost: t\r\n" + header +
+                          "content-length: 10\r\nexpect: 100-continue\r\n\r\n", &rng), "auth: send head");
+    std::string buf;
+    char chunk[4096];
+    const ssize_t n = recv(fd, chunk, sizeof(chunk), 0);
+    close(fd);
+    return n > 0 ? std::string(chunk, static_cast<size_t>(n)) : std::string();
+  };
+  Check(expect("authorization: Bearer vvc_reader\r\n", m.target).rfind("HTTP/1.1 100 Continue", 0) == 0,
+        "auth: a valid token may send its body");
+  Check(expect("", "/v2/health/ready").rfind("HTTP/1.1 100 Continue", 0) == 0, "auth: open paths need no token");
+  for (const auto& [header, words] : std::vector<std::pair<std::string, std::string>>{
+           {"", "missing bearer token"}, {"authorization: Basic x\r\n", "Bearer scheme"},
+           {"authorization: Bearer vvc_nope\r\n", "invalid or revoked token"},
+           {"authorization: Bearer vvc_expired\r\n", "token 'old' has expired"}}) {
+    const std::string reply = expect(header, m.target);
+    Check(reply.rfind("HTTP/1.1 401", 0) == 0 && reply.find("www-authenticate: Bearer") != std::string::npos &&
+              reply.find(words) != std::string::npos,
+          "auth: expect-continue refusal: " + Clip(reply));
+  }
+  fe.SetAuth(false, {}, {});
+  exchange("");  // auth off: no header needed on the fast path
+  PythonShutdown(&server, &owner, true, 10);
+  Check(owner.answered == forwarded && static_cast<int64_t>(owner.seen.size()) == forwarded,
+        "auth: " + std::to_string(owner.answered) + " requests forwarded, expected " + std::to_string(forwarded));
+  std::printf("bearer tokens: %lld forwarded to the owner, the granted ones answered natively\n",
+              static_cast<long long>(forwarded));
+  server.frontend.reset();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -974,6 +1087,7 @@ int main(int argc, char** argv) {
     Fail("the test did not finish within 240 s");
   }).detach();
   if (wanted("answer")) DrainMeetsAnswer();
+  if (wanted("bearer")) BearerTokens();
   if (wanted("mixed")) MixedTraffic();
   if (wanted("drain")) DrainUnderLoad();
   // The shutdown paths race with completions on other threads: run them a few times.
