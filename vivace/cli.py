@@ -24,6 +24,7 @@ COMMANDS = {
     "package": "vivace.registry.cli",
     "data": "vivace.registry.cli", "models": "vivace.registry.cli", "runs": "vivace.registry.cli",
     "train": "vivace.registry.cli", "audit": "vivace.registry.cli", "rollout": "vivace.registry.cli",
+    "pipeline": "vivace.registry.pipeline_cli",
     "features": "vivace.features.cli",
     "monitor": "vivace.monitor.cli",
 }
