@@ -20,6 +20,7 @@ BENCH_MODULES = [
     "vivace.bench.entities",
     "vivace.bench.drift",
     "vivace.bench.monitoring",
+    "vivace.bench.quality",
     "vivace.bench.lifecycle",
     "vivace.bench.overload",
     "vivace.bench.rollout",

@@ -127,6 +127,19 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
                        help="share of requests logged")
     serve.add_argument("--prediction-log-max-mb", type=float, default=64.0,
                        help="size at which the log rotates (6 files are kept)")
+    truth = serve.add_argument_group("ground truth", "labels POSTed to /v2/models/NAME/feedback are joined to the "
+                                     "--prediction-log; quality, group metrics and importance per version at "
+                                     "/v2/models/NAME/performance and /metrics; alerts go where drift alerts go")
+    truth.add_argument("--quality-window", type=int, default=10_000, help="labelled rows per version in the metrics")
+    truth.add_argument("--quality-min-labels", type=int, default=100, help="labels before thresholds are judged")
+    truth.add_argument("--quality-threshold", action="append", default=[], metavar="METRIC>=X|METRIC<=X",
+                       help="alert when a metric crosses it, e.g. auc>=0.7, logloss<=0.6, ece<=0.1, "
+                       "demographic_parity_difference<=0.1 (repeatable)")
+    truth.add_argument("--feedback-index", type=int, default=100_000,
+                       help="logged requests kept for the join: a label later than this many requests is unknown")
+    truth.add_argument("--importance-interval", type=float, default=60.0,
+                       help="seconds between production permutation-importance runs (0: off)")
+    truth.add_argument("--importance-rows", type=int, default=1000, help="rows sampled per importance run")
     serve.add_argument("--follow-interval", type=float, default=1.0,
                        help="seconds between checks that a served NAME@ALIAS still points to the same version")
     release = serve.add_argument_group("deployed release", "what `vivace deploy render` passes to a pod serving "

@@ -40,6 +40,13 @@ class ServeOptions:
     prediction_log: str | None = None
     prediction_log_sample: float = 0.01
     prediction_log_max_mb: float = 64.0
+    # Ground truth (monitor/quality.py; needs --prediction-log): labels joined to predictions.
+    quality_window: int = 10_000          # labelled rows per version the metrics are computed over
+    quality_min_labels: int = 100         # labels before thresholds are judged
+    quality_threshold: list[str] = field(default_factory=list)  # "auc>=0.7", "logloss<=0.6", ...
+    feedback_index: int = 100_000         # logged requests kept for the join (late labels)
+    importance_interval: float = 60.0     # seconds between production importance runs; 0: off
+    importance_rows: int = 1000           # rows sampled per run
     follow_interval: float = 1.0
     # A deployed release (engine/deploy.py): the one package directory is served under the
     # registry's name and version, and only if its package.json has this SHA-256.
@@ -71,6 +78,14 @@ class ServeOptions:
                                    "directory (a deployment's /mnt/models), not to NAME@ALIAS or several packages")
             if self.expect_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.expect_sha256):
                 raise OptionsError(f"--expect-sha256 must be 64 lowercase hex digits, got {self.expect_sha256!r}")
+        if self.quality_threshold:
+            from vivace.monitor.quality import parse_threshold
+
+            try:
+                for text in self.quality_threshold:
+                    parse_threshold(text)
+            except ValueError as exc:
+                raise OptionsError(f"--quality-threshold: {exc}") from None
         if self.server.execution_timeout_s <= 0:
             raise OptionsError(f"--execution-timeout must be positive, got {self.server.execution_timeout_s:g}")
         from .frontend import use_native  # the one place that knows what each front end implements

@@ -73,6 +73,13 @@ ROUTES: tuple[Route, ...] = (
     _model("/rollout", "GET", "_rollout", "read", "model_rollout",
            "The rollout being served on the model: canary weight, requests per version, shadow "
            "comparison (ref null: no rollout).", "RolloutStatus"),
+    _model("/feedback", "POST", "_feedback", "infer", "model_feedback",
+           "Ground truth: labels for logged request ids (or entity ids), joined to the prediction log; "
+           "unknown ids are counted, not refused (404 without --prediction-log).", "FeedbackAccepted",
+           request="FeedbackRequest", errors=("404", "503")),
+    _model("/performance", "GET", "_performance", "read", "model_performance",
+           "Quality over the label window (accuracy, AUC, log-loss, calibration; MAE, RMSE), group metrics of "
+           "sensitive attributes, feature importance in production and at training.", "Performance"),
     _model("/infer", "POST", "_infer", "infer", "infer",
            "Run inference (JSON, or Triton's binary tensor extension)."),
     Route("POST", "/v2/repository/index", "_repository_index", "read", "repository_index",

@@ -257,6 +257,29 @@ class ModelRunner:
                                   config=alerts or AlertConfig())
         self.drift.start(interval_s)
 
+    def quality_info(self) -> Any:
+        """What the ground-truth monitor (monitor/quality.py) needs of this version: its task,
+        columns, sensitive attributes and training-time importance, and a predictor for
+        production importance — a model copy of its own (vivace.engine.Scorer, one thread),
+        loaded on first use on the monitor's thread, never the batcher's buffers."""
+        info = getattr(self, "_quality_info", None)
+        if info is None:
+            from vivace.monitor.quality import ModelInfo
+
+            scorer: list[Any] = []
+
+            def predict(x: np.ndarray) -> np.ndarray:
+                if not scorer:
+                    from .scorer import Scorer
+
+                    scorer.append(Scorer(self.model_package, num_threads=1))
+                out = scorer[0].predict(x.astype(np.float32))
+                return np.asarray(next(iter(out.values())) if isinstance(out, dict) else out)
+
+            info = self._quality_info = ModelInfo.from_package(
+                self.name, self.version, self.package, None if self.entity is not None else predict)
+        return info
+
     def _run_batch(self, executor: int, rows: int) -> None:
         self.running[executor] = (time.monotonic(), self.last_token)
         try:

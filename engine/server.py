@@ -42,6 +42,8 @@ log = logging.getLogger("vivace.server")
 TOKEN_RELOAD_S = 0.2
 # How often automatic rollouts are judged: likewise a timer of their own.
 ROLLOUT_ANALYSIS_S = 0.25
+# Feedback uploads written and joined at once (more: 503 + Retry-After).
+MAX_FEEDBACK_JOBS = 4
 
 # Vivace platform -> (Triton platform, Triton backend) in model metadata and /config.
 TRITON_PLATFORMS = {"torchscript": "pytorch_libtorch", "torch_export": "pytorch_libtorch",
@@ -93,6 +95,8 @@ class App:
         self.inference = Inference(self.count_failure, config.shed_queue_wait_ms)
         # Shadow copies and automatic rollout decisions in flight (referenced until done).
         self._background: set[asyncio.Task] = set()
+        self.quality: Any = None  # a monitor.quality.QualityMonitor with --prediction-log: labels are joined
+        self._feedback_jobs = 0  # feedback uploads being written and joined off the loop
         self.metrics = MetricsCollector(self)
 
     # -- the served models (engine/model_table.py) -------------------------------------------
@@ -237,6 +241,8 @@ class App:
                                         "to load, unload or move aliases over HTTP", 403)
             return functools.partial(handler, params["model_name"]), None, route.scope
         runner = self._runner(params["model_name"], params.get("model_version")) if route.model else None
+        if route.handler == "_feedback":  # labels for a versioned route join that version's predictions only
+            handler = functools.partial(handler, params.get("model_version"))
         if route.handler == "_infer" and "model_version" not in params:
             split = self.table.splits.get(params["model_name"])
             if split is not None:  # a rollout picks the version per request
@@ -381,6 +387,49 @@ class App:
                 f"model {runner.name!r} version {runner.version} has no drift monitoring "
                 "(its package carries no reference profile)", 404)
         protocol.respond(seq, _ok(runner.drift.status()))
+
+    # -- ground truth (monitor/quality.py) ----------------------------------------------------
+    def _feedback(self, version: str | None, protocol, seq, runner: ModelRunner, body) -> None:
+        """Labels for logged requests: validated whole here (nothing is applied from an
+        invalid body), then written to the feedback log and joined off the loop."""
+        if self.quality is None:
+            raise oip.ProtocolError(f"model {runner.name!r}: this server keeps no prediction log to join labels "
+                                    "to; start vivace serve with --prediction-log FILE", 404)
+        from vivace.monitor.quality import FeedbackError, parse_feedback
+
+        try:
+            items = parse_feedback(body)
+        except FeedbackError as exc:
+            raise oip.ProtocolError(str(exc), exc.status) from None
+        if self.draining:
+            raise oip.ProtocolError("the server is draining", 503)
+        if self._feedback_jobs >= MAX_FEEDBACK_JOBS:  # a flood waits at the client, not in memory here
+            raise oip.ProtocolError(f"{self._feedback_jobs} feedback uploads are being recorded; retry shortly",
+                                    503, b"retry-after: 1\r\n")
+        self._feedback_jobs += 1
+
+        def done(future: asyncio.Future) -> None:
+            self._feedback_jobs -= 1
+            try:
+                answer = future.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. a full disk: nothing was acknowledged
+                log.error("%s: cannot record feedback: %s", runner.name, exc)
+                self.count_http_error(503)
+                protocol.respond(seq, http_response(503, error_body(f"cannot record the labels: {exc}"),
+                                                    extra=b"retry-after: 5\r\n"))
+                return
+            protocol.respond(seq, _ok(answer))
+
+        asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.quality.feedback, runner.name, version, items)).add_done_callback(done)
+
+    def _performance(self, protocol, seq, runner: ModelRunner, body) -> None:
+        if self.quality is None:
+            doc = {"model": runner.name, "version": runner.version, "state": "off", "labels": 0, "metrics": {},
+                   "reason": "no prediction log to join labels to (vivace serve --prediction-log FILE)"}
+        else:
+            doc = self.quality.performance(runner.name, runner.version)
+        protocol.respond(seq, _ok(doc))
 
     def _metrics(self, protocol, seq, runner, body) -> None:
         text, content_type = render_metrics(self.metrics)
@@ -829,16 +878,24 @@ async def serve(
     home: str | None = None,
     reuse_port: bool = False,
     leader: bool = True,
+    quality: Any = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then drain: answer accepted requests, refuse new ones.
 
     `reuse_port` (SO_REUSEPORT) lets the workers of `--workers` share the port.
+    `quality`: a monitor.quality.QualityMonitor joining labels to the prediction log.
 
     `loader` builds a runner for a registry reference (repository load, alias moves);
     `home` is the registry the server may move aliases in.
     """
     loop = asyncio.get_running_loop()
     app = App(runners, config, loader=loader, home=home, leader=leader)
+    if quality is not None:
+        app.quality = quality
+        quality.served = lambda: [r.quality_info() for r in app.runners()]
+        quality.join.models = lambda name, version: (
+            r.quality_info() if (r := app.table.models.get(name, {}).get(version)) is not None else None)
+        quality.start()
     for runner in runners:
         runner.attach(loop)
     tls = tls_context(config)
@@ -917,6 +974,8 @@ async def serve(
         if app.frontend is not None:
             app.frontend.stop_accepting()
         app.table.stop_all_following()
+        if quality is not None:
+            quality.stop()
         app.begin_drain()
         deadline = time.monotonic() + config.drain_timeout
         while app.in_flight() and time.monotonic() < deadline:

@@ -79,6 +79,9 @@ def run(options: ServeOptions) -> int:
         prediction_log = PredictionLogger(options.own_file(options.prediction_log),
                                           sample_rate=options.prediction_log_sample,
                                           max_bytes=int(options.prediction_log_max_mb * (1 << 20)))
+    quality = None
+    if prediction_log is not None:
+        quality = _quality_monitor(options)
     # With --workers, each worker sketches its share of the traffic (a random sample of it)
     # but only worker 0 acts on alerts: one event, one webhook, one trigger.
     acts_on_alerts = options.worker_index in (None, 0)
@@ -117,4 +120,27 @@ def run(options: ServeOptions) -> int:
         raise VivaceCLIError("; ".join(f"model {r.name!r} version {r.version} {r.unavailable_reason}" for r in broken))
     return uvloop.run(serve(runners, options.server_config(), followers=followers, loader=build_registered,
                             home=options.home, reuse_port=options.worker_index is not None,
-                            leader=acts_on_alerts))
+                            leader=acts_on_alerts, quality=quality))
+
+
+def _quality_monitor(options: ServeOptions):
+    """Labels joined to the prediction log (monitor/quality.py): this process writes its own
+    feedback file and reads every worker's logs; only worker 0 acts on quality alerts."""
+    import os
+
+    from vivace.monitor.alerts import AlertConfig
+    from vivace.monitor.quality import LogJoin, QualityConfig, QualityMonitor, feedback_log_path, parse_threshold
+
+    leader = options.worker_index in (None, 0)
+    alerts = AlertConfig(
+        webhook_url=options.drift_webhook if leader else None,
+        command=shlex.split(options.drift_command) if options.drift_command and leader else None,
+        registry_home=options.home if leader and any(is_registry_ref(m) for m in options.models) else None)
+    config = QualityConfig(window=options.quality_window, max_predictions=options.feedback_index,
+                           min_labels=options.quality_min_labels,
+                           thresholds=[parse_threshold(t) for t in options.quality_threshold],
+                           importance_interval=options.importance_interval, importance_rows=options.importance_rows,
+                           alerts=alerts)
+    base = Path(options.prediction_log)
+    join = LogJoin(base, options.own_file(feedback_log_path(base)), config, own_pid=os.getpid())
+    return QualityMonitor(join, config)

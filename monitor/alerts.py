@@ -1,4 +1,5 @@
-"""Drift alerts: periodic checks of a model version's sketches against its reference
+"""Drift alerts (and the actions every alert takes, `fire_alert`, shared with the quality
+alerts of monitor/quality.py): periodic checks of a model version's sketches against its reference
 profile, with hysteresis and a cool-down, and these actions on a new alert: a log line,
 a webhook POST and retraining triggers — a configured command, and a
 `model.retrain_trigger` record in the registry's audit log (`vivace audit NAME`) for a
@@ -164,44 +165,9 @@ class DriftMonitor:
             return out
 
     def _fire(self, alert: Alert) -> None:
-        payload = alert.to_dict()
-        log.warning("drift alert: model %s version %s, features %s", alert.model, alert.version,
-                    ", ".join(alert.features))
-        if self.config.webhook_url:
-            body = json.dumps(payload, allow_nan=False, default=str).encode()
-            request = urllib.request.Request(self.config.webhook_url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=self.config.webhook_timeout_s) as resp:
-                    resp.read()
-            except (urllib.error.URLError, OSError) as exc:  # an unreachable hook must not stop monitoring
-                log.error("drift webhook %s failed: %s", self.config.webhook_url, exc)
-        if self.config.registry_home:
-            self._record_trigger(alert)
-        if self.config.command:
-            env = dict(os.environ, VIVACE_MODEL=alert.model, VIVACE_VERSION=alert.version,
-                       VIVACE_DRIFT_FEATURES=",".join(alert.features),
-                       VIVACE_ALERT=json.dumps(payload, allow_nan=False, default=str))
-            try:
-                self.processes.append(subprocess.Popen(list(self.config.command), env=env,
-                                                       stdin=subprocess.DEVNULL))
-                log.warning("retraining trigger started: %s", " ".join(self.config.command))
-            except OSError as exc:
-                log.error("retraining trigger %s failed to start: %s", self.config.command[0], exc)
-
-    def _record_trigger(self, alert: Alert) -> None:
-        from vivace.registry.store import open_home
-
-        payload = json.loads(json.dumps(alert.to_dict(), allow_nan=False, default=str))
-        if self.config.command:
-            payload["command"] = list(self.config.command)
-        try:
-            home = open_home(self.config.registry_home)
-            with home.transaction():
-                home.audit("model.retrain_trigger", f"{alert.model}/{alert.version}",
-                           f"drift in {', '.join(alert.features)}", payload)
-        except Exception as exc:  # noqa: BLE001 - a busy or broken registry must not stop monitoring
-            log.error("cannot record the retraining trigger in %s: %s", self.config.registry_home, exc)
+        fire_alert(self.config, alert.to_dict(), f"features {', '.join(alert.features)}",
+                   {"VIVACE_DRIFT_FEATURES": ",".join(alert.features)}, self.processes,
+                   reason=f"drift in {', '.join(alert.features)}")
 
     def start(self, interval_s: float) -> None:
         """Check every interval_s seconds on a daemon thread until stop()."""
@@ -223,3 +189,47 @@ class DriftMonitor:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+
+def fire_alert(config: AlertConfig, payload: dict[str, Any], summary: str, env: Mapping[str, str],
+               processes: list[subprocess.Popen], reason: str | None = None) -> None:
+    """The actions of a new alert (drift, or quality from monitor/quality.py): a log line, a
+    webhook POST of `payload`, a `model.retrain_trigger` record in the registry, and the
+    configured command (VIVACE_MODEL, VIVACE_VERSION, VIVACE_ALERT and `env` in its
+    environment; started processes are appended to `processes`). `reason`: the trigger
+    record's (default: `summary`)."""
+    model, version = str(payload["model"]), str(payload["version"])
+    log.warning("%s alert: model %s version %s, %s", payload.get("kind", "drift"), model, version, summary)
+    if config.webhook_url:
+        body = json.dumps(payload, allow_nan=False, default=str).encode()
+        request = urllib.request.Request(config.webhook_url, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=config.webhook_timeout_s) as resp:
+                resp.read()
+        except (urllib.error.URLError, OSError) as exc:  # an unreachable hook must not stop monitoring
+            log.error("%s webhook %s failed: %s", payload.get("kind", "drift"), config.webhook_url, exc)
+    if config.registry_home:
+        _record_trigger(config, model, version, reason or summary, payload)
+    if config.command:
+        full_env = dict(os.environ, VIVACE_MODEL=model, VIVACE_VERSION=version, **env,
+                        VIVACE_ALERT=json.dumps(payload, allow_nan=False, default=str))
+        try:
+            processes.append(subprocess.Popen(list(config.command), env=full_env, stdin=subprocess.DEVNULL))
+            log.warning("retraining trigger started: %s", " ".join(config.command))
+        except OSError as exc:
+            log.error("retraining trigger %s failed to start: %s", config.command[0], exc)
+
+
+def _record_trigger(config: AlertConfig, model: str, version: str, summary: str, payload: dict[str, Any]) -> None:
+    from vivace.registry.store import open_home
+
+    payload = json.loads(json.dumps(payload, allow_nan=False, default=str))
+    if config.command:
+        payload["command"] = list(config.command)
+    try:
+        home = open_home(config.registry_home)
+        with home.transaction():
+            home.audit("model.retrain_trigger", f"{model}/{version}", summary, payload)
+    except Exception as exc:  # noqa: BLE001 - a busy or broken registry must not stop monitoring
+        log.error("cannot record the retraining trigger in %s: %s", config.registry_home, exc)

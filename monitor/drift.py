@@ -457,6 +457,9 @@ class DriftReport:
     # name -> (edges, reference histogram, current histogram) for the HTML plots
     plots: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
     ignored_columns: list[str] = field(default_factory=list)
+    # What the model says beside the data (monitor/quality.py): {"importance": {"training": ...,
+    # "production": ...}, "groups": {"training": {attribute: group metrics}, "production": ...}}
+    model: dict[str, Any] | None = None
 
     @property
     def drifted_features(self) -> list[str]:
@@ -484,7 +487,8 @@ class DriftReport:
                 "drifted_features": self.drifted_features,
                 "thresholds": {k: getattr(self.thresholds, k) for k in self.thresholds.__dataclass_fields__},
                 "ignored_columns": self.ignored_columns,
-                "features": [f.to_dict() for f in self.features]}
+                "features": [f.to_dict() for f in self.features],
+                **({"model": self.model} if self.model else {})}
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)

@@ -164,6 +164,7 @@ class MetricsCollector:
                 for feature, statistic, value in monitor.gauge_samples():
                     drift.add_metric([runner.name, runner.version, feature, statistic], value)
         yield from self._rollout_families()
+        yield from self._quality_families()
         http_errors = CounterMetricFamily("vivace_http_errors", "HTTP error responses by status code", labels=["code"])
         for code, count in sorted(self.source.http_errors.items()):
             http_errors.add_metric([str(code)], count)
@@ -204,6 +205,33 @@ class MetricsCollector:
                 disagreed.add_metric(labels, shadow["label_disagreements"])
                 max_diff.add_metric(labels, shadow["max_abs_diff"])
         yield from (weight, routed, shadowed, disagreed, max_diff)
+
+
+    def _quality_families(self) -> Iterator[Metric]:
+        """Ground truth (monitor/quality.py): the source's `quality` monitor, when it has one."""
+        quality = getattr(self.source, "quality", None)
+        if quality is None:
+            return
+        samples = quality.gauge_samples()
+        families = {
+            "quality": GaugeMetricFamily("vivace_model_quality", "Quality over the label window (accuracy, auc, "
+                                         "logloss, brier, ece; mae, rmse, bias)", labels=[*LABELS, "metric"]),
+            "labels": GaugeMetricFamily("vivace_feedback_window_labels", "Labelled rows in the quality window",
+                                        labels=LABELS),
+            "feedback": CounterMetricFamily("vivace_feedback_labels", "Labels received, by outcome (joined, "
+                                            "duplicates, unknown, mismatched, received)", labels=[*LABELS, "outcome"]),
+            "importance": GaugeMetricFamily("vivace_feature_importance", "Permutation importance per feature, in "
+                                            "production and at training", labels=[*LABELS, "feature", "source"]),
+            "group": GaugeMetricFamily("vivace_group_metric", "Per-group rates of a sensitive attribute",
+                                       labels=[*LABELS, "attribute", "group", "metric"]),
+            "fairness": GaugeMetricFamily("vivace_fairness_difference", "Max - min across the groups of a sensitive "
+                                          "attribute (demographic parity, equal opportunity, error rate)",
+                                          labels=[*LABELS, "attribute", "metric"]),
+        }
+        for key, family in families.items():
+            for labels, value in samples[key]:
+                family.add_metric(labels, value)
+        yield from families.values()
 
 
 def render_metrics(collector: MetricsCollector) -> tuple[bytes, bytes]:

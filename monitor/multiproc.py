@@ -41,7 +41,11 @@ log = logging.getLogger("vivace.monitor.multiproc")
 
 WORKER_LABEL = "worker"
 RETIRED_FILE = "retired.msgpack"
-GAUGE_MERGE = {"vivace_model_ready": min, "vivace_drift_statistic": max}
+# Ground-truth gauges: every worker joins every worker's labels (monitor/quality.py), so
+# they agree; max keeps a worker that has not read the newest labels yet from hiding them.
+GAUGE_MERGE = {"vivace_model_ready": min, "vivace_drift_statistic": max, "vivace_model_quality": max,
+               "vivace_feedback_window_labels": max, "vivace_feature_importance": max, "vivace_group_metric": max,
+               "vivace_fairness_difference": max}
 SUMMED_TYPES = ("counter", "histogram", "summary", "gaugehistogram")
 SUCCESS_SAMPLE = "vivace_request_success_total"
 

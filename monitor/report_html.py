@@ -59,7 +59,8 @@ def render_report(report: DriftReport, title: str) -> str:
 <th>KS</th><th>KS p</th><th>Wasserstein/std</th><th>missing ref / cur</th><th>distributions</th></tr></thead>
 <tbody>
 {rows}
-</tbody></table></body></html>
+</tbody></table>
+{_model_sections(report.model)}</body></html>
 """
 
 
@@ -141,3 +142,83 @@ def _categorical_svg(labels: np.ndarray, ref: np.ndarray, cur: np.ndarray, top_n
                      f"{html.escape(str(labels[i])[:8])}</text>")
     return (f'<svg width="{_W}" height="{_H + 14}" '
             f'viewBox="0 0 {_W} {_H + 14}">{"".join(parts)}</svg>')
+
+
+# ---- importance and group metrics (monitor/quality.py) ------------------------------------
+
+def _model_sections(model: dict | None) -> str:
+    if not model:
+        return ""
+    parts = []
+    importance = model.get("importance") or {}
+    sources = [(k, importance.get(k)) for k in ("training", "production") if (importance.get(k) or {}).get("features")]
+    if sources:
+        described = "; ".join(
+            f"{k}: {html.escape(str(d.get('method', 'permutation')))} of {html.escape(str(d.get('metric', '')))} on "
+            f"{d.get('rows', '?')} rows" for k, d in sources)
+        parts.append(f'<h2>Feature importance</h2><div class="summary">{described}. Bars: mean importance '
+                     f'per feature (<span style="color:{_REF_COLOUR}">training</span>, '
+                     f'<span style="color:{_CUR_COLOUR}">production</span>).</div>'
+                     + _importance_svg({k: d["features"] for k, d in sources}))
+    groups = model.get("groups") or {}
+    for source in ("training", "production"):
+        for attribute, stats in sorted((groups.get(source) or {}).items()):
+            parts.append(_group_section(source, attribute, stats))
+    return "\n".join(parts)
+
+
+def _importance_svg(by_source: dict[str, dict[str, float]]) -> str:
+    """Horizontal bars per feature, training and production side by side, largest first."""
+    names = sorted({n for d in by_source.values() for n in d},
+                   key=lambda n: -max((d.get(n) or 0.0) for d in by_source.values()))[:30]
+    peak = max([abs(v or 0.0) for d in by_source.values() for v in d.values()] + [1e-12])
+    label_w, bar_w, row_h = 150, _W - 150, 18
+    out = []
+    for i, name in enumerate(names):
+        y = i * row_h
+        out.append(f'<text x="{label_w - 6}" y="{y + 12}" font-size="11" text-anchor="end">{html.escape(name[:24])}</text>')
+        for k, (source, colour) in enumerate((("training", _REF_COLOUR), ("production", _CUR_COLOUR))):
+            value = (by_source.get(source) or {}).get(name)
+            if value is None:
+                continue
+            w = max(0.0, value) / peak * (bar_w - 4)
+            out.append(f'<rect x="{label_w}" y="{y + 2 + k * 7:.1f}" width="{w:.1f}" height="6" fill="{colour}">'
+                       f"<title>{html.escape(name)} {source}: {value:.4g}</title></rect>")
+    height = max(1, len(names)) * row_h + 4
+    return f'<svg width="{_W}" height="{height}" viewBox="0 0 {_W} {height}">{"".join(out)}</svg>'
+
+
+def _group_section(source: str, attribute: str, stats: dict) -> str:
+    per = stats.get("groups") or {}
+    keys = [k for k in ("rows", "label_rate", "selection_rate", "tpr", "fpr", "error_rate", "mae", "mean_prediction")
+            if any(k in g for g in per.values())]
+    head = "".join(f"<th>{k.replace('_', ' ')}</th>" for k in keys)
+    body = "".join(
+        f'<tr><td class="name">{html.escape(str(g))}</td>'
+        + "".join(f"<td>{v[k] if k == 'rows' else _fmt(v.get(k))}</td>" for k in keys) + "</tr>"
+        for g, v in sorted(per.items()))
+    diffs = "; ".join(f"{k.replace('_', ' ')} {_fmt(stats[k])}" for k in
+                      ("demographic_parity_difference", "equal_opportunity_difference", "error_rate_difference",
+                       "mae_difference") if stats.get(k) is not None)
+    metric = "selection_rate" if "selection_rate" in keys else "mae"
+    bars = _bars_svg({str(g): v.get(metric) for g, v in per.items()}, metric)
+    return (f"<h2>Group metrics: {html.escape(attribute)} ({source})</h2>"
+            f'<div class="summary">{html.escape(diffs) or "one group only"}</div>'
+            f'<table><thead><tr><th class="name">group</th>{head}</tr></thead><tbody>{body}</tbody></table>{bars}')
+
+
+def _bars_svg(values: dict[str, float | None], metric: str) -> str:
+    items = [(k, v) for k, v in sorted(values.items()) if v is not None][:12]
+    if not items:
+        return ""
+    peak = max(abs(v) for _, v in items) or 1.0
+    slot = (_W - 2 * _PAD) / len(items)
+    parts = []
+    for i, (name, v) in enumerate(items):
+        h = abs(v) / peak * (_H - 2 * _PAD)
+        x = _PAD + i * slot
+        parts.append(f'<rect x="{x + slot * 0.2:.1f}" y="{_H - _PAD - h:.1f}" width="{slot * 0.6:.1f}" height="{h:.1f}" '
+                     f'fill="{_CUR_COLOUR}"><title>{html.escape(name)}: {metric} {v:.4g}</title></rect>'
+                     f'<text x="{x + slot / 2:.1f}" y="{_H + 12}" font-size="9" text-anchor="middle">'
+                     f"{html.escape(name[:10])}</text>")
+    return f'<svg width="{_W}" height="{_H + 14}" viewBox="0 0 {_W} {_H + 14}">{"".join(parts)}</svg>'

@@ -360,7 +360,7 @@ def _models_promote(args: argparse.Namespace, home: Home) -> int:
     try:
         checks, previous = promote(home, args.name, args.version, args.alias, metric=args.metric,
                                    direction=args.direction, margin=args.margin, force=args.force,
-                                   reason=args.reason or "")
+                                   reason=args.reason or "", max_group_difference=args.max_group_difference)
     except PromotionRefused as exc:
         return _gate_refused(exc, "the alias stays")
     _gate_report(checks)
@@ -759,6 +759,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--metric", default="auc", help="gate metric (default auc)")
     p.add_argument("--direction", choices=["max", "min"], help="default: min for loss/error metrics, else max")
     p.add_argument("--margin", type=float, default=0.0, help="required improvement over the holder (may be < 0)")
+    p.add_argument("--max-group-difference", type=float, default=None, metavar="X",
+                   help="bias check: refuse when a sensitive attribute's demographic parity or equal opportunity "
+                   "difference (training group metrics) exceeds X")
     p.add_argument("--force", action="store_true", help="override a failed gate (needs --reason)")
     p.add_argument("--reason")
     p.set_defaults(func=_models_promote)

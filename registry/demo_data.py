@@ -86,8 +86,9 @@ def run_lifecycle(
     log(f"$ vivace data add {name} {data} --schema {SCHEMA}\n  -> {version.ref}, {version.row_count} rows")
     config = load_config(TRAIN_CONFIG)
     config["dataset"] = version.ref
+    config["sensitive"] = ["region"]  # group metrics: region must not matter (see churn_frame)
     result = train(home, config)
-    log(f"$ vivace train {TRAIN_CONFIG}\n  -> run {result.run_id}: "
+    log(f"$ vivace train {TRAIN_CONFIG}   (its config plus sensitive: [region])\n  -> run {result.run_id}: "
         + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()))
         + f"; behavioural tests {sum(t['passed'] for t in result.behavioural)}/{len(result.behavioural)} passed")
     model = register_model(home, result.package_dir, name, run_id=result.run_id)

@@ -347,10 +347,29 @@ def list_versions(home: Home | str | os.PathLike | None, name: str) -> list[Mode
 # ---- promotion -----------------------------------------------------------------------
 
 
+GROUP_DIFFERENCES = ("demographic_parity_difference", "equal_opportunity_difference", "mae_difference")
+
+
+def group_differences(fairness: dict[str, Any] | None) -> dict[str, tuple[str, float]]:
+    """{attribute: (metric, value)}: the largest group difference of each sensitive attribute
+    that `vivace train` recorded (package metadata.fairness)."""
+    out: dict[str, tuple[str, float]] = {}
+    for attribute, stats in (fairness or {}).items():
+        found = [(stats[k], k) for k in GROUP_DIFFERENCES if isinstance(stats.get(k), (int, float))]
+        if found:
+            value, metric = max(found)
+            out[attribute] = (metric, float(value))
+    return out
+
+
 def gate_checks(
     candidate: ModelVersion, holder: ModelVersion | None, metric: str, direction: str, margin: float,
+    fairness: dict[str, Any] | None = None, max_group_difference: float | None = None,
 ) -> list[tuple[str, bool, str]]:
-    """The quality gate: (check, passed, detail) for the metric comparison and behavioural tests.
+    """The quality gate: (check, passed, detail) for the metric comparison and behavioural tests,
+    and with `max_group_difference` the bias check: every sensitive attribute's demographic
+    parity and equal opportunity differences (`fairness`, the candidate's training group
+    metrics) at most that.
 
     The candidate passes the metric check when it is at least `margin` better than the
     current holder (`margin` may be negative to tolerate a small regression).
@@ -371,6 +390,15 @@ def gate_checks(
             ok, needed = value <= reference - margin, f"<= {reference - margin:.6g}"
         checks.append((f"metric {metric}", ok,
                        f"{value:.6g} vs holder {holder.ref} {reference:.6g} (needs {needed}, direction {direction})"))
+    if max_group_difference is not None:
+        differences = group_differences(fairness)
+        if not differences:
+            checks.append(("group metrics", False, f"{candidate.ref} records no group metrics (train it with "
+                                                   "`sensitive: [column, ...]` in its config)"))
+        else:
+            worst = {a: d for a, d in differences.items() if d[1] > max_group_difference}
+            detail = "; ".join(f"{a}: {m} {v:.4g}" for a, (m, v) in sorted(differences.items()))
+            checks.append(("group metrics", not worst, f"{detail} (max allowed {max_group_difference:g})"))
     failed = [t["name"] for t in candidate.behavioural if not t.get("passed")]
     if failed:
         checks.append(("behavioural tests", False, f"failed: {', '.join(failed)}"))
@@ -383,14 +411,15 @@ def gate_checks(
 def promote(
     home: Home | str | os.PathLike | None, name: str, version: int, alias: str = "production",
     metric: str = "auc", direction: str | None = None, margin: float = 0.0,
-    force: bool = False, reason: str = "", approved: bool = False,
+    force: bool = False, reason: str = "", approved: bool = False, max_group_difference: float | None = None,
 ) -> tuple[list[tuple[str, bool, str]], int | None]:
     """Move `name@alias` to `version` if it passes the quality gate; returns (checks, previous).
 
     The gate is evaluated and the alias moved inside one write transaction, so the
     holder cannot change in between. `force` requires a reason and is audited as an override.
     A protected alias also needs `approved` (an approved request, registry/approvals.py) or
-    `force`; ProtectedAlias otherwise.
+    `force`; ProtectedAlias otherwise. `max_group_difference`: also refuse a candidate whose
+    training group metrics differ more than this between the groups of a sensitive attribute.
     """
     home = open_home(home)
     _check_alias(alias)
@@ -406,10 +435,15 @@ def promote(
             holder: ModelVersion | None = get_version(home, f"{name}@{alias}")
         except NotFoundError:
             holder = None
-        checks = gate_checks(candidate, holder, metric, direction, margin)
+        fairness = None
+        if max_group_difference is not None:
+            fairness = load_package(package_path(home, candidate.package_sha, verify=False),
+                                    verify=False).metadata.get("fairness")
+        checks = gate_checks(candidate, holder, metric, direction, margin, fairness, max_group_difference)
         passed = all(ok for _, ok, _ in checks)
         bypassed = force and not approved and is_protected(home, name, alias)
         details = {"alias": alias, "metric": metric, "direction": direction, "margin": margin,
+                   "max_group_difference": max_group_difference,
                    "previous": holder.version if holder else None, "approved": approved,
                    "protection_overridden": bypassed,
                    "checks": [{"check": c, "passed": ok, "detail": d} for c, ok, d in checks]}
@@ -433,6 +467,42 @@ def promote(
 def _cell(text: str) -> str:
     """Text safe inside a markdown table cell."""
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _num(v: Any) -> str:
+    return "&ndash;" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+RISK_DIFFERENCE = 0.1  # a group difference above this is flagged in the card's risk assessment
+
+
+def _risks(mv: ModelVersion, config: dict[str, Any], metadata: dict[str, Any]) -> list[str]:
+    """What a reviewer should weigh before promoting: read off what the registry recorded."""
+    risks = []
+    if not (mv.description or config.get("intended_use")):
+        risks.append("**Intended use not stated**: misuse cannot be ruled out; describe it.")
+    sensitive = metadata.get("sensitive") or []
+    if not sensitive:
+        risks.append("**No sensitive attributes declared**: group fairness was not measured.")
+    for attribute, (metric, value) in sorted(group_differences(metadata.get("fairness")).items()):
+        level = "**High**" if value > RISK_DIFFERENCE else "Low"
+        risks.append(f"{level}: {metric.replace('_', ' ')} across `{attribute}` groups is {value:.3g} "
+                     f"(flagged above {RISK_DIFFERENCE:g}; gate with `vivace models promote --max-group-difference`).")
+    importance = (metadata.get("importance") or {}).get("features") or {}
+    total = sum(v for v in importance.values() if v and v > 0) or 0.0
+    for attribute in sensitive:
+        share = (importance.get(attribute) or 0.0) / total if total else 0.0
+        if attribute in importance and share > 0.05:
+            risks.append(f"**The model relies on the sensitive attribute `{attribute}`** ({share:.0%} of the total "
+                         "permutation importance).")
+    failed = [t["name"] for t in mv.behavioural if not t.get("passed")]
+    if failed:
+        risks.append(f"**Behavioural tests failed**: {', '.join(failed)}.")
+    if not metadata.get("profile"):
+        risks.append("No training profile: drift cannot be monitored in production.")
+    risks.append("Production quality depends on labels: serve with --prediction-log and POST ground truth to "
+                 "/v2/models/NAME/feedback to watch accuracy, calibration and group metrics online.")
+    return risks
 
 
 def model_card(home: Home | str | os.PathLike | None, ref: str) -> str:
@@ -486,6 +556,34 @@ def model_card(home: Home | str | os.PathLike | None, ref: str) -> str:
         lines += ["| metric | value |", "| --- | --- |"] + [f"| {k} | {v:.6g} |" for k, v in sorted(mv.metrics.items())]
     else:
         lines.append("No metrics recorded.")
+    importance = package.metadata.get("importance")
+    if importance and importance.get("features"):
+        lines += ["", "## Feature importance (training)", "",
+                  f"Permutation importance on {importance.get('rows')} validation rows, {importance.get('repeats')} "
+                  f"repeats: the mean drop of {importance.get('metric')} when the feature's column is shuffled.", "",
+                  "| feature | importance | std |", "| --- | --- | --- |"]
+        std = importance.get("std") or {}
+        lines += [f"| {_cell(k)} | {v:.4g} | {std.get(k, 0.0):.2g} |"
+                  for k, v in sorted(importance["features"].items(), key=lambda kv: -(kv[1] or 0.0)) if v is not None]
+    fairness = package.metadata.get("fairness") or {}
+    lines += ["", "## Group metrics", ""]
+    if fairness:
+        for attribute, stats in sorted(fairness.items()):
+            lines += [f"### {attribute}", ""]
+            summary = [f"{k.replace('_', ' ')}: {stats[k]:.4g}" for k in (*GROUP_DIFFERENCES, "error_rate_difference")
+                       if isinstance(stats.get(k), (int, float))]
+            if summary:
+                lines += ["- " + "; ".join(summary), ""]
+            groups = stats.get("groups") or {}
+            keys = [k for k in ("rows", "label_rate", "selection_rate", "tpr", "fpr", "error_rate", "mae")
+                    if any(k in g for g in groups.values())]
+            lines += ["| group | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+            lines += [f"| {_cell(g)} | " + " | ".join(_num(v.get(k)) for k in keys) + " |"
+                      for g, v in sorted(groups.items())]
+            lines.append("")
+    else:
+        lines += ["No sensitive attributes declared (`sensitive: [column, ...]` in the training config).", ""]
+    lines += ["## Risk assessment", ""] + [f"- {r}" for r in _risks(mv, config, package.metadata)]
     lines += ["", "## Behavioural tests", ""]
     if mv.behavioural:
         lines += ["| test | kind | result | detail |", "| --- | --- | --- | --- |"]

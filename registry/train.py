@@ -38,7 +38,7 @@ from .store import Home, RegistryError, open_home
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "silu")
 METRICS = {"binary": ("accuracy", "auc", "logloss"), "regression": ("rmse", "mae")}
 _TOP_KEYS = {"name", "intended_use", "dataset", "training_set", "target", "task", "features", "drop", "categorical",
-             "model", "train", "seed", "split", "metrics", "behavioural_tests"}
+             "model", "train", "seed", "split", "metrics", "behavioural_tests", "sensitive"}
 _TRAINING_SET_KEYS = {"entities", "features", "timestamp_column", "full_feature_names"}
 
 
@@ -118,7 +118,12 @@ def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
             raise RegistryError(f"config: behavioural_tests[{i}] (invariance) needs 'set' or 'add'")
         if test["type"] == "directional" and test.get("expect") not in ("increase", "decrease"):
             raise RegistryError(f"config: behavioural_tests[{i}] (directional) needs expect: increase|decrease")
+    sensitive = config.get("sensitive") or []
+    if not isinstance(sensitive, list) or not all(isinstance(c, str) for c in sensitive):
+        raise RegistryError("config: sensitive must be a list of column names (attributes to compute group "
+                            "metrics for: demographic parity, equal opportunity, per-group error rates)")
     return {**config, "name": config.get("name") or config["target"] + "-model", "task": task, "model": model,
+            "sensitive": list(sensitive),
             "train": train, "split": split, "metrics": list(metrics), "seed": seed, "behavioural_tests": tests,
             "drop": list(config.get("drop") or [])}
 
@@ -368,6 +373,32 @@ def run_behavioural_tests(
     return results
 
 
+# ---- importance and group metrics ----------------------------------------------------
+
+IMPORTANCE_ROWS = 2000  # validation rows permuted (the first ones: the split is already random)
+
+
+def _importance_and_fairness(config: dict[str, Any], val_frame: Any, specs: list[dict[str, Any]], x_val: np.ndarray,
+                             y_val: np.ndarray, val_pred: np.ndarray, predict: Any) -> tuple[dict[str, Any], Any]:
+    """Training-time permutation importance on the validation set (the method production
+    importance uses, monitor/quality.py), and group metrics of the `sensitive` columns."""
+    from vivace.monitor.quality import clean_json, group_metrics, permutation_importance
+
+    n = min(len(x_val), IMPORTANCE_ROWS)
+    importance = permutation_importance(predict, x_val[:n], [s["name"] for s in specs], y_val[:n], config["task"],
+                                        repeats=3, seed=config["seed"])
+    importance["split"] = "validation"
+    fairness = {}
+    for column in config["sensitive"]:
+        if column not in val_frame.columns:
+            raise RegistryError(f"sensitive column {column!r} is not in the training data "
+                                f"(columns: {[str(c) for c in val_frame.columns]})")
+        values = val_frame[column]
+        groups = [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in values.tolist()]
+        fairness[column] = group_metrics(config["task"], y_val, val_pred, groups)
+    return clean_json(importance), clean_json(fairness)
+
+
 # ---- training ------------------------------------------------------------------------
 
 
@@ -459,6 +490,8 @@ def _train(home: Home, run_id: str, raw: dict[str, Any], output: str | os.PathLi
             epochs.append(record)
         val_pred = predict(x_val)
         metrics = compute_metrics(config["task"], config["metrics"], y_val, val_pred)
+        importance, fairness = _importance_and_fairness(config, frame.iloc[val_idx], specs, x_val, y_val, val_pred,
+                                                        predict)
         digest = weights_hash(model)
         val_frame = frame.iloc[val_idx[:500]].reset_index(drop=True)
         behavioural = run_behavioural_tests(config["behavioural_tests"], val_frame, specs, predict)
@@ -483,7 +516,8 @@ def _train(home: Home, run_id: str, raw: dict[str, Any], output: str | os.PathLi
         "metadata": {"run_id": run_id, "task": config["task"], "target": config["target"],
                      "datasets": data.datasets, "feature_views": data.feature_views,
                      "features": specs, "profile": "profile.json",
-                     "weights_sha256": digest, "metrics": metrics},
+                     "weights_sha256": digest, "metrics": metrics, "importance": importance,
+                     **({"sensitive": config["sensitive"], "fairness": fairness} if config["sensitive"] else {})},
     }
     package_dir = Path(output) if output else home.path / "runs" / run_id / "package"
     write_package(package_dir, manifest, {

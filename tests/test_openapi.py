@@ -173,7 +173,7 @@ def _concrete_routes() -> list[tuple[str, str]]:
         for base in (f"/v2/models/{name}", f"/v2/models/{name}/versions/{version}"):
             routes += [("GET", base), ("GET", base + "/ready"), ("GET", base + "/config"),
                        ("GET", base + "/stats"), ("GET", base + "/drift"), ("GET", base + "/rollout"),
-                       ("POST", base + "/infer")]
+                       ("POST", base + "/feedback"), ("GET", base + "/performance"), ("POST", base + "/infer")]
     return routes
 
 
