@@ -37,6 +37,10 @@ constexpr size_t kMaxUnsentOutput = 4 << 20;
 // input for a moment so that the error response is not destroyed by a reset.
 constexpr double kLingerSeconds = 2.0;
 
+double UnixNow() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
 double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
@@ -147,6 +151,11 @@ struct HttpFrontend::Conn {
   double reading_since = 0, headers_done_at = 0, last_active = 0;
   Head head;
   std::vector<uint64_t> tokens;  // fast-path requests still in a batcher
+  // With --auth: the Authorization header this connection was last granted infer with, under
+  // which token-file generation, and until when (Unix seconds; 0: never).
+  std::string granted_header;
+  uint64_t granted_generation = 0;
+  double granted_expires = 0.0;
 };
 
 HttpFrontend::HttpFrontend(int listen_fd, FrontendLimits limits)
@@ -202,6 +211,7 @@ void HttpFrontend::SetAuth(bool required, std::vector<TokenGrant> grants, std::v
   std::lock_guard<std::mutex> lk(routes_mu_);
   auth_required_ = required;
   grants_.swap(table);
+  ++grants_generation_;  // connections check their cached grant again
   open_paths_ = std::move(open_paths);
 }
 
@@ -233,12 +243,28 @@ const TokenGrant* HttpFrontend::TokenLocked(const Head& h, std::string* refusal)
     return nullptr;
   }
   const TokenGrant& grant = it->second;
-  if (grant.expires_at != 0.0 &&
-      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count() >= grant.expires_at) {
+  if (grant.expires_at != 0.0 && UnixNow() >= grant.expires_at) {
     *refusal = "token '" + grant.name + "' has expired";
     return nullptr;
   }
   return &grant;
+}
+
+// A keep-alive connection that repeats the header it was granted with is not hashed again
+// until the token file changes or the token expires: the comparison is with what this same
+// client sent before, so its timing tells nothing about other tokens.
+bool HttpFrontend::InferGrantedLocked(Conn* c, const Head& h) const {
+  if (!auth_required_) return true;
+  if (c->granted_generation == grants_generation_ && h.has_authorization && h.authorization == c->granted_header &&
+      (c->granted_expires == 0.0 || UnixNow() < c->granted_expires))
+    return true;
+  std::string refusal;
+  const TokenGrant* grant = TokenLocked(h, &refusal);
+  if (grant == nullptr || !grant->infer) return false;
+  c->granted_header = h.authorization;
+  c->granted_generation = grants_generation_;
+  c->granted_expires = grant->expires_at;
+  return true;
 }
 
 bool HttpFrontend::MayContinueLocked(const Head& h, std::string* refusal) const {
@@ -752,9 +778,7 @@ void HttpFrontend::Dispatch(Conn* c, const char* body, size_t body_size) {
       std::lock_guard<std::mutex> lk(routes_mu_);
       auto it = routes_.find(h.target);
       // Without an infer grant the request goes to Python, which explains the 401/403 and audits it.
-      std::string refusal;
-      const TokenGrant* grant = auth_required_ ? TokenLocked(h, &refusal) : nullptr;
-      if (it != routes_.end() && (!auth_required_ || (grant != nullptr && grant->infer))) route = it->second;
+      if (it != routes_.end() && InferGrantedLocked(c, h)) route = it->second;
     }
     if (route && route->canary) {  // a weighted rollout: this request's version, drawn
       draw_state_ ^= draw_state_ << 13;

@@ -167,6 +167,9 @@ class HttpFrontend final : public CompletionSink {
   // The grant the request's Authorization header presents, or null with why not in
   // *refusal (routes_mu_ held).
   const TokenGrant* TokenLocked(const Head& h, std::string* refusal) const;
+  // Whether the request may take the fast path: auth off, or a valid token with the infer
+  // scope (routes_mu_ held; caches the grant on the connection).
+  bool InferGrantedLocked(Conn* c, const Head& h) const;
   // Whether a request waiting for 100 Continue may send its body (routes_mu_ held).
   bool MayContinueLocked(const Head& h, std::string* refusal) const;
   void Reject(Conn* c, int status, const std::string& message, const char* extra_headers = "");
@@ -207,6 +210,7 @@ class HttpFrontend final : public CompletionSink {
   bool auth_required_ = false;                            // guarded by routes_mu_
   std::unordered_map<std::string, TokenGrant> grants_;  // guarded by routes_mu_: by digest bytes
   std::vector<std::string> open_paths_;                 // guarded by routes_mu_
+  uint64_t grants_generation_ = 0;                      // guarded by routes_mu_: bumped by SetAuth
   uint64_t draw_state_ = 1;  // io thread only: xorshift64 draws for split routes (seeded per process)
   std::vector<std::shared_ptr<Batcher>> driven_next_;  // guarded by routes_mu_
   bool driven_changed_ = false;                        // guarded by routes_mu_
