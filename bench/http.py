@@ -216,6 +216,77 @@ def benchmark(duration: float, concurrencies: list[int], server_cpu: int | None,
     return results
 
 
+class OtlpSink:
+    """A stand-in OTLP/HTTP collector on 127.0.0.1 for --trace: accepts POST /v1/traces
+    (200, body discarded) and counts the exports and their bytes."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        sink = self
+        self.posts = 0
+        self.bytes = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                size = int(self.headers.get("content-length", 0))
+                self.rfile.read(size)
+                sink.posts += 1
+                sink.bytes += size
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def trace_overhead(duration: float, concurrencies: list[int], rounds: int, server_cpu: int | None,
+                   client_cpu: int | None, ratio: float = 0.01, port: int = 18010, native_kernel: bool = True) -> list[str]:
+    """Tracing's cost on the native front end: the same package served twice at once,
+    tracing off and on (`ratio` of the requests sampled, spans exported over OTLP/HTTP to
+    a local sink), measured in interleaved rounds. One comparison line per concurrency."""
+    from vivace.registry.reference_model import write_reference_model
+
+    results: dict = {}
+    sink = OtlpSink()
+    procs: dict[str, tuple[int, subprocess.Popen]] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="vivace-bench-trace-") as tmp:
+            package = Path(tmp) / "mlp"
+            write_reference_model(package)
+            if native_kernel:
+                native_package = Path(tmp) / "mlp-native"
+                subprocess.run([sys.executable, "-m", "vivace.cli", "quantize", str(package),
+                                "--out", str(native_package)], check=True, capture_output=True)
+                package = native_package
+            serve = [sys.executable, "-m", "vivace.cli", "serve", str(package), "--log-level", "WARNING",
+                     "--http-frontend", "native"]
+            for name, offset, extra in (("trace-off", 0, []),
+                                        ("trace-on", 1, ["--trace-endpoint", sink.url, "--trace-sample-ratio",
+                                                         f"{ratio:g}"])):
+                procs[name] = (port + offset, _start([*serve, "--port", str(port + offset), *extra], server_cpu,
+                                                     port + offset))
+            interleaved_rounds(procs, concurrencies, rounds, duration, client_cpu, results)
+    finally:
+        for _, proc in procs.values():
+            _stop(proc)
+        sink.close()
+    lines = [f"wrk c={c}: tracing on at {ratio:g} sampling / off, native front end: "
+             + compare_rounds(results[("trace-on", c)], results[("trace-off", c)]) for c in concurrencies]
+    lines.append(f"(the OTLP sink received {sink.posts} exports, {sink.bytes} bytes)")
+    return lines
+
+
 def interleaved_rounds(procs: dict[str, tuple[int, subprocess.Popen]], concurrencies: list[int], rounds: int,
                        duration: float, client_cpu: int | None, results: dict) -> None:
     """wrk against running servers ({name: (port, process)}) in turn, round after round,
@@ -318,6 +389,11 @@ def register(subparsers) -> None:
                         help="also measure Vivace with bearer-token authentication on (vivace-auth)")
     parser.add_argument("--python-frontend", action="store_true",
                         help="also measure each Vivace package through the Python front end (-pyfe)")
+    parser.add_argument("--trace", action="store_true",
+                        help="only measure OpenTelemetry tracing's cost: the native package served with tracing "
+                        "off and on (--trace-sample-ratio, spans sent to a local OTLP sink), in interleaved rounds")
+    parser.add_argument("--trace-sample-ratio", type=float, default=0.01, help="with --trace: the sampling ratio")
+    parser.add_argument("--rounds", type=int, default=5, help="with --trace: interleaved rounds")
     parser.add_argument("--json", dest="json_out", help="write the results as JSON to this file")
     parser.set_defaults(func=_run)
 
@@ -333,6 +409,15 @@ def wrk_missing(bench: str) -> bool:
 def _run(args) -> int:
     if wrk_missing("http"):
         return 1
+    if args.trace:
+        server_cpu, client_cpu = pinned_cpus(args)
+        concurrencies = [int(c) for c in args.concurrency.split(",")]
+        print(f"vivace bench http --trace: {args.rounds} rounds of {args.duration:g} s, server cpu {server_cpu}, "
+              f"client cpu {client_cpu}")
+        for line in trace_overhead(args.duration, concurrencies, args.rounds, server_cpu, client_cpu,
+                                   args.trace_sample_ratio, native_kernel=not args.no_native):
+            print(line)
+        return 0
     if not args.no_baseline:
         try:
             import fastapi  # noqa: F401

@@ -127,6 +127,17 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
                        help="share of requests logged")
     serve.add_argument("--prediction-log-max-mb", type=float, default=64.0,
                        help="size at which the log rotates (6 files are kept)")
+    tracing = serve.add_argument_group(
+        "tracing", "OpenTelemetry spans (receive, queue wait, batch with its size, feature lookup, response) "
+        "sent over OTLP/HTTP; needs the otel extra (pip install 'vivace[otel]')")
+    tracing.add_argument("--trace-endpoint", default=defaults.trace_endpoint, metavar="URL",
+                         help="OTLP/HTTP collector (http://host:4318; /v1/traces is added): tracing is off "
+                         "without it")
+    tracing.add_argument("--trace-sample-ratio", type=float, default=defaults.trace_sample_ratio, metavar="R",
+                         help="share of requests without a traceparent that are traced (a request's "
+                         "traceparent decides for itself: sampled flag set, always; clear, never)")
+    tracing.add_argument("--trace-service-name", default=defaults.trace_service_name,
+                         help="service.name of the spans")
     truth = serve.add_argument_group("ground truth", "labels POSTed to /v2/models/NAME/feedback are joined to the "
                                      "--prediction-log; quality, group metrics and importance per version at "
                                      "/v2/models/NAME/performance and /metrics; alerts go where drift alerts go")

@@ -34,3 +34,8 @@ class ServerConfig:
     # Python; "python": uvloop + httptools for everything; "auto": native unless TLS or
     # auth is on (only the Python front end implements them).
     http_frontend: str = "auto"
+    # OpenTelemetry tracing (monitor/tracing.py): off without an endpoint. OTLP/HTTP
+    # collector URL; share of requests without a traceparent that are traced; service.name.
+    trace_endpoint: str | None = None
+    trace_sample_ratio: float = 0.01
+    trace_service_name: str = "vivace"

@@ -76,7 +76,7 @@ class NativeConnection:
     the connection's queued tokens, answer())."""
 
     __slots__ = ("app", "core", "conn", "peer", "header_length", "authorization", "auth_cache", "outstanding", "closed",
-                 "held")
+                 "held", "traceparent", "tracestate", "received")
 
     def __init__(self, app: "App", core: Any, conn: int, peer: str | None):
         self.app = app
@@ -89,6 +89,10 @@ class NativeConnection:
         self.outstanding: dict[int, ModelRunner] = {}  # token → runner, for cancellation
         self.closed = False
         self.held: dict[int, bytes] = {}  # always empty: the C++ side orders responses
+        # W3C trace context of the current request, and when its first byte came (monotonic s)
+        self.traceparent: bytes | None = None
+        self.tracestate: bytes | None = None
+        self.received = 0.0
 
     def respond(self, seq: int, data: bytes) -> None:
         if not self.closed:
@@ -133,7 +137,7 @@ class NativeFrontend:
     def _on_requests(self) -> None:
         connections = self.connections
         dispatch = self.app.dispatch
-        for conn, seq, method, target, body, header_length, authorization, peer in self.core.take():
+        for conn, seq, method, target, body, header_length, authorization, peer, trace in self.core.take():
             connection = connections.get(conn)
             if seq < 0:  # the connection closed
                 if connection is not None:
@@ -144,6 +148,12 @@ class NativeFrontend:
                 connection = connections[conn] = NativeConnection(self.app, self.core, conn, peer)
             connection.header_length = header_length
             connection.authorization = authorization
+            if trace is None:
+                connection.traceparent = connection.tracestate = None
+                connection.received = 0.0
+            else:
+                connection.traceparent, connection.tracestate, received_ns = trace
+                connection.received = received_ns / 1e9
             dispatch(connection, seq, method, target, body)
 
     def sync_tokens(self) -> None:
@@ -208,6 +218,12 @@ class NativeFrontend:
             for runner, count in ((split.stable, stable), (split.canary, canary)):
                 if count:
                     split.routed[runner.version] = split.routed.get(runner.version, 0) + count
+
+    def set_tracing(self, on: bool, ratio: float) -> None:
+        self.core.set_tracing(on, ratio)
+
+    def take_traces(self) -> tuple[list, int]:
+        return self.core.take_traces()
 
     # -- accounting (merged into the App's counters for /metrics) ---------------------------
     def http_errors(self) -> dict[int, int]:

@@ -151,7 +151,8 @@ class HttpProtocol(asyncio.Protocol):
         "app", "config", "transport", "parser", "url", "headers_size", "header_count",
         "header_length", "expect_continue", "body", "body_size", "keep_alive", "reading_since",
         "headers_done_at", "last_active", "next_seq", "next_write", "held", "close_after",
-        "outstanding", "closed", "rejected", "authorization", "auth_cache",
+        "outstanding", "closed", "rejected", "authorization", "auth_cache", "traceparent", "tracestate",
+        "received",
     )
 
     def __init__(self, app: "App"):
@@ -181,6 +182,10 @@ class HttpProtocol(asyncio.Protocol):
         # (Authorization header, token-file generation, principal) of the last authenticated
         # request: keep-alive clients resend the same token, which is then hashed only once.
         self.auth_cache: tuple | None = None
+        # W3C trace context of the current request, and when its first byte came (monotonic s)
+        self.traceparent: bytes | None = None
+        self.tracestate: bytes | None = None
+        self.received = 0.0
 
     # -- transport callbacks ------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -233,6 +238,8 @@ class HttpProtocol(asyncio.Protocol):
         self.header_count = 0
         self.header_length = None
         self.authorization = None
+        self.traceparent = None
+        self.tracestate = None
         self.expect_continue = False
         self.reading_since = time.monotonic()
         self.headers_done_at = 0.0
@@ -250,12 +257,16 @@ class HttpProtocol(asyncio.Protocol):
         if self.header_count > self.config.max_headers or self.headers_size > self.config.max_header_bytes:
             self.reject(431, "too many or too large request headers")
             raise httptools.HttpParserError("header limit")
-        size = len(name)  # only four header names matter: skip lower() for the others
-        if size != 31 and size != 14 and size != 13 and size != 6:
+        size = len(name)  # only six header names matter: skip lower() for the others
+        if size != 31 and size != 14 and size != 13 and size != 6 and size != 11 and size != 10:
             return
         lname = name.lower()
         if lname == b"authorization":
             self.authorization = value
+        elif lname == b"traceparent":
+            self.traceparent = value
+        elif lname == b"tracestate":
+            self.tracestate = value
         elif lname == b"inference-header-content-length":
             self.header_length = value
         elif lname == b"expect":
@@ -296,6 +307,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         seq = self.next_seq
         self.next_seq += 1
+        self.received = self.reading_since
         self.reading_since = 0.0
         if not self.keep_alive:
             self.close_after = seq

@@ -65,7 +65,7 @@ def error(status: int, message: str) -> Outcome:
 class InferCall:
     """One infer request waiting for its batch; `done` is called from the loop."""
 
-    __slots__ = ("sink", "seq", "runner", "decoded", "token", "logged", "count_failure")
+    __slots__ = ("sink", "seq", "runner", "decoded", "token", "logged", "count_failure", "trace", "timings")
 
     def __init__(self, sink: Sink, seq: int, runner: ModelRunner, decoded: oip.DecodedInfer | None,
                  count_failure: Callable[[Any, str], None]):
@@ -76,13 +76,21 @@ class InferCall:
         self.token = 0
         self.logged: tuple | None = None  # sampled for the prediction log: (start, body, JSON length)
         self.count_failure = count_failure
+        self.trace: Any = None    # engine/tracing.py RequestTrace: sampled for tracing
+        self.timings: Any = None  # the batcher's timings of a traced call (Batcher.take_traces)
 
     def done(self, status: int, payload: Any) -> None:
         sink = self.sink
         sink.outstanding.pop(self.token, None)
         if sink.closed:
+            if self.trace is not None:
+                self.trace.finish_infer(self.runner, None, 0, self.timings)
             return
-        sink.answer(self.seq, self.outcome(status, payload))
+        outcome = self.outcome(status, payload)
+        sink.answer(self.seq, outcome)
+        if self.trace is not None:
+            self.trace.finish_infer(self.runner, outcome.status, self.decoded.rows if self.decoded else 0,
+                                    self.timings)
 
     def outcome(self, status: int, payload: Any) -> Outcome:
         runner = self.runner
@@ -118,10 +126,11 @@ class Inference:
         self.shed_queue_wait_ms = shed_queue_wait_ms
 
     def submit(self, sink: Sink, seq: int, runner: ModelRunner, body: bytes, header_length: bytes | None,
-               draining: bool = False) -> None:
+               draining: bool = False, trace: Any = None) -> None:
         """Queue the call (its answer reaches `sink` when the batch completes), or answer a
         refusal now. `header_length`: the Inference-Header-Content-Length value of a
-        binary-extension body. Raises oip.ProtocolError for a request the model cannot take."""
+        binary-extension body; `trace`: the request's RequestTrace when it is traced (the
+        batcher then times it). Raises oip.ProtocolError for a request the model cannot take."""
         if draining or not runner.ready:
             reason = "draining" if draining else runner.why_unavailable()
             raise oip.ProtocolError(f"model {runner.name!r} is not accepting requests ({reason})", 503)
@@ -133,7 +142,11 @@ class Inference:
             call = InferCall(sink, seq, runner, None, self.count_failure)
             if sampled_at:
                 call.logged = (sampled_at, body, None)
-            token = runner.submit_json(call, body)
+            if trace is not None:
+                call.trace = trace
+                token = runner.submit_json(call, body, traced=True)
+            else:
+                token = runner.submit_json(call, body)
             if token:
                 self._queued(sink, seq, runner, call, token)
                 return
@@ -146,8 +159,10 @@ class Inference:
         call = InferCall(sink, seq, runner, decoded, self.count_failure)
         if sampled_at:
             call.logged = (sampled_at, body, json_length)
+        call.trace = trace
         try:
-            token = runner.submit(call, decoded.data, decoded.rows, decoded.priority, decoded.timeout_us)
+            token = runner.submit(call, decoded.data, decoded.rows, decoded.priority, decoded.timeout_us,
+                                  trace is not None)
         except (ValueError, TypeError) as exc:
             raise oip.ProtocolError(str(exc)) from None
         self._queued(sink, seq, runner, call, token)
@@ -157,6 +172,8 @@ class Inference:
         if token > 0:
             call.token = token
             sink.outstanding[token] = runner
+            if call.trace is not None:
+                call.trace.claimed = True  # finished when answered
             return
         status = -token
         self.count_failure(runner, "rejected" if status in (STATUS_QUEUE_FULL, STATUS_OVERLOADED) else "bad_request")

@@ -86,6 +86,15 @@ class ServeOptions:
                     parse_threshold(text)
             except ValueError as exc:
                 raise OptionsError(f"--quality-threshold: {exc}") from None
+        if not 0.0 <= self.server.trace_sample_ratio <= 1.0:
+            raise OptionsError(f"--trace-sample-ratio must be within [0, 1], got {self.server.trace_sample_ratio:g}")
+        if self.server.trace_endpoint:
+            try:
+                import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
+                import opentelemetry.sdk.trace  # noqa: F401
+            except ImportError:
+                raise OptionsError("--trace-endpoint needs the OpenTelemetry SDK and OTLP exporter: "
+                                   "pip install 'vivace[otel]'") from None
         if self.server.execution_timeout_s <= 0:
             raise OptionsError(f"--execution-timeout must be positive, got {self.server.execution_timeout_s:g}")
         from .frontend import use_native  # the one place that knows what each front end implements

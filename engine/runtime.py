@@ -122,6 +122,7 @@ class ModelRunner:
         self.decoder = InferDecoder(package)
         self.encoder = ResponseEncoder(package)
         self.waiting: dict[int, Waiter] = {}
+        self.tracing = False  # the server traces requests: hand traced calls their batch timings
         # BYTES tensors travel as handles (engine/strings.py): the inputs to turn into
         # handles at submit, each request's handles until the batcher has answered it, and
         # where the output handles sit in an answer's payload (offset per row, elements).
@@ -372,7 +373,13 @@ class ModelRunner:
 
     def _on_completions(self) -> None:
         waiting = self.waiting
-        for token, status, payload in self.batcher.drain():
+        done = self.batcher.drain()
+        if self.tracing:  # the timings of traced calls, handed to them before they answer
+            for timings in self.batcher.take_traces():
+                waiter = waiting.get(timings[0])
+                if waiter is not None:
+                    waiter.timings = timings
+        for token, status, payload in done:
             waiter = waiting.pop(token, None)
             if waiter is not None:
                 waiter.done(status, payload)
@@ -389,7 +396,8 @@ class ModelRunner:
             for offset, elements in self._string_outputs:
                 STRINGS.release(np.frombuffer(payload, np.int64, rows * elements, offset * rows))
 
-    def submit(self, waiter: Waiter, data: list[Any], rows: int, priority: int = 0, timeout_us: int = 0) -> int:
+    def submit(self, waiter: Waiter, data: list[Any], rows: int, priority: int = 0, timeout_us: int = 0,
+               traced: bool = False) -> int:
         """Queue a request: returns its token (> 0), or minus the batcher status when refused.
 
         Raises ValueError/TypeError when the data does not fit the signature.
@@ -402,7 +410,7 @@ class ModelRunner:
                 handles.append(STRINGS.put(data[i]))
                 data[i] = handles[-1].tobytes()
         try:
-            status = self.batcher.submit(token, data, rows, priority, timeout_us)
+            status = self.batcher.submit(token, data, rows, priority, timeout_us, traced)
         except BaseException:
             if handles:
                 STRINGS.release(np.concatenate(handles))
@@ -417,11 +425,12 @@ class ModelRunner:
             STRINGS.release(np.concatenate(handles))
         return -status
 
-    def submit_json(self, waiter: Waiter, body: bytes, priority: int = 0, timeout_us: int = 0) -> int:
+    def submit_json(self, waiter: Waiter, body: bytes, priority: int = 0, timeout_us: int = 0,
+                    traced: bool = False) -> int:
         """Fast path for a JSON infer body: the token (> 0) when queued, 0 when the general
         decoder must handle the request, or minus the batcher status when refused."""
         token = next(_tokens)
-        status = self.batcher.submit_json(token, body, priority, timeout_us)
+        status = self.batcher.submit_json(token, body, priority, timeout_us, traced)
         if status == STATUS_OK:
             self.waiting[token] = waiter
             self.last_token = token

@@ -34,6 +34,7 @@ from .model_table import AliasFollower, ModelTable, registry_follower, version_k
 from .rollout import Counts, Split, TeeSink, judge
 from .routes import OPEN_PATHS
 from .runtime import ModelRunner
+from .tracing import DRAIN_INTERVAL_S, RequestTrace, ServerTracing
 
 log = logging.getLogger("vivace.server")
 
@@ -98,6 +99,13 @@ class App:
         self.quality: Any = None  # a monitor.quality.QualityMonitor with --prediction-log: labels are joined
         self._feedback_jobs = 0  # feedback uploads being written and joined off the loop
         self.metrics = MetricsCollector(self)
+        # --trace-endpoint: requests that reach Python are sampled in dispatch (the native
+        # front end samples its fast path itself, engine/tracing.py); off, dispatch is untouched.
+        self.tracing: ServerTracing | None = None
+        self._trace: RequestTrace | None = None  # the traced request being dispatched
+        if config.trace_endpoint:
+            self.tracing = ServerTracing(config)
+            self.dispatch = self._dispatch_traced  # type: ignore[method-assign]
 
     # -- the served models (engine/model_table.py) -------------------------------------------
     @property
@@ -172,6 +180,25 @@ class App:
             log.exception("internal error on %s %s", method, url)
             self.count_http_error(500)
             protocol.respond(seq, http_response(500, error_body(f"internal error: {exc}")))
+
+    def _dispatch_traced(self, protocol: HttpProtocol, seq: int, method: bytes, url: bytes, body: bytes) -> None:
+        """dispatch, with tracing on: a sampled request's trace is current while its
+        handler runs (an infer call takes it to its completion); others finish here."""
+        assert self.tracing is not None
+        received = protocol.received
+        trace = self.tracing.begin(protocol.traceparent, protocol.tracestate, int(received * 1e9) if received else 0,
+                                   method, url, "native" if self.frontend is not None else "python")
+        if trace is None:
+            App.dispatch(self, protocol, seq, method, url, body)
+            return
+        self._trace = trace
+        try:
+            App.dispatch(self, protocol, seq, method, url, body)
+        finally:
+            self._trace = None
+            if not trace.claimed:
+                trace.finish()
+
     def _authenticate(self, protocol: HttpProtocol, seq: int, method: bytes, url: bytes) -> Principal | None:
         """The principal of the request's bearer token, or None after answering 401."""
         header = protocol.authorization
@@ -261,17 +288,17 @@ class App:
 
     # -- handlers -----------------------------------------------------------------------
     def _infer(self, protocol: HttpProtocol, seq: int, runner: ModelRunner, body: bytes) -> None:
-        self.inference.submit(protocol, seq, runner, body, protocol.header_length, self.draining)
+        self.inference.submit(protocol, seq, runner, body, protocol.header_length, self.draining, self._trace)
 
     def _infer_split(self, split: Split, protocol: HttpProtocol, seq: int, runner: ModelRunner, body: bytes) -> None:
         """Infer on the version the rollout routes this request to; a sampled share is
         also copied to the shadow version, whose answer is compared, never returned."""
         target = split.choose(body)
         if not split.shadows():
-            self.inference.submit(protocol, seq, target, body, protocol.header_length, self.draining)
+            self.inference.submit(protocol, seq, target, body, protocol.header_length, self.draining, self._trace)
             return
         tee = TeeSink(protocol)
-        self.inference.submit(tee, seq, target, body, protocol.header_length, self.draining)
+        self.inference.submit(tee, seq, target, body, protocol.header_length, self.draining, self._trace)
         task = asyncio.get_running_loop().create_task(
             self._shadow(split, tee, body, protocol.header_length, target.version))
         self._background.add(task)
@@ -908,6 +935,8 @@ async def serve(
         finally:
             listener.close()
         app.frontend.attach(loop)
+        if app.tracing is not None:
+            app.frontend.set_tracing(True, app.tracing.ratio)
         app.frontend.sync_tokens()
         app.frontend.sync_routes()
     else:
@@ -946,6 +975,13 @@ async def serve(
                 if runner.execution == "threads":
                     runner.batcher.expire_due()
 
+    async def trace_drainer() -> None:
+        # The native front end's traced requests become spans in bulk, off the request path.
+        while True:
+            await asyncio.sleep(DRAIN_INTERVAL_S)
+            if app.frontend is not None and app.tracing is not None:
+                app.tracing.drain_native(app.frontend)
+
     async def token_watcher() -> None:
         while True:
             await asyncio.sleep(TOKEN_RELOAD_S)
@@ -955,6 +991,9 @@ async def serve(
     analyse_task = loop.create_task(rollout_analyser())
     expire_task = loop.create_task(expirer())
     token_task = loop.create_task(token_watcher()) if app.auth is not None else None
+    trace_task = loop.create_task(trace_drainer()) if app.tracing is not None and app.frontend is not None else None
+    for runner in runners:
+        runner.tracing = app.tracing is not None
     for follower in followers:
         app.table.follow(follower)
     # Start-up allocated a large heap (torch); freezing it keeps full collections from
@@ -986,7 +1025,13 @@ async def serve(
         for conn in list(app.connections):
             conn.transport.close()
         if app.frontend is not None:
+            if app.tracing is not None:
+                app.tracing.drain_native(app.frontend)
             app.frontend.close()
+        if trace_task is not None:
+            trace_task.cancel()
+        if app.tracing is not None:
+            app.tracing.shutdown()
         sweep_task.cancel()
         analyse_task.cancel()
         expire_task.cancel()

@@ -28,6 +28,7 @@ from typing import Any
 
 from .drift import DriftThresholds, FeatureDrift, json_number
 from .sketch import ProfileSketch
+from .tracing import inject, inject_env
 
 log = logging.getLogger("vivace.monitor.alerts")
 
@@ -202,8 +203,9 @@ def fire_alert(config: AlertConfig, payload: dict[str, Any], summary: str, env: 
     log.warning("%s alert: model %s version %s, %s", payload.get("kind", "drift"), model, version, summary)
     if config.webhook_url:
         body = json.dumps(payload, allow_nan=False, default=str).encode()
-        request = urllib.request.Request(config.webhook_url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+        # The current trace context (W3C traceparent), when a span is current.
+        headers = inject({"Content-Type": "application/json"})
+        request = urllib.request.Request(config.webhook_url, data=body, method="POST", headers=dict(headers))
         try:
             with urllib.request.urlopen(request, timeout=config.webhook_timeout_s) as resp:
                 resp.read()
@@ -214,6 +216,7 @@ def fire_alert(config: AlertConfig, payload: dict[str, Any], summary: str, env: 
     if config.command:
         full_env = dict(os.environ, VIVACE_MODEL=model, VIVACE_VERSION=version, **env,
                         VIVACE_ALERT=json.dumps(payload, allow_nan=False, default=str))
+        inject_env(full_env)
         try:
             processes.append(subprocess.Popen(list(config.command), env=full_env, stdin=subprocess.DEVNULL))
             log.warning("retraining trigger started: %s", " ".join(config.command))

@@ -865,6 +865,7 @@ class Runner:
             report = RunReport(self.p, run_id)
             self.log(f"pipeline {self.p.name}: run {run_id} ({len(selected)} steps, home {self.p.home})")
             outputs: dict[str, dict[str, Any]] = {}
+            spans = _PipelineSpans.start(self.p.name, run_id)
             try:
                 for step in selected:
                     # A failed (or waiting) step stops what depends on it; other branches go on.
@@ -874,8 +875,12 @@ class Runner:
                         report.results.append(StepResult(step.name, step.type, "not run", 0.0,
                                                          f"after {', '.join(after)}"))
                         continue
-                    self._run_step(step, outputs, force, report)
+                    with spans.step(step.name, step.type) as span:
+                        self._run_step(step, outputs, force, report)
+                        if span is not None and report.results:
+                            span.set_attribute("vivace.step.result", report.results[-1].result)
             finally:
+                spans.end(report.status)
                 status = report.status
                 with self.home.transaction() as db:
                     db.execute("UPDATE pipeline_runs SET status = ?, ended_at = ? WHERE id = ?",
@@ -1027,3 +1032,52 @@ class RunReport:
             lines.append(f"\npipeline {self.pipeline.name} succeeded: {len(self.ran())} ran, {len(self.cached())} cached"
                          f" (run {self.run_id})")
         return "\n".join(lines)
+
+
+class _PipelineSpans:
+    """With VIVACE_TRACE_ENDPOINT set (monitor/tracing.py Tracing.from_env), a run is one
+    trace: a span for the run (continuing TRACEPARENT when the runner was given one) and
+    one per step, current while the step runs, so that its subprocesses get it as their
+    TRACEPARENT. Without it, nothing."""
+
+    def __init__(self, tracing: Any = None, root: Any = None, token: Any = None):
+        self.tracing = tracing
+        self.root = root
+        self.token = token
+
+    @classmethod
+    def start(cls, pipeline: str, run_id: str) -> _PipelineSpans:
+        from vivace.monitor.tracing import Tracing
+
+        tracing = Tracing.from_env()
+        if tracing is None:
+            return cls()
+        sampled, parent = tracing.sample(os.environ.get("TRACEPARENT"))
+        if not sampled:
+            tracing.shutdown()
+            return cls()
+        from opentelemetry import context as otel_context
+
+        root = tracing.span(f"pipeline {pipeline}", tracing.context(parent, os.environ.get("TRACESTATE")), "internal",
+                            {"vivace.pipeline": pipeline, "vivace.pipeline.run_id": run_id})
+        token = otel_context.attach(tracing.child_context(root))
+        return cls(tracing, root, token)
+
+    @contextmanager
+    def step(self, name: str, kind: str) -> Iterator[Any]:
+        if self.tracing is None:
+            yield None
+            return
+        with self.tracing.tracer.start_as_current_span(f"pipeline.step {name}",
+                                                       attributes={"vivace.step": name, "vivace.step.type": kind}) as span:
+            yield span
+
+    def end(self, status: str) -> None:
+        if self.tracing is None:
+            return
+        from opentelemetry import context as otel_context
+
+        self.root.set_attribute("vivace.pipeline.status", status)
+        self.root.end()
+        otel_context.detach(self.token)
+        self.tracing.shutdown()  # exports the run's spans before the command exits

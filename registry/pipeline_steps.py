@@ -34,6 +34,14 @@ from .pipeline import (
 )
 from .store import Home, NotFoundError, RegistryError
 
+
+def _child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A step's subprocess environment: with tracing on (VIVACE_TRACE_ENDPOINT), the
+    current step span as TRACEPARENT (OpenTelemetry's environment carrier)."""
+    from vivace.monitor.tracing import inject_env
+
+    return dict(inject_env(dict(os.environ) if env is None else env))
+
 REGISTRY_DIR = Path(__file__).parent
 
 
@@ -269,7 +277,7 @@ def _vivace(ctx: Context, args: list[str], log_name: str) -> str:
     ctx.log(f"    $ vivace {' '.join(args)}")
     with open(log_path, "w") as log:
         proc = subprocess.run(command, cwd=ctx.pipeline.workdir, stdout=log, stderr=subprocess.STDOUT,
-                              preexec_fn=_die_with_parent)
+                              preexec_fn=_die_with_parent, env=_child_env())
     output = log_path.read_text()
     if proc.returncode != 0:
         tail = "\n".join(output.strip().splitlines()[-5:])
@@ -524,7 +532,7 @@ class _Server:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "vivace", "--home", str(ctx.home.path), *args],
                                      cwd=ctx.pipeline.workdir, stdout=self.log, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=_die_with_parent, env=_child_env())
         deadline = time.monotonic() + step.startup_timeout_s
         self.port = 0
         while not self.port:
@@ -736,7 +744,7 @@ def _promote(step: Promote, ctx: Context) -> Result:
 
 
 def _shell(step: Shell, ctx: Context) -> Result:
-    env = {**os.environ, "VIVACE_HOME": str(ctx.home.path), **step.env}
+    env = _child_env({**os.environ, "VIVACE_HOME": str(ctx.home.path), **step.env})
     ctx.log(f"    $ {step.run}")
     try:
         proc = subprocess.run(["/bin/sh", "-c", step.run], cwd=ctx.pipeline.workdir, env=env, timeout=step.timeout_s,

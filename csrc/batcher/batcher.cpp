@@ -184,6 +184,8 @@ void Batcher::Release(Request* r) {
   r->json_response = false;
   r->has_id = false;
   r->sink = nullptr;
+  r->traced = false;
+  r->batch_start = Clock::time_point{};
   std::lock_guard<std::mutex> lk(pool_mu_);
   free_.push_back(r);
 }
@@ -472,9 +474,13 @@ void Batcher::ExecuteBatch(int executor, std::vector<Slice>* slices_in, std::vec
     }
   }
   const auto t_gathered = Clock::now();
+  Clock::time_point t_features{};  // the entity-id feature lookup's end (none: zero)
   std::string error;
   try {
-    if (before_batch_) before_batch_(executor, batch_rows);
+    if (before_batch_) {
+      before_batch_(executor, batch_rows);
+      t_features = Clock::now();
+    }
     execute_(executor, batch_rows);
   } catch (const std::exception& e) {
     error = e.what();
@@ -503,6 +509,12 @@ void Batcher::ExecuteBatch(int executor, std::vector<Slice>* slices_in, std::vec
                     outputs[j].data() + static_cast<size_t>(s.batch_row) * rb,
                     static_cast<size_t>(s.rows) * rb);
       }
+    }
+    if (r->traced) {  // sampled for tracing: one branch per request otherwise
+      if (r->batch_start == Clock::time_point{}) r->batch_start = t_start;
+      r->features_done = t_features;
+      r->batch_end = t_executed;
+      r->batch_rows = batch_rows;
     }
     FinishRows(r, s.rows, done);
   }

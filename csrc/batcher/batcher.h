@@ -126,6 +126,11 @@ struct Request {
   bool has_id = false;
   std::string id;
   CompletionSink* sink = nullptr;  // set: completion goes to the sink, not to Drain()
+  // Sampled for tracing (the front end decided): the batch that ran it is timed here. A
+  // request split over several batches keeps the first one's start and the last one's end.
+  bool traced = false;
+  Clock::time_point batch_start{}, features_done{}, batch_end{};
+  int64_t batch_rows = 0;
   std::list<Request*>::iterator queue_pos;
   std::multimap<Clock::time_point, Request*>::iterator deadline_pos;
   bool queued = false;

@@ -340,7 +340,7 @@ class PyBatcher {
   }
 
   // Returns a Status code; 0 means queued. Raises ValueError for malformed tensors.
-  int Submit(uint64_t token, py::list inputs, int64_t rows, int priority, int64_t timeout_us) {
+  int Submit(uint64_t token, py::list inputs, int64_t rows, int priority, int64_t timeout_us, bool traced) {
     const size_t n_inputs = input_dtypes_.size();
     if (static_cast<size_t>(PyList_GET_SIZE(inputs.ptr())) != n_inputs)
       throw py::value_error("expected " + std::to_string(n_inputs) + " inputs");
@@ -406,6 +406,7 @@ class PyBatcher {
       batcher_->Release(r);
       throw;
     }
+    r->traced = traced;
     const Status s = batcher_->Enqueue(r, token, priority, timeout_us);
     if (s != Status::kOk) batcher_->Release(r);
     return static_cast<int>(s);
@@ -470,7 +471,7 @@ class PyBatcher {
   // Fast path for a JSON infer body: returns a Status code (0: queued), or kDeclined
   // when the request must go through the general decoder instead.
   static constexpr int kDeclined = 100;
-  int SubmitJson(uint64_t token, py::buffer body, int priority, int64_t timeout_us) {
+  int SubmitJson(uint64_t token, py::buffer body, int priority, int64_t timeout_us, bool traced) {
     if (!json_) return kDeclined;
     // A request the queue would refuse is refused before its body is decoded (see Admission).
     const Status admission = batcher_->Admission();
@@ -494,6 +495,7 @@ class PyBatcher {
         r->json_response = true;
         r->has_id = has_id;
         r->id = std::move(id);
+        r->traced = traced;
         const Status s = batcher_->Enqueue(r, token, priority, timeout_us);
         if (s != Status::kOk) batcher_->Release(r);
         result = static_cast<int>(s);
@@ -528,8 +530,25 @@ class PyBatcher {
       PyTuple_SET_ITEM(tuple, 1, PyLong_FromLong(static_cast<long>(s)));
       PyTuple_SET_ITEM(tuple, 2, payload);
       PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(k), tuple);
+      if (r->traced) {
+        const auto ns = [](Clock::time_point t) {
+          return static_cast<int64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count());
+        };
+        const bool ran = r->batch_start != Clock::time_point{};
+        traces_.append(py::make_tuple(r->token, ns(r->enqueue_time), ran ? ns(r->batch_start) : 0,
+                                      ran && r->features_done != Clock::time_point{} ? ns(r->features_done) : 0, ran ? ns(r->batch_end) : 0, r->batch_rows));
+      }
       batcher_->Release(r);
     }
+    return out;
+  }
+
+  // [(token, enqueued, batch start, features looked up, batch end, batch rows)] of the
+  // traced requests drained since the last call: steady clock (CLOCK_MONOTONIC) ns, 0 for
+  // a request that never ran.
+  py::list TakeTraces() {
+    py::list out;
+    std::swap(out, traces_);
     return out;
   }
 
@@ -604,6 +623,7 @@ class PyBatcher {
   std::vector<const DTypeInfo*> input_dtypes_;
   std::vector<int64_t> input_row_elems_;
   std::shared_ptr<Batcher> batcher_;
+  py::list traces_;  // traced requests drained, for TakeTraces
 };
 
 }  // namespace
@@ -629,8 +649,11 @@ it reads `rows` rows from input_buffers(executor) and writes output_buffers(exec
            py::arg("shed_queue_wait_us"), py::arg("inputs"), py::arg("outputs"), py::arg("executors"), py::arg("inline_execution"),
            py::arg("execute"))
       .def("submit", &PyBatcher::Submit, py::arg("token"), py::arg("inputs"), py::arg("rows"),
-           py::arg("priority") = 0, py::arg("timeout_us") = 0)
+           py::arg("priority") = 0, py::arg("timeout_us") = 0, py::arg("traced") = false)
       .def("drain", &PyBatcher::Drain)
+      .def("take_traces", &PyBatcher::TakeTraces,
+           "[(token, enqueued_ns, batch_start_ns, features_ns, batch_end_ns, batch_rows)] of the traced "
+           "requests drained since the last call (CLOCK_MONOTONIC ns; 0: never ran)")
       .def("attach_feature_lookup", &PyBatcher::AttachFeatureLookup, py::arg("lookup"), py::arg("features"),
            "Serve by entity id: look up each batch's INT64 keys into per-executor float32 feature arrays")
       .def("set_native_forward", &PyBatcher::SetNativeForward, py::arg("model"), py::arg("forward"),
@@ -641,7 +664,7 @@ it reads `rows` rows from input_buffers(executor) and writes output_buffers(exec
            py::arg("inputs"), py::arg("outputs"),
            "Native JSON fast path: inputs/outputs as (name, datatype, row_shape); False if unsupported")
       .def("submit_json", &PyBatcher::SubmitJson, py::arg("token"), py::arg("body"), py::arg("priority") = 0,
-           py::arg("timeout_us") = 0,
+           py::arg("timeout_us") = 0, py::arg("traced") = false,
            "Queue a JSON infer body; returns a Status code, or 100 when the general path must decode it")
       .def("run_ready", &PyBatcher::RunReady, py::arg("slice_us") = -1,
            "Inline mode: run the batches ready now (with slice_us >= 0, those that start within that "

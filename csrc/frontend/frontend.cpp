@@ -45,6 +45,12 @@ double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+int64_t SteadyNs(Clock::time_point t) {
+  return static_cast<int64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count());
+}
+
+int64_t SecondsToNs(double seconds) { return static_cast<int64_t>(std::llround(seconds * 1e9)); }
+
 const char* Reason(int status) {
   switch (status) {
     case 200: return "OK";
@@ -119,6 +125,8 @@ struct HttpFrontend::Head {
   bool expect_continue = false, continue_sent = false;
   bool has_header_length = false, has_authorization = false;
   std::string header_length, authorization;
+  bool has_traceparent = false, has_tracestate = false;
+  std::string traceparent, tracestate;
   size_t chunk_pos = 0;  // chunked: bytes of the encoded body consumed so far
   std::string body;      // chunked: the decoded body so far
 };
@@ -722,6 +730,10 @@ bool HttpFrontend::ParseHead(Conn* c, const char* p, size_t size) {
   h.header_length.assign(parsed.header_length.data, parsed.header_length.size);
   h.has_authorization = parsed.has_authorization;
   h.authorization.assign(parsed.authorization.data, parsed.authorization.size);
+  h.has_traceparent = parsed.has_traceparent;
+  if (parsed.has_traceparent) h.traceparent.assign(parsed.traceparent.data, parsed.traceparent.size);
+  h.has_tracestate = parsed.has_tracestate;
+  if (parsed.has_tracestate) h.tracestate.assign(parsed.tracestate.data, parsed.tracestate.size);
   h.size = size;
   h.parsed = true;
   return true;
@@ -780,16 +792,14 @@ void HttpFrontend::Dispatch(Conn* c, const char* body, size_t body_size) {
       // Without an infer grant the request goes to Python, which explains the 401/403 and audits it.
       if (it != routes_.end() && InferGrantedLocked(c, h)) route = it->second;
     }
+    const bool traced = route && tracing_.load(std::memory_order_relaxed) && Sampled(h);
     if (route && route->canary) {  // a weighted rollout: this request's version, drawn
-      draw_state_ ^= draw_state_ << 13;
-      draw_state_ ^= draw_state_ >> 7;
-      draw_state_ ^= draw_state_ << 17;
-      const bool to_canary = draw_state_ % 1000000 < route->canary_per_million;
-      if (SubmitNative(c, seq, to_canary ? route->canary : route, body, body_size)) {
+      const bool to_canary = NextDraw() % 1000000 < route->canary_per_million;
+      if (SubmitNative(c, seq, to_canary ? route->canary : route, body, body_size, traced)) {
         (to_canary ? route->routed_canary : route->routed).fetch_add(1, std::memory_order_relaxed);
         return;
       }
-    } else if (route && SubmitNative(c, seq, route, body, body_size)) {
+    } else if (route && SubmitNative(c, seq, route, body, body_size, traced)) {
       return;
     }
   }
@@ -804,6 +814,11 @@ void HttpFrontend::Dispatch(Conn* c, const char* body, size_t body_size) {
   f.header_length = std::move(h.header_length);
   f.has_authorization = h.has_authorization;
   f.authorization = std::move(h.authorization);
+  f.has_traceparent = h.has_traceparent;
+  f.traceparent = std::move(h.traceparent);
+  f.has_tracestate = h.has_tracestate;
+  f.tracestate = std::move(h.tracestate);
+  if (tracing_.load(std::memory_order_relaxed)) f.received_ns = SecondsToNs(c->reading_since);
   c->python_knows = true;
   ToPython(std::move(f));
 }
@@ -822,10 +837,58 @@ void HttpFrontend::ToPython(ForwardedRequest f) {
   }
 }
 
+uint64_t HttpFrontend::NextDraw() {  // xorshift64
+  draw_state_ ^= draw_state_ << 13;
+  draw_state_ ^= draw_state_ >> 7;
+  draw_state_ ^= draw_state_ << 17;
+  return draw_state_;
+}
+
+bool HttpFrontend::Sampled(const Head& h) {
+  http::TraceParent parent;
+  if (h.has_traceparent && http::ParseTraceparent(h.traceparent.data(), h.traceparent.size(), &parent))
+    return parent.sampled();  // parent-based: the caller decided
+  return (NextDraw() >> 11) < trace_threshold_.load(std::memory_order_relaxed);
+}
+
+void HttpFrontend::SetTracing(bool on, double ratio) {
+  ratio = std::clamp(ratio, 0.0, 1.0);
+  trace_threshold_.store(static_cast<uint64_t>(ratio * 9007199254740992.0));  // ratio x 2^53
+  tracing_.store(on);
+}
+
+std::vector<TraceRecord> HttpFrontend::TakeTraces(uint64_t* dropped) {
+  std::vector<TraceRecord> out;
+  std::lock_guard<std::mutex> lk(traces_mu_);
+  out.swap(traces_);
+  *dropped = traces_dropped_;
+  traces_dropped_ = 0;
+  return out;
+}
+
+void HttpFrontend::FinishTrace(std::unique_ptr<TraceRecord> trace, const Request& r, int status) {
+  TraceRecord& t = *trace;
+  t.status = status;
+  t.rows = r.rows;
+  t.batch_rows = r.batch_rows;
+  if (r.batch_start != Clock::time_point{}) {
+    t.batch_start_ns = SteadyNs(r.batch_start);
+    t.features_ns = r.features_done == Clock::time_point{} ? 0 : SteadyNs(r.features_done);
+    t.batch_end_ns = SteadyNs(r.batch_end);
+  }
+  t.answered_ns = SteadyNs(Clock::now());
+  std::lock_guard<std::mutex> lk(traces_mu_);
+  if (traces_.size() >= kMaxTraces) {
+    ++traces_dropped_;
+    return;
+  }
+  traces_.push_back(std::move(t));
+}
+
 // Declines (false) whatever the general path must handle or explain: requests the JSON
 // codec does not take, and invalid arguments. Refusals under load are answered here.
 bool HttpFrontend::SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<const InferRoute>& route,
-                                const char* body, size_t body_size) {
+                                const char* body, size_t body_size, bool traced) {
   // Under overload a request is refused before its body is decoded: a refusal then costs
   // reading its bytes, not parsing thousands of numbers that the server would throw away.
   const Status admission = route->batcher->Admission();
@@ -849,10 +912,29 @@ bool HttpFrontend::SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<con
   r->id = std::move(id);
   r->sink = this;
   const uint64_t token = next_token_++;
-  pending_.emplace(token, Pending{c->id, seq, route});
+  std::unique_ptr<TraceRecord> trace;
+  if (traced) {
+    const Head& h = c->head;
+    trace = std::make_unique<TraceRecord>();
+    http::TraceParent parent;
+    if (h.has_traceparent && http::ParseTraceparent(h.traceparent.data(), h.traceparent.size(), &parent)) {
+      std::copy(std::begin(parent.trace_id), std::end(parent.trace_id), trace->trace_id.begin());
+      std::copy(std::begin(parent.parent_id), std::end(parent.parent_id), trace->parent_id.begin());
+      trace->has_parent = true;
+      if (h.has_tracestate) trace->tracestate = h.tracestate;
+    }
+    trace->target = h.target;
+    trace->model = route->model;
+    trace->version = route->version;
+    trace->received_ns = SecondsToNs(c->reading_since);
+    trace->parsed_ns = SteadyNs(Clock::now());
+    r->traced = true;
+  }
+  Pending& pending = pending_.emplace(token, Pending{c->id, seq, route, std::move(trace)}).first->second;
   // The thread that runs inline batches is told once, after the whole round is queued
   // (see Loop): waking it at the first row would hand it the core for a batch of one.
   const Status status = batcher.Enqueue(r, token, 0, 0, /*defer_ready=*/true);
+  if (pending.trace && status == Status::kOk) pending.trace->enqueued_ns = SteadyNs(r->enqueue_time);
   if (status != Status::kOk) {
     pending_.erase(token);
     batcher.Release(r);
@@ -910,7 +992,7 @@ void HttpFrontend::ProcessOutbox() {
       o.batcher->Release(r);
       continue;
     }
-    const Pending pending = std::move(it->second);
+    Pending pending = std::move(it->second);
     pending_.erase(it);
     Conn* c = Find(pending.conn);
     if (c != nullptr) {
@@ -929,6 +1011,7 @@ void HttpFrontend::ProcessOutbox() {
         response += "\r\n\r\n";
         response += body;
         Answer(c, pending.seq, std::move(response));
+        if (pending.trace) FinishTrace(std::move(pending.trace), *r, 200);
       } else {
         // The same words and failure reasons as the Python path (engine/http.py InferCall).
         const std::string model = "'" + route.model + "'";
@@ -954,6 +1037,7 @@ void HttpFrontend::ProcessOutbox() {
           ++failures_[{route.model, route.version, reason}];
         }
         Answer(c, pending.seq, ErrorResponse(code, message, false));
+        if (pending.trace) FinishTrace(std::move(pending.trace), *r, code);
       }
     }
     o.batcher->Release(r);

@@ -10,6 +10,7 @@
 // through one descriptor per burst, not once per request.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <map>
@@ -76,6 +77,24 @@ struct ForwardedRequest {
   std::string method, target, body, peer;
   std::string header_length, authorization;
   bool has_header_length = false, has_authorization = false;
+  // W3C trace context as sent (Python parses and samples it); received_ns: when the
+  // request's first byte was read (steady clock), set only while tracing is on.
+  std::string traceparent, tracestate;
+  bool has_traceparent = false, has_tracestate = false;
+  int64_t received_ns = 0;
+};
+
+// A traced fast-path request, timed by the io thread and the batcher (steady clock ns,
+// CLOCK_MONOTONIC); Python turns these into spans in bulk (engine/tracing.py).
+struct TraceRecord {
+  std::array<uint8_t, 16> trace_id{};
+  std::array<uint8_t, 8> parent_id{};
+  bool has_parent = false;  // false: a root span (sampled by the ratio)
+  std::string tracestate, target, model, version;
+  int status = 200;
+  int64_t rows = 0, batch_rows = 0;
+  int64_t received_ns = 0, parsed_ns = 0, enqueued_ns = 0, batch_start_ns = 0, features_ns = 0, batch_end_ns = 0,
+          answered_ns = 0;
 };
 
 class HttpFrontend final : public CompletionSink {
@@ -94,6 +113,14 @@ class HttpFrontend final : public CompletionSink {
   // `Expect: 100-continue` outside `open_paths` gets its 100 only with a valid token, and a
   // 401 (the words of engine/auth.py) otherwise. Replaces the previous grants.
   void SetAuth(bool required, std::vector<TokenGrant> grants, std::vector<std::string> open_paths);
+  // Tracing: off (the default) costs one flag check per request. On, a request carrying a
+  // valid traceparent is traced when its sampled flag is set, never otherwise; one
+  // without is traced with probability `ratio`. Only traced requests are timed.
+  void SetTracing(bool on, double ratio);
+  // The traced fast-path requests answered since the last call (at most kMaxTraces wait;
+  // beyond that new ones are dropped and counted).
+  std::vector<TraceRecord> TakeTraces(uint64_t* dropped);
+  static constexpr size_t kMaxTraces = 65536;
   // The split routes' counts since the last call (those of routes just replaced included).
   std::vector<RoutedCounts> TakeRouted();
   // Inline batchers whose batches this thread runs itself (native kernels: no GIL), right
@@ -133,6 +160,7 @@ class HttpFrontend final : public CompletionSink {
     uint64_t conn;
     uint64_t seq;
     std::shared_ptr<const InferRoute> route;
+    std::unique_ptr<TraceRecord> trace;  // sampled for tracing
   };
   struct Outgoing {
     uint64_t conn = 0, seq = 0;
@@ -162,7 +190,11 @@ class HttpFrontend final : public CompletionSink {
   void Dispatch(Conn* c, const char* body, size_t body_size);
   void EndDrainRead(Conn* c);  // the request a drain let through has arrived, or the connection went
   bool SubmitNative(Conn* c, uint64_t seq, const std::shared_ptr<const InferRoute>& route, const char* body,
-                    size_t body_size);
+                    size_t body_size, bool traced);
+  // Whether the request being dispatched is traced (tracing on; see SetTracing).
+  uint64_t NextDraw();  // io thread: the next of draw_state_'s draws
+  bool Sampled(const Head& h);
+  void FinishTrace(std::unique_ptr<TraceRecord> trace, const Request& r, int status);
   void Refuse(Conn* c, uint64_t seq, const InferRoute& route, Status status);
   // The grant the request's Authorization header presents, or null with why not in
   // *refusal (routes_mu_ held).
@@ -214,6 +246,12 @@ class HttpFrontend final : public CompletionSink {
   uint64_t draw_state_ = 1;  // io thread only: xorshift64 draws for split routes (seeded per process)
   std::vector<std::shared_ptr<Batcher>> driven_next_;  // guarded by routes_mu_
   bool driven_changed_ = false;                        // guarded by routes_mu_
+
+  std::atomic<bool> tracing_{false};
+  std::atomic<uint64_t> trace_threshold_{0};  // a draw below this traces a request without traceparent
+  std::mutex traces_mu_;
+  std::vector<TraceRecord> traces_;  // guarded by traces_mu_
+  uint64_t traces_dropped_ = 0;      // guarded by traces_mu_
 
   std::mutex outbox_mu_;
   std::vector<Outgoing> outbox_;

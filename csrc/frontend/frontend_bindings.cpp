@@ -106,8 +106,10 @@ class PyFrontend {
     frontend_->Respond(conn, seq, std::string(response));
   }
 
-  // [(conn, seq, method, target, body, header_length | None, authorization | None, peer | None)];
-  // seq is -1 (and the rest None) for a connection that closed.
+  // [(conn, seq, method, target, body, header_length | None, authorization | None, peer | None,
+  // trace | None)]; seq is -1 (and the rest None) for a connection that closed. trace is
+  // (traceparent | None, tracestate | None, received_ns) when the request carried trace
+  // context or tracing is on.
   py::list Take() {
     std::vector<ForwardedRequest> requests = frontend_->Take();
     py::list out(requests.size());
@@ -115,16 +117,46 @@ class PyFrontend {
       ForwardedRequest& f = requests[i];
       py::tuple t;
       if (f.closed) {
-        t = py::make_tuple(f.conn, -1, py::none(), py::none(), py::none(), py::none(), py::none(), py::none());
+        t = py::make_tuple(f.conn, -1, py::none(), py::none(), py::none(), py::none(), py::none(), py::none(),
+                           py::none());
       } else {
         t = py::make_tuple(f.conn, static_cast<int64_t>(f.seq), Bytes(f.method), Bytes(f.target), Bytes(f.body),
                            f.has_header_length ? py::object(Bytes(f.header_length)) : py::object(py::none()),
                            f.has_authorization ? py::object(Bytes(f.authorization)) : py::object(py::none()),
-                           f.peer.empty() ? py::object(py::none()) : py::object(py::str(f.peer)));
+                           f.peer.empty() ? py::object(py::none()) : py::object(py::str(f.peer)),
+                           f.has_traceparent || f.has_tracestate || f.received_ns != 0
+                               ? py::object(py::make_tuple(
+                                     f.has_traceparent ? py::object(Bytes(f.traceparent)) : py::object(py::none()),
+                                     f.has_tracestate ? py::object(Bytes(f.tracestate)) : py::object(py::none()),
+                                     f.received_ns))
+                               : py::object(py::none()));
       }
       PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), t.release().ptr());
     }
     return out;
+  }
+
+  // ([(trace_id | None, parent_id | None, tracestate, target, model, version, status, rows,
+  // batch_rows, received, parsed, enqueued, batch_start, features, batch_end, answered)],
+  // dropped): the traced fast-path requests answered since the last call (times in
+  // CLOCK_MONOTONIC ns; batch times 0 for a request that never ran).
+  py::tuple TakeTraces() {
+    uint64_t dropped = 0;
+    std::vector<TraceRecord> records = frontend_->TakeTraces(&dropped);
+    py::list out(records.size());
+    for (size_t i = 0; i < records.size(); ++i) {
+      const TraceRecord& t = records[i];
+      py::object trace_id = py::none(), parent_id = py::none();
+      if (t.has_parent) {
+        trace_id = py::bytes(reinterpret_cast<const char*>(t.trace_id.data()), t.trace_id.size());
+        parent_id = py::bytes(reinterpret_cast<const char*>(t.parent_id.data()), t.parent_id.size());
+      }
+      py::tuple tuple = py::make_tuple(trace_id, parent_id, t.tracestate, t.target, t.model, t.version, t.status,
+                                       t.rows, t.batch_rows, t.received_ns, t.parsed_ns, t.enqueued_ns,
+                                       t.batch_start_ns, t.features_ns, t.batch_end_ns, t.answered_ns);
+      PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), tuple.release().ptr());
+    }
+    return py::make_tuple(out, dropped);
   }
 
   void Stop() {
@@ -178,6 +210,10 @@ readable, take() returns them, and respond() sends each answer (in request order
            "Inline batchers with a native kernel whose batches the front end's thread runs itself")
       .def("respond", &PyFrontend::Respond, py::arg("conn"), py::arg("seq"), py::arg("response"))
       .def("take", &PyFrontend::Take)
+      .def("set_tracing", [](PyFrontend& f, bool on, double ratio) { f.get().SetTracing(on, ratio); },
+           py::arg("on"), py::arg("ratio"),
+           "Trace fast-path requests: a sampled traceparent always, an unsampled one never, none by ratio")
+      .def("take_traces", &PyFrontend::TakeTraces)
       .def("fileno", [](PyFrontend& f) { return f.get().python_fd(); })
       .def("stop_accepting", [](PyFrontend& f) { f.get().StopAccepting(); })
       .def("begin_drain", [](PyFrontend& f) { f.get().BeginDrain(); })
@@ -186,6 +222,17 @@ readable, take() returns them, and respond() sends each answer (in request order
       .def("http_errors", &PyFrontend::HttpErrors)
       .def("failures", &PyFrontend::Failures)
       .def("stop", &PyFrontend::Stop);
+
+  m.def(
+      "parse_traceparent",
+      [](py::bytes value) -> py::object {
+        const std::string text(value);
+        http::TraceParent t;
+        if (!http::ParseTraceparent(text.data(), text.size(), &t)) return py::none();
+        return py::make_tuple(py::bytes(reinterpret_cast<const char*>(t.trace_id), 16),
+                              py::bytes(reinterpret_cast<const char*>(t.parent_id), 8), t.flags);
+      },
+      py::arg("value"), "The native parser's reading of a traceparent: (trace_id, parent_id, flags) or None");
 
   m.def(
       "http_load",

@@ -96,7 +96,48 @@ bool OriginForm(Span target, Span* out) {
   return true;
 }
 
+// Lowercase hex digits only (W3C trace context HEXDIGLC): fills out[size / 2].
+bool LowerHex(const char* p, size_t size, uint8_t* out) {
+  for (size_t i = 0; i < size; ++i) {
+    const char ch = p[i];
+    int digit;
+    if (ch >= '0' && ch <= '9') {
+      digit = ch - '0';
+    } else if (ch >= 'a' && ch <= 'f') {
+      digit = ch - 'a' + 10;
+    } else {
+      return false;
+    }
+    if (i % 2 == 0) {
+      out[i / 2] = static_cast<uint8_t>(digit << 4);
+    } else {
+      out[i / 2] = static_cast<uint8_t>(out[i / 2] | digit);
+    }
+  }
+  return true;
+}
+
+bool AllZero(const uint8_t* p, size_t size) {
+  for (size_t i = 0; i < size; ++i)
+    if (p[i] != 0) return false;
+  return true;
+}
+
 }  // namespace
+
+bool ParseTraceparent(const char* p, size_t size, TraceParent* out) {
+  // 2 version, '-', 32 trace id, '-', 16 parent id, '-', 2 flags = 55
+  if (size < 55 || p[2] != '-' || p[35] != '-' || p[52] != '-') return false;
+  uint8_t version = 0;
+  TraceParent t;
+  if (!LowerHex(p, 2, &version) || version == 0xff) return false;
+  if (version == 0 ? size != 55 : (size > 55 && p[55] != '-')) return false;
+  if (!LowerHex(p + 3, 32, t.trace_id) || !LowerHex(p + 36, 16, t.parent_id) || !LowerHex(p + 53, 2, &t.flags))
+    return false;
+  if (AllZero(t.trace_id, 16) || AllZero(t.parent_id, 8)) return false;
+  *out = t;
+  return true;
+}
 
 size_t SkipEmptyLines(const char* p, size_t avail) {
   size_t skip = 0;
@@ -182,6 +223,12 @@ Error ParseRequestHead(const char* p, size_t head_size, const Limits& limits, Re
     } else if (EqualsIgnoreCase(name.data, name.size, "authorization")) {
       h.has_authorization = true;
       h.authorization = value;
+    } else if (EqualsIgnoreCase(name.data, name.size, "traceparent")) {
+      h.has_traceparent = true;
+      h.traceparent = value;
+    } else if (EqualsIgnoreCase(name.data, name.size, "tracestate")) {
+      h.has_tracestate = true;
+      h.tracestate = value;
     }
     line = eol + 2;
   }

@@ -49,7 +49,21 @@ struct RequestHead {
   bool has_header_length = false, has_authorization = false;
   Span header_length;  // inference-header-content-length
   Span authorization;
+  bool has_traceparent = false, has_tracestate = false;  // W3C trace context (the last one given)
+  Span traceparent, tracestate;
 };
+
+// A W3C trace-context `traceparent` value (version-traceid-parentid-flags). Parsing
+// follows the recommendation's rules: lowercase hex only, version ff refused, all-zero
+// trace or parent ids refused, version 00 exactly 55 characters, a later version at least
+// that and a '-' after them. Anything else is treated as if the header were absent.
+struct TraceParent {
+  uint8_t trace_id[16] = {};
+  uint8_t parent_id[8] = {};
+  uint8_t flags = 0;
+  bool sampled() const { return (flags & 1) != 0; }
+};
+bool ParseTraceparent(const char* p, size_t size, TraceParent* out);
 
 // Leading empty lines before a request line (RFC 9112 2.2): how many bytes to skip.
 size_t SkipEmptyLines(const char* p, size_t avail);

@@ -1,0 +1,356 @@
+"""OpenTelemetry tracing (issue 19 item 1): W3C traceparent parsing (the Python and the
+native parser agree), head sampling, and spans of a real `vivace serve` on both front
+ends exported over OTLP/HTTP to a receiver started here on 127.0.0.1."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+pytest.importorskip("opentelemetry.sdk.trace")
+pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
+
+from vivace import _core  # noqa: E402
+from vivace.monitor import tracing  # noqa: E402
+
+from conftest import ServerProcess, wait_for  # noqa: E402
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+VALID = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+CASES = [
+    (VALID, (int(TRACE_ID, 16), int(PARENT_ID, 16), 1)),
+    (f"00-{TRACE_ID}-{PARENT_ID}-00", (int(TRACE_ID, 16), int(PARENT_ID, 16), 0)),
+    (f"01-{TRACE_ID}-{PARENT_ID}-01-future-field", (int(TRACE_ID, 16), int(PARENT_ID, 16), 1)),  # later version
+    (f"01-{TRACE_ID}-{PARENT_ID}-01", (int(TRACE_ID, 16), int(PARENT_ID, 16), 1)),
+    (f"ff-{TRACE_ID}-{PARENT_ID}-01", None),                    # version ff is invalid
+    (f"00-{'0' * 32}-{PARENT_ID}-01", None),                    # all-zero trace id
+    (f"00-{TRACE_ID}-{'0' * 16}-01", None),                     # all-zero parent id
+    (f"00-{TRACE_ID.upper()}-{PARENT_ID}-01", None),            # uppercase hex
+    (f"00-{TRACE_ID}-{PARENT_ID}-01-extra", None),              # version 00 has exactly 4 fields
+    (f"01-{TRACE_ID}-{PARENT_ID}-01x", None),                   # later version: '-' after the flags
+    (f"00-{TRACE_ID[:-1]}-{PARENT_ID}-01", None),               # short trace id
+    (f"00_{TRACE_ID}_{PARENT_ID}_01", None),
+    ("", None),
+    ("garbage", None),
+    (f"0g-{TRACE_ID}-{PARENT_ID}-01", None),
+]
+
+
+@pytest.mark.parametrize("value, expected", CASES)
+def test_traceparent_parsing_python_and_native_agree(value, expected):
+    parsed = tracing.parse_traceparent(value)
+    assert (tuple(parsed) if parsed else None) == expected
+    native = _core.parse_traceparent(value.encode())
+    if expected is None:
+        assert native is None
+    else:
+        assert (int.from_bytes(native[0], "big"), int.from_bytes(native[1], "big"), native[2]) == expected
+
+
+def test_sampling_is_parent_based_then_ratio():
+    sampled = tracing.parse_traceparent(VALID)
+    unsampled = tracing.parse_traceparent(f"00-{TRACE_ID}-{PARENT_ID}-00")
+    assert tracing.should_sample(sampled, 0.0) and not tracing.should_sample(unsampled, 1.0)
+    assert tracing.should_sample(None, 0.5, draw=0.49) and not tracing.should_sample(None, 0.5, draw=0.5)
+    assert not tracing.should_sample(None, 0.0, draw=0.0) and tracing.should_sample(None, 1.0, draw=0.999)
+    assert tracing.traces_url("http://h:4318") == "http://h:4318/v1/traces"
+    assert tracing.traces_url("http://h:4318/v1/traces") == "http://h:4318/v1/traces"
+    assert tracing.format_traceparent(int(TRACE_ID, 16), int(PARENT_ID, 16)) == VALID
+
+
+def test_request_spans_in_memory():
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    t = tracing.Tracing(None, 1.0, "unit", exporter=exporter, batch=False)
+    context = t.context(tracing.parse_traceparent(VALID), "vendor=x")
+    t.request_spans(context, "POST", "/v2/models/m/infer", "m", "1", 200, 2, 8, 1000, 2000, 2100, 3000, 3500, 5000,
+                    6000, "native")
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"POST /v2/models/m/infer", "http.receive", "batcher.queue", "batch.execute",
+                          "features.lookup", "http.response"}
+    root = spans["POST /v2/models/m/infer"]
+    assert root.context.trace_id == int(TRACE_ID, 16) and root.parent.span_id == int(PARENT_ID, 16)
+    assert root.context.trace_state.get("vendor") == "x"
+    assert (root.start_time, root.end_time) == (1000, 6000)
+    assert spans["batch.execute"].attributes["vivace.batch_size"] == 8
+    assert spans["features.lookup"].parent.span_id == spans["batch.execute"].context.span_id
+    for name in ("http.receive", "batcher.queue", "batch.execute", "http.response"):
+        assert spans[name].parent.span_id == root.context.span_id
+    assert (spans["batcher.queue"].start_time, spans["batcher.queue"].end_time) == (2100, 3000)
+    t.shutdown()
+
+
+def test_span_export_encodes_otlp_protobuf():
+    """The server's direct OTLP encoder: the same layout as the SDK path, one export."""
+    bodies: list[bytes] = []
+    export = tracing.SpanExport(None, "unit", sink=bodies.append)
+    trace_id, parent_id = bytes.fromhex(TRACE_ID), bytes.fromhex(PARENT_ID)
+    export.request_spans(trace_id, parent_id, "vendor=x", "POST", "/v2/models/m/infer", "m", "1", 503, 2, 8, 1000,
+                         2000, 2100, 3000, 0, 5000, 6000, "native")
+    export.request_spans(None, None, "", "POST", "/v2/models/m/infer", "m", "1", 200, 1, 1, 1, 2, 3, 4, 0, 5, 6,
+                         "python")
+    export.close()
+    (body,) = bodies
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(body)
+    (resource_spans,) = request.resource_spans
+    assert resource_spans.resource.attributes[0].value.string_value == "unit"
+    spans = list(resource_spans.scope_spans[0].spans)
+    first = {s.name: s for s in spans if s.trace_id == trace_id}
+    assert set(first) == {"POST /v2/models/m/infer", "http.receive", "batcher.queue", "batch.execute", "http.response"}
+    root = first["POST /v2/models/m/infer"]
+    assert root.parent_span_id == parent_id and root.trace_state == "vendor=x" and root.kind == 2
+    assert root.status.code == 2  # ERROR: a 503
+    assert all(s.parent_span_id == root.span_id for n, s in first.items() if n != root.name)
+    assert {a.key: a.value.int_value for a in first["batch.execute"].attributes} == {"vivace.batch_size": 8}
+    second = [s for s in spans if s.trace_id != trace_id]
+    assert len(second) == 5 and len({s.trace_id for s in second}) == 1
+    assert export.exported == 10 and export.dropped == 0
+
+
+def test_propagation_helpers():
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    headers = tracing.inject({}, VALID)
+    assert headers == {"traceparent": VALID}
+    assert tracing.inject({}) == {}  # no current span: nothing added
+    tracer = TracerProvider().get_tracer("t")
+    with tracer.start_as_current_span("x") as span:
+        env = tracing.inject_env({})
+        assert env["TRACEPARENT"] == tracing.format_traceparent(span.get_span_context().trace_id,
+                                                                 span.get_span_context().span_id)
+    assert otel_trace.get_current_span().get_span_context().is_valid is False
+
+
+# -- an OTLP/HTTP receiver ------------------------------------------------------------------
+class Receiver:
+    """POST /v1/traces on 127.0.0.1: decodes each ExportTraceServiceRequest into spans."""
+
+    def __init__(self):
+        self.spans: list[dict] = []
+        self.posts = 0
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.path != "/v1/traces":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                with lock:
+                    outer.posts += 1
+                    for resource_spans in request.resource_spans:
+                        service = next((a.value.string_value for a in resource_spans.resource.attributes
+                                        if a.key == "service.name"), None)
+                        for scope_spans in resource_spans.scope_spans:
+                            for span in scope_spans.spans:
+                                attributes = {}
+                                for a in span.attributes:
+                                    kind = a.value.WhichOneof("value")
+                                    attributes[a.key] = getattr(a.value, kind)
+                                outer.spans.append({
+                                    "name": span.name, "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
+                                    "parent": span.parent_span_id.hex(), "start": span.start_time_unix_nano,
+                                    "end": span.end_time_unix_nano, "attributes": attributes, "service": service,
+                                    "trace_state": span.trace_state})
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def traces(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for span in list(self.spans):
+            out.setdefault(span["trace_id"], []).append(span)
+        return out
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+ROW = [0.1] * 32
+
+
+def infer(port: int, headers: dict | None = None, rows: int = 1, path: str = "/v2/models/mlp/infer") -> int:
+    body = json.dumps({"inputs": [{"name": "input__0", "shape": [rows, 32], "datatype": "FP32", "data": ROW * rows}]})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", path, body, {"content-type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response.status
+
+
+def tree(spans: list[dict]) -> tuple[dict, dict[str, dict]]:
+    """The server span of one trace and its children by name."""
+    (root,) = [s for s in spans if s["name"].endswith("/infer")]
+    children = {s["name"]: s for s in spans if s["parent"] == root["span_id"]}
+    return root, children
+
+
+@pytest.mark.parametrize("frontend", ["native", "python"])
+def test_spans_end_to_end(mlp_package, receiver, frontend):
+    srv = ServerProcess([mlp_package], "--http-frontend", frontend, "--trace-endpoint", receiver.url,
+                        "--trace-sample-ratio", "0", "--trace-service-name", "vivace-test")
+    try:
+        # A sampled parent: traced, continuing the client's trace.
+        assert infer(srv.port, {"traceparent": VALID, "tracestate": "vendor=abc"}, rows=3) == 200
+        # An unsampled parent: nothing, whatever the ratio.
+        other = "5bf92f3577b34da6a3ce929d0e0e4737"
+        assert infer(srv.port, {"traceparent": f"00-{other}-{PARENT_ID}-00"}) == 200
+        # No traceparent at ratio 0: nothing.
+        for _ in range(5):
+            assert infer(srv.port) == 200
+        # A malformed traceparent is absent: ratio 0, nothing.
+        assert infer(srv.port, {"traceparent": f"ff-{other}-{PARENT_ID}-01"}) == 200
+        # A parsed, versioned route of another request kind (metadata) through Python.
+        third = "6bf92f3577b34da6a3ce929d0e0e4738"
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        conn.request("GET", "/v2/models/mlp", headers={"traceparent": f"00-{third}-{PARENT_ID}-01"})
+        assert conn.getresponse().status == 200
+        conn.close()
+        wait_for(lambda: TRACE_ID in receiver.traces() and third in receiver.traces()
+                 and len(tree(receiver.traces()[TRACE_ID])[1]) >= 4, timeout=30, what="the spans")
+    finally:
+        assert srv.stop() == 0
+    traces = receiver.traces()
+    assert set(traces) == {TRACE_ID, third}, "only the sampled requests are traced"
+    root, children = tree(traces[TRACE_ID])
+    assert root["parent"] == PARENT_ID and root["service"] == "vivace-test"
+    assert root["trace_state"] == "vendor=abc"
+    assert root["attributes"]["vivace.model"] == "mlp"
+    assert root["attributes"]["http.response.status_code"] == 200
+    assert root["attributes"]["vivace.frontend"] == frontend
+    assert set(children) >= {"http.receive", "batcher.queue", "batch.execute", "http.response"}
+    assert children["batch.execute"]["attributes"]["vivace.batch_size"] >= 3
+    for child in children.values():
+        assert root["start"] <= child["start"] <= child["end"] <= root["end"]
+    assert children["batcher.queue"]["end"] <= children["batch.execute"]["start"] + 1000
+    (meta,) = traces[third]
+    assert meta["name"] == "GET /v2/models/mlp" and meta["parent"] == PARENT_ID
+
+
+def test_ratio_one_traces_requests_without_parent(mlp_package, receiver):
+    srv = ServerProcess([mlp_package], "--trace-endpoint", receiver.url, "--trace-sample-ratio", "1")
+    try:
+        for _ in range(4):
+            assert infer(srv.port) == 200
+        wait_for(lambda: sum(1 for spans in receiver.traces().values()
+                             if any(s["name"] == "batch.execute" for s in spans)) >= 4, what="4 traces")
+    finally:
+        assert srv.stop() == 0
+    infer_traces = [spans for spans in receiver.traces().values() if any(s["name"].endswith("/infer") for s in spans)]
+    assert len(infer_traces) == 4  # (the readiness probes of ServerProcess are traced too)
+    for spans in infer_traces:
+        root, children = tree(spans)
+        assert root["parent"] == ""  # a root: no caller's trace to continue
+        assert children["batch.execute"]["attributes"]["vivace.batch_size"] == 1
+
+
+def test_tracing_off_exports_nothing(mlp_package, receiver):
+    srv = ServerProcess([mlp_package], env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url})
+    try:
+        for _ in range(3):
+            assert infer(srv.port, {"traceparent": VALID}) == 200
+    finally:
+        assert srv.stop() == 0
+    assert receiver.posts == 0 and receiver.spans == []
+
+
+def test_serve_help_lists_the_flags():
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "vivace.cli", "serve", "--help"], capture_output=True, text=True,
+                         env=dict(os.environ, COLUMNS="200"), check=True).stdout
+    for flag in ("--trace-endpoint", "--trace-sample-ratio", "--trace-service-name"):
+        assert flag in out
+
+
+PIPELINE = """
+name: traced
+steps:
+  - {name: first, type: shell, run: 'printf %s "$TRACEPARENT" > first.txt', outputs: {t: first.txt}}
+  - {name: second, type: shell, run: 'printf %s "$TRACEPARENT" > second.txt', outputs: {t: second.txt}, needs: [first]}
+"""
+
+
+def test_pipeline_steps_are_spans_and_get_traceparent(tmp_path, receiver):
+    import subprocess
+
+    (tmp_path / "p.yaml").write_text(PIPELINE)
+    env = dict(os.environ, VIVACE_TRACE_ENDPOINT=receiver.url, TRACEPARENT=VALID)
+    proc = subprocess.run([sys.executable, "-m", "vivace.cli", "--home", str(tmp_path / "home"), "pipeline", "run",
+                           str(tmp_path / "p.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    spans = {s["name"]: s for s in receiver.traces()[TRACE_ID]}  # the runner's shutdown flushed them
+    run = spans["pipeline traced"]
+    assert run["parent"] == PARENT_ID
+    for name in ("first", "second"):
+        step = spans[f"pipeline.step {name}"]
+        assert step["parent"] == run["span_id"] and step["attributes"]["vivace.step.type"] == "shell"
+        workdir_file = next(tmp_path.rglob(f"{name}.txt"))
+        assert workdir_file.read_text() == f"00-{TRACE_ID}-{step['span_id']}-01"
+
+
+def test_webhook_carries_the_current_traceparent(receiver):
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from vivace.monitor.alerts import AlertConfig, fire_alert
+
+    seen: list[str | None] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(self.headers.get("traceparent"))
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = AlertConfig(webhook_url=f"http://127.0.0.1:{server.server_address[1]}/hook")
+        payload = {"model": "m", "version": "1", "kind": "drift"}
+        fire_alert(config, payload, "test", {}, [])
+        with TracerProvider().get_tracer("t").start_as_current_span("alert") as span:
+            fire_alert(config, payload, "test", {}, [])
+            context = span.get_span_context()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [None, tracing.format_traceparent(context.trace_id, context.span_id)]
