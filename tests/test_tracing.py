@@ -118,6 +118,30 @@ def test_span_export_encodes_otlp_protobuf():
     assert export.exported == 10 and export.dropped == 0
 
 
+def test_hand_encoded_spans_decode_with_opentelemetry_proto():
+    """Every value kind the encoder writes, decoded by the reference protobuf classes:
+    negative and 64-bit ints, bools, doubles, non-ASCII and long (multi-byte length) strings."""
+    bodies: list[bytes] = []
+    export = tracing.SpanExport(None, "svc-é", sink=bodies.append)
+    attributes = {"text": "é" * 100, "negative": -5, "big": 2**62, "flag": True, "ratio": 1.5}
+    export.add([tracing.SpanExport.span(b"\x01" * 16, b"\x02" * 8, b"\x03" * 8, "nämé", 2, 10**18, 10**18 + 5,
+                                        attributes, "k=v", error=True),
+                tracing.SpanExport.span(b"\x01" * 16, b"\x04" * 8, b"", "ends before it starts", 1, 5, 3)])
+    export.close()
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(bodies[0])
+    (resource_spans,) = request.resource_spans
+    assert resource_spans.resource.attributes[0].value.string_value == "svc-é"
+    assert resource_spans.scope_spans[0].scope.name == "vivace"
+    first, second = resource_spans.scope_spans[0].spans
+    assert (first.name, first.kind, first.trace_state, first.status.code) == ("nämé", 2, "k=v", 2)
+    assert (first.start_time_unix_nano, first.end_time_unix_nano) == (10**18, 10**18 + 5)
+    assert first.parent_span_id == b"\x03" * 8 and first.span_id == b"\x02" * 8
+    decoded = {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in first.attributes}
+    assert decoded == attributes
+    assert second.parent_span_id == b"" and second.end_time_unix_nano == 5 and second.status.code == 0
+
+
 def test_propagation_helpers():
     from opentelemetry import trace as otel_trace
     from opentelemetry.sdk.trace import TracerProvider
