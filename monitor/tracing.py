@@ -84,33 +84,30 @@ def traces_url(endpoint: str) -> str:
 
 
 class Tracing:
-    """A tracer provider exporting to one OTLP/HTTP endpoint (or to `exporter`, for tests),
+    """A tracer provider exporting to one OTLP/HTTP endpoint (the pipeline runner's steps),
     with the ratio for requests that arrive without trace context. The SDK samples
     everything it is given: the head decision is ours (`sample`)."""
 
-    def __init__(self, endpoint: str | None, ratio: float = DEFAULT_RATIO, service_name: str = DEFAULT_SERVICE,
-                 exporter: Any = None, batch: bool = True):
+    def __init__(self, endpoint: str, ratio: float = DEFAULT_RATIO, service_name: str = DEFAULT_SERVICE):
         try:
             from opentelemetry import trace
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
             from opentelemetry.sdk.trace.sampling import ALWAYS_ON
         except ImportError as exc:
             raise RuntimeError("tracing needs the OpenTelemetry SDK: pip install 'vivace[otel]'") from exc
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"the trace sample ratio must be within [0, 1], got {ratio:g}")
-        if exporter is None:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter(endpoint=traces_url(endpoint or "http://127.0.0.1:4318"), timeout=10)
+        exporter = OTLPSpanExporter(endpoint=traces_url(endpoint), timeout=10)
         self.endpoint = endpoint
         self.ratio = ratio
         self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}), sampler=ALWAYS_ON)
-        self.provider.add_span_processor(BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter))
+        self.provider.add_span_processor(BatchSpanProcessor(exporter))
         self.tracer = self.provider.get_tracer("vivace")
         self._trace = trace
-        self.dropped = 0  # timings the native front end dropped (its queue was full)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Tracing | None:
@@ -150,48 +147,6 @@ class Tracing:
 
     def child_context(self, span: Any) -> Any:
         return self._trace.set_span_in_context(span)
-
-    # -- one infer request from its timings ---------------------------------------------------
-    def request_spans(self, context: Any, method: str, target: str, model: str, version: str, status: int | None,
-                      rows: int, batch_rows: int, received: int, parsed: int, enqueued: int, batch_start: int,
-                      features: int, batch_end: int, answered: int, frontend: str) -> None:
-        """The spans of one request from its timings (epoch ns; 0: did not happen): the
-        server span, and under it receive/parse, queue wait, batch execution (with the
-        batch size; feature lookup under it when the model looks features up) and the
-        response write."""
-        path = target.split("?", 1)[0]
-        attributes: dict[str, Any] = {"http.request.method": method, "url.path": path,
-                                      "vivace.model": model, "vivace.model_version": version,
-                                      "vivace.frontend": frontend}
-        if status is not None:
-            attributes["http.response.status_code"] = status
-        if rows:
-            attributes["vivace.rows"] = rows
-        end = max(answered, batch_end, parsed, received)
-        root = self.span(f"{method} /v2/models/{model}/infer", context, "server", attributes, received)
-        if status is not None and status >= 500:
-            from opentelemetry.trace import Status, StatusCode
-
-            root.set_status(Status(StatusCode.ERROR))
-        inner = self.child_context(root)
-        self._child("http.receive", inner, received, parsed)
-        if enqueued and batch_start:
-            self._child("batcher.queue", inner, enqueued, batch_start)
-        if batch_start and batch_end:
-            batch = self.span("batch.execute", inner, "internal", {"vivace.batch_size": batch_rows}, batch_start)
-            if features:
-                self._child("features.lookup", self.child_context(batch), batch_start, features)
-            batch.end(end_time=batch_end)
-        if answered:
-            self._child("http.response", inner, batch_end or parsed, answered)
-        root.end(end_time=end)
-
-    def _child(self, name: str, context: Any, start: int, end: int) -> None:
-        if start and end:
-            self.span(name, context, "internal", None, start).end(end_time=max(start, end))
-
-    def flush(self, timeout_ms: int = 30_000) -> None:
-        self.provider.force_flush(timeout_ms)
 
     def shutdown(self) -> None:
         self.provider.shutdown()
@@ -250,8 +205,8 @@ class SpanExport:
 
     The SDK's span objects cost about ten times as much per span (start, end, processor,
     then encoding), and protobuf message objects several times the bytes written here: a
-    traced request is a few microseconds of Python. The span layout is
-    `Tracing.request_spans`'s; tests decode what this writes with opentelemetry-proto.
+    traced request is a few microseconds of Python. Tests decode what this writes with
+    opentelemetry-proto.
     `sink`: a callable taking the encoded request (tests)."""
 
     def __init__(self, endpoint: str | None, service_name: str = DEFAULT_SERVICE, interval_s: float = 1.0,
@@ -299,8 +254,10 @@ class SpanExport:
                       target: str, model: str, version: str, status: int | None, rows: int, batch_rows: int,
                       received: int, parsed: int, enqueued: int, batch_start: int, features: int, batch_end: int,
                       answered: int, frontend: str) -> None:
-        """One infer request's spans (times in epoch ns; 0: did not happen): see
-        Tracing.request_spans. No parent: a new trace, the server span its root."""
+        """One infer request's spans from its timings (epoch ns; 0: did not happen): the
+        server span, and under it receive/parse, queue wait, batch execution (with the
+        batch size; feature lookup under it when the model looks features up) and the
+        response write. No parent: a new trace, the server span its root."""
         internal, server = 1, 2  # SPAN_KIND_INTERNAL, SPAN_KIND_SERVER
         trace_id = trace_id or self.new_id(16)
         root_id = self.new_id(8)

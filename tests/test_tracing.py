@@ -67,27 +67,28 @@ def test_sampling_is_parent_based_then_ratio():
     assert tracing.format_traceparent(int(TRACE_ID, 16), int(PARENT_ID, 16)) == VALID
 
 
-def test_request_spans_in_memory():
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    t = tracing.Tracing(None, 1.0, "unit", exporter=exporter, batch=False)
-    context = t.context(tracing.parse_traceparent(VALID), "vendor=x")
-    t.request_spans(context, "POST", "/v2/models/m/infer", "m", "1", 200, 2, 8, 1000, 2000, 2100, 3000, 3500, 5000,
-                    6000, "native")
-    spans = {s.name: s for s in exporter.get_finished_spans()}
+def test_request_spans_layout():
+    """The spans of one traced request: the server span continuing the client's trace, its
+    children in time, the batch size, and the feature lookup under the batch."""
+    bodies: list[bytes] = []
+    export = tracing.SpanExport(None, "unit", sink=bodies.append)
+    export.request_spans(bytes.fromhex(TRACE_ID), bytes.fromhex(PARENT_ID), "vendor=x", "POST", "/v2/models/m/infer",
+                         "m", "1", 200, 2, 8, 1000, 2000, 2100, 3000, 3500, 5000, 6000, "native")
+    export.close()
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(bodies[0])
+    spans = {s.name: s for s in request.resource_spans[0].scope_spans[0].spans}
     assert set(spans) == {"POST /v2/models/m/infer", "http.receive", "batcher.queue", "batch.execute",
                           "features.lookup", "http.response"}
     root = spans["POST /v2/models/m/infer"]
-    assert root.context.trace_id == int(TRACE_ID, 16) and root.parent.span_id == int(PARENT_ID, 16)
-    assert root.context.trace_state.get("vendor") == "x"
-    assert (root.start_time, root.end_time) == (1000, 6000)
-    assert spans["batch.execute"].attributes["vivace.batch_size"] == 8
-    assert spans["features.lookup"].parent.span_id == spans["batch.execute"].context.span_id
+    assert root.trace_id == bytes.fromhex(TRACE_ID) and root.parent_span_id == bytes.fromhex(PARENT_ID)
+    assert root.trace_state == "vendor=x"
+    assert (root.start_time_unix_nano, root.end_time_unix_nano) == (1000, 6000)
+    assert {a.key: a.value.int_value for a in spans["batch.execute"].attributes} == {"vivace.batch_size": 8}
+    assert spans["features.lookup"].parent_span_id == spans["batch.execute"].span_id
     for name in ("http.receive", "batcher.queue", "batch.execute", "http.response"):
-        assert spans[name].parent.span_id == root.context.span_id
-    assert (spans["batcher.queue"].start_time, spans["batcher.queue"].end_time) == (2100, 3000)
-    t.shutdown()
+        assert spans[name].parent_span_id == root.span_id
+    assert (spans["batcher.queue"].start_time_unix_nano, spans["batcher.queue"].end_time_unix_nano) == (2100, 3000)
 
 
 def test_span_export_encodes_otlp_protobuf():
