@@ -92,8 +92,8 @@ class DriftMonitor:
         self.latest_rows = 0
         self.processes: list[subprocess.Popen] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic(f"drift-{self.model}-{self.version}", self.check,
+                                  f"drift check for {self.model}/{self.version}")
 
     def check(self) -> Alert | None:
         """Compute the statistics now, update states, fire an alert if one is due."""
@@ -172,17 +172,35 @@ class DriftMonitor:
 
     def start(self, interval_s: float) -> None:
         """Check every interval_s seconds on a daemon thread until stop()."""
+        self._periodic.start(interval_s)
+
+    def stop(self) -> None:
+        self._periodic.stop()
+
+
+class Periodic:
+    """Runs `work` every interval on a daemon thread named `name` until stop(); a round
+    that raises is logged as `what` and the next one runs (monitoring outlives one bad round)."""
+
+    def __init__(self, name: str, work: Callable[[], Any], what: str):
+        self.name = name
+        self.work = work
+        self.what = what
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, interval_s: float) -> None:
         if self._thread is not None:
             return
 
         def loop() -> None:
             while not self._stop.wait(interval_s):
                 try:
-                    self.check()
-                except Exception:  # keep monitoring through one bad check
-                    log.exception("drift check failed for %s/%s", self.model, self.version)
+                    self.work()
+                except Exception:  # noqa: BLE001 - keep monitoring through one bad round
+                    log.exception("%s failed", self.what)
 
-        self._thread = threading.Thread(target=loop, name=f"drift-{self.model}-{self.version}", daemon=True)
+        self._thread = threading.Thread(target=loop, name=self.name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

@@ -71,7 +71,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from .alerts import AlertConfig, fire_alert
+from .alerts import AlertConfig, Periodic, fire_alert
 from .predlog import RotatingFile
 
 log = logging.getLogger("vivace.monitor.quality")
@@ -777,8 +777,7 @@ class QualityMonitor:
         self.processes: list[Any] = []
         self._cache: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic("quality-monitor", self.run_once, "quality monitoring round")
         self._last_importance = 0.0
 
     def feedback(self, model: str, version: str | None, items: list[FeedbackItem]) -> dict[str, Any]:
@@ -862,24 +861,10 @@ class QualityMonitor:
                     log.exception("importance of %s/%s failed", info.name, info.version)
 
     def start(self, interval_s: float = 5.0) -> None:
-        if self._thread is not None:
-            return
-
-        def loop() -> None:
-            while not self._stop.wait(interval_s):
-                try:
-                    self.run_once()
-                except Exception:  # noqa: BLE001 - keep monitoring through one bad round
-                    log.exception("quality monitoring round failed")
-
-        self._thread = threading.Thread(target=loop, name="quality-monitor", daemon=True)
-        self._thread.start()
+        self._periodic.start(interval_s)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._periodic.stop()
         self.join.close()
 
     def gauge_samples(self) -> dict[str, list[tuple[list[str], float]]]:
