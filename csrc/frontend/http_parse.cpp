@@ -18,6 +18,13 @@ bool IsValueChar(unsigned char ch) { return (ch >= 0x20 && ch != 0x7f) || ch == 
 
 char Lower(char ch) { return (ch >= 'A' && ch <= 'Z') ? static_cast<char>(ch | 0x20) : ch; }
 
+// The value of a lowercase hex digit, or -1.
+int LowerHexDigit(char ch) {
+  if (ch >= '0' && ch <= '9') return ch - '0';
+  if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+  return -1;
+}
+
 bool EqualsIgnoreCase(const char* a, size_t a_size, const char* b) {
   const size_t b_size = std::strlen(b);
   if (a_size != b_size) return false;
@@ -99,15 +106,8 @@ bool OriginForm(Span target, Span* out) {
 // Lowercase hex digits only (W3C trace context HEXDIGLC): fills out[size / 2].
 bool LowerHex(const char* p, size_t size, uint8_t* out) {
   for (size_t i = 0; i < size; ++i) {
-    const char ch = p[i];
-    int digit;
-    if (ch >= '0' && ch <= '9') {
-      digit = ch - '0';
-    } else if (ch >= 'a' && ch <= 'f') {
-      digit = ch - 'a' + 10;
-    } else {
-      return false;
-    }
+    const int digit = LowerHexDigit(p[i]);
+    if (digit < 0) return false;
     if (i % 2 == 0) {
       out[i / 2] = static_cast<uint8_t>(digit << 4);
     } else {
@@ -248,15 +248,8 @@ Error DecodeChunk(const char* p, size_t avail, uint64_t decoded, const Limits& l
   uint64_t size = 0;
   const char* q = p;
   for (; q < eol; ++q) {
-    const char ch = Lower(*q);
-    int digit;
-    if (ch >= '0' && ch <= '9') {
-      digit = ch - '0';
-    } else if (ch >= 'a' && ch <= 'f') {
-      digit = ch - 'a' + 10;
-    } else {
-      break;
-    }
+    const int digit = LowerHexDigit(Lower(*q));
+    if (digit < 0) break;
     if (size <= max_body) size = size * 16 + static_cast<uint64_t>(digit);  // saturates past the limit
   }
   const char* ext = q;
