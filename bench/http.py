@@ -22,6 +22,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .drift import cpu_description
+
 LUA = Path(__file__).with_name("data") / "infer_mlp.lua"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -413,7 +415,7 @@ def _run(args) -> int:
         server_cpu, client_cpu = pinned_cpus(args)
         concurrencies = [int(c) for c in args.concurrency.split(",")]
         print(f"vivace bench http --trace: {args.rounds} rounds of {args.duration:g} s, server cpu {server_cpu}, "
-              f"client cpu {client_cpu}")
+              f"client cpu {client_cpu}; {cpu_description()}")
         for line in trace_overhead(args.duration, concurrencies, args.rounds, server_cpu, client_cpu,
                                    args.trace_sample_ratio, native_kernel=not args.no_native):
             print(line)
@@ -428,7 +430,8 @@ def _run(args) -> int:
             return 1
     server_cpu, client_cpu = pinned_cpus(args)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    print(f"vivace bench http: {args.duration:g} s per point, server cpu {server_cpu}, client cpu {client_cpu}")
+    print(f"vivace bench http: {args.duration:g} s per point, server cpu {server_cpu}, client cpu {client_cpu}; "
+          f"{cpu_description()}")
     results = benchmark(args.duration, concurrencies, server_cpu, client_cpu,
                         baseline=not args.no_baseline, perf_analyzer=not args.no_perf_analyzer,
                         native=not args.no_native, auth=args.auth, python_frontend=args.python_frontend,

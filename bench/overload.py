@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .drift import cpu_description
 from .http import _stop, _wait_ready, pinned_cpus
 
 MODEL = "overload"
@@ -464,7 +465,7 @@ def _run(args) -> int:
     if client_cpu is not None:
         os.sched_setaffinity(0, {client_cpu})
     print(f"vivace bench overload: model Linear({args.width},{args.width}) x{args.depth}, max batch {MAX_BATCH}, "
-          f"server cpu {server_cpu}, client cpu {client_cpu}", flush=True)
+          f"server cpu {server_cpu}, client cpu {client_cpu}; {cpu_description()}", flush=True)
     started = time.monotonic()
     capacity = None
     with tempfile.TemporaryDirectory(prefix="vivace-overload-") as tmp_name:
