@@ -306,7 +306,11 @@ class Home:
         removed = 0
         cutoff = time.time() - older_than_s
         for entry in self.tmp.iterdir():
-            if entry.stat().st_mtime < cutoff:
+            try:
+                mtime = entry.stat().st_mtime
+            except FileNotFoundError:  # another writer renamed its staging entry into place
+                continue
+            if mtime < cutoff:
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
                 removed += 1
         return removed

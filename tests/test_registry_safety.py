@@ -168,6 +168,17 @@ for _ in range(count):
 """
 
 
+def test_garbage_collection_skips_an_entry_that_vanishes_while_it_runs(tmp_path):
+    # A concurrent writer renames its staging directory into place between our
+    # listing and our stat; a dangling link is that moment made permanent.
+    with Home(tmp_path / "home") as home:
+        (home.tmp / "pkg.renamed-meanwhile").symlink_to(tmp_path / "gone")
+        stale = home.staging_dir("pkg.")
+        os.utime(stale, (0, 0))
+        assert home.collect_garbage() == 1
+        assert not stale.exists()
+
+
 def test_two_processes_registering_get_distinct_versions(tmp_path, model_file):
     home_dir = tmp_path / "home"  # not created yet: both processes also race to create it
     for who in ("left", "right"):
