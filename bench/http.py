@@ -220,9 +220,10 @@ def benchmark(duration: float, concurrencies: list[int], server_cpu: int | None,
 
 class OtlpSink:
     """A stand-in OTLP/HTTP collector on 127.0.0.1 for --trace: accepts POST /v1/traces
-    (200, body discarded) and counts the exports and their bytes."""
+    (200, body discarded) and counts the exports and their bytes. Its threads run on
+    `cpu` (the client's), not on the server's core: a real collector runs elsewhere."""
 
-    def __init__(self):
+    def __init__(self, cpu: int | None = None):
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -245,7 +246,12 @@ class OtlpSink:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        def serve() -> None:
+            if cpu is not None:  # the handler threads inherit this thread's CPUs
+                os.sched_setaffinity(0, {cpu})
+            self.server.serve_forever()
+
+        threading.Thread(target=serve, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -260,7 +266,7 @@ def trace_overhead(duration: float, concurrencies: list[int], rounds: int, serve
     from vivace.registry.reference_model import write_reference_model
 
     results: dict = {}
-    sink = OtlpSink()
+    sink = OtlpSink(client_cpu)
     procs: dict[str, tuple[int, subprocess.Popen]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="vivace-bench-trace-") as tmp:

@@ -222,8 +222,9 @@ class NativeFrontend:
     def set_tracing(self, on: bool, ratio: float) -> None:
         self.core.set_tracing(on, ratio)
 
-    def take_traces(self) -> tuple[list, int]:
-        return self.core.take_traces()
+    def take_trace_spans(self, epoch_offset_ns: int) -> tuple[bytes, int, int, int]:
+        """(encoded spans, their count, traced requests, dropped requests) since the last call."""
+        return self.core.take_trace_spans(epoch_offset_ns)
 
     # -- accounting (merged into the App's counters for /metrics) ---------------------------
     def http_errors(self) -> dict[int, int]:

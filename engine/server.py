@@ -979,8 +979,10 @@ async def serve(
         # The native front end's traced requests become spans in bulk, off the request path.
         while True:
             await asyncio.sleep(DRAIN_INTERVAL_S)
-            if app.frontend is not None and app.tracing is not None:
+            try:
                 app.tracing.drain_native(app.frontend)
+            except Exception:  # the next drain retries; serving goes on
+                log.exception("tracing: cannot take the native front end's spans")
 
     async def token_watcher() -> None:
         while True:

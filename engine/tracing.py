@@ -7,8 +7,10 @@ The decisions and the span layout are monitor/tracing.py's. Here:
   `RequestTrace`, which an infer call carries to its completion (engine/infer.py), where
   the batcher's timings of it (`Batcher.take_traces`) are added;
 - `ServerTracing.drain_native`: the native front end times the fast-path requests it
-  traces in C++ and queues the records; they are turned into spans here, in bulk, on a
-  timer: no Python runs per request on the fast path, traced or not.
+  traces in C++ and encodes their spans there in bulk; here the bytes are taken, on a
+  timer, and queued for export: no Python runs per request on the fast path, traced or not.
+
+Both paths' spans are written by the core's one encoder (csrc/frontend/otlp.cpp).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import logging
 import time
 from typing import Any
 
+from vivace import _core
 from vivace.monitor.tracing import SpanExport, monotonic_offset_ns, parse_traceparent, should_sample
 
 from .config import ServerConfig
@@ -56,14 +59,8 @@ class RequestTrace:
     def finish(self, status: int | None = None) -> None:
         """A request that did not become an infer call (another route, or a refusal): the
         server span alone."""
-        owner = self.owner
-        path = self.target.split("?", 1)[0]
-        attributes: dict[str, Any] = {"http.request.method": self.method, "url.path": path,
-                                      "vivace.frontend": self.frontend}
-        if status is not None:
-            attributes["http.response.status_code"] = status
-        owner.export.server_span(self.trace_id, self.parent_id, self.tracestate, f"{self.method} {path}",
-                                 self.received + owner.offset, time.monotonic_ns() + owner.offset, attributes)
+        self.owner.emit(self.trace_id, self.parent_id, self.tracestate, self.method, self.target, "", "", status, 0,
+                        0, self.received, 0, 0, 0, 0, 0, time.monotonic_ns(), self.frontend)
 
 
 class ServerTracing:
@@ -92,27 +89,24 @@ class ServerTracing:
              enqueued: int, batch_start: int, features: int, batch_end: int, answered: int, frontend: str) -> None:
         offset = self.offset
         try:
-            self.export.request_spans(trace_id, parent_id, tracestate, method, target, model, version, status, rows,
-                                      batch_rows, received and received + offset, parsed and parsed + offset,
-                                      enqueued and enqueued + offset, batch_start and batch_start + offset,
-                                      features and features + offset, batch_end and batch_end + offset,
-                                      answered and answered + offset, frontend)
+            spans, count = _core.encode_request_spans(
+                trace_id, parent_id, tracestate, method, target, frontend, model, version, status, rows, batch_rows,
+                received and received + offset, parsed and parsed + offset, enqueued and enqueued + offset,
+                batch_start and batch_start + offset, features and features + offset,
+                batch_end and batch_end + offset, answered and answered + offset)
+            self.export.add(spans, count)
         except Exception:  # tracing must never fail the request it describes
             log.exception("cannot record the spans of a request")
 
     def drain_native(self, core: Any) -> int:
         """Spans for the fast-path requests the native front end traced since the last
         call; returns how many."""
-        records, dropped = core.take_traces()
+        spans, count, requests, dropped = core.take_trace_spans(self.offset)
         if dropped:
             self.export.dropped += dropped
             log.warning("tracing: the native front end dropped the timings of %d traced requests", dropped)
-        emit = self.emit
-        for (trace_id, parent_id, tracestate, target, model, version, status, rows, batch_rows, received, parsed,
-             enqueued, batch_start, features, batch_end, answered) in records:
-            emit(trace_id, parent_id, tracestate, "POST", target, model, version, status, rows, batch_rows, received,
-                 parsed, enqueued, batch_start, features, batch_end, answered, "native")
-        return len(records)
+        self.export.add(spans, count)
+        return requests
 
     def shutdown(self) -> None:
         try:

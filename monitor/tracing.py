@@ -8,20 +8,18 @@ Sampling is decided once, at the head, and follows the caller: a request whose
 `traceparent` has the sampled flag is traced, one whose flag is clear is not, and one
 without a (valid) `traceparent` is traced with probability `ratio`. The native front end
 makes the same decision in C++ (csrc/frontend/http_parse.cpp ParseTraceparent) and times
-only the requests it traces; the spans are built here, in bulk, from those timings, with
-explicit start and end times: by `SpanExport` (OTLP protobuf built directly, what the
-server uses) or `Tracing` (the SDK: the pipeline runner, and the same span layout).
+only the requests it traces. The server's spans are encoded by the core
+(csrc/frontend/otlp.cpp) and exported by `SpanExport`; the pipeline runner's steps are
+spans of the SDK (`Tracing`).
 
 Shared by the server (engine/) and the pipeline runner (registry/): nothing here imports
 either. The SDK is imported only when tracing is turned on.
 """
 from __future__ import annotations
 
-import functools
 import os
 import random
 import re
-import struct
 import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any, NamedTuple
@@ -153,10 +151,7 @@ class Tracing:
 
 
 def _varint(value: int) -> bytes:
-    if 0 <= value < 0x80:
-        return _SMALL_VARINTS[value]
     out = bytearray()
-    value &= (1 << 64) - 1  # int64 two's complement, as protobuf encodes negative ints
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
@@ -164,142 +159,56 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-_SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
-
-
 def _field(tag: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field (tag: the field number shifted, wire type 2)."""
-    size = len(payload)
-    if size < 0x80:
-        return bytes((tag, size)) + payload
-    return bytes((tag,)) + _varint(size) + payload
-
-
-def _any_value(value: Any) -> bytes:
-    """opentelemetry.proto.common.v1.AnyValue."""
-    if isinstance(value, bool):
-        return b"\x10" + (b"\x01" if value else b"\x00")
-    if isinstance(value, int):
-        return b"\x18" + _varint(value)
-    if isinstance(value, float):
-        return b"\x21" + struct.pack("<d", value)
-    return _field(0x0A, str(value).encode())
-
-
-def _key_value(key: str, value: Any) -> bytes:
-    """opentelemetry.proto.common.v1.KeyValue."""
-    if isinstance(value, str):  # names of models, paths, methods: the same few again and again
-        return _string_key_value(key, value)
-    return _field(0x0A, key.encode()) + _field(0x12, _any_value(value))
-
-
-@functools.lru_cache(maxsize=4096)
-def _string_key_value(key: str, value: str) -> bytes:
-    return _field(0x0A, key.encode()) + _field(0x12, _field(0x0A, value.encode()))
+    return bytes((tag,)) + _varint(len(payload)) + payload
 
 
 class SpanExport:
-    """The server's request spans, encoded as OTLP protobuf by hand (the Span, KeyValue and
-    AnyValue fields of opentelemetry-proto's trace/v1 and common/v1) and POSTed in bulk
-    (ExportTraceServiceRequest, application/x-protobuf) from a background thread.
+    """The server's spans, exported over OTLP/HTTP in bulk (ExportTraceServiceRequest,
+    application/x-protobuf) from a background thread.
 
-    The SDK's span objects cost about ten times as much per span (start, end, processor,
-    then encoding), and protobuf message objects several times the bytes written here: a
-    traced request is a few microseconds of Python. Tests decode what this writes with
-    opentelemetry-proto.
-    `sink`: a callable taking the encoded request (tests)."""
+    The spans arrive encoded, as ScopeSpans.spans fields: the core writes them
+    (csrc/frontend/otlp.cpp, the one writer of the span layout; the native front end
+    encodes its traced requests there without Python), so a traced request costs no
+    span objects. Here they are wrapped in the resource (service.name) and scope
+    ("vivace") and POSTed. `sink`: a callable taking the encoded request (tests)."""
 
     def __init__(self, endpoint: str | None, service_name: str = DEFAULT_SERVICE, interval_s: float = 1.0,
-                 max_spans: int = 200_000, sink: Any = None):
+                 max_bytes: int = 64 << 20, sink: Any = None):
         import threading
 
-        # ResourceSpans.resource (field 1) and the start of ScopeSpans (scope, field 1)
-        self._resource = _field(0x0A, _field(0x0A, _key_value("service.name", service_name)))
-        self._scope = _field(0x0A, _field(0x0A, b"vivace"))
+        # Resource { attributes: [KeyValue { "service.name": AnyValue { string_value } }] }
+        service = _field(0x0A, b"service.name") + _field(0x12, _field(0x0A, service_name.encode()))
+        self._resource = _field(0x0A, _field(0x0A, service))  # ResourceSpans.resource
+        self._scope = _field(0x0A, _field(0x0A, b"vivace"))  # ScopeSpans.scope { name }
         self.url = traces_url(endpoint) if endpoint else None
         self._sink = sink
         self.interval_s = interval_s
-        self.max_spans = max_spans
+        self.max_bytes = max_bytes
         self.dropped = 0
         self.exported = 0
-        self._spans: list[bytes] = []
+        self._chunks: list[bytes] = []
+        self._count = 0
+        self._size = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="vivace-otlp", daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def new_id(size: int) -> bytes:
-        return (random.getrandbits(size * 8) or 1).to_bytes(size, "big")
-
-    @staticmethod
-    def span(trace_id: bytes, span_id: bytes, parent_id: bytes, name: str, kind: int, start: int, end: int,
-             attributes: Mapping[str, Any] | None = None, trace_state: str = "", error: bool = False) -> bytes:
-        """One encoded opentelemetry.proto.trace.v1.Span (times in epoch ns)."""
-        parts = [b"\x0a\x10", trace_id, b"\x12\x08", span_id]
-        if trace_state:
-            parts.append(_field(0x1A, trace_state.encode()))
-        if parent_id:
-            parts += (b"\x22\x08", parent_id)
-        parts += (_field(0x2A, name.encode()), b"\x30", _varint(kind),
-                  struct.pack("<BQBQ", 0x39, start, 0x41, max(start, end)))
-        if attributes:
-            parts += [_field(0x4A, _key_value(k, v)) for k, v in attributes.items()]
-        if error:
-            parts.append(b"\x7a\x02\x18\x02")  # status { code: STATUS_CODE_ERROR }
-        return b"".join(parts)
-
-    def request_spans(self, trace_id: bytes | None, parent_id: bytes | None, trace_state: str, method: str,
-                      target: str, model: str, version: str, status: int | None, rows: int, batch_rows: int,
-                      received: int, parsed: int, enqueued: int, batch_start: int, features: int, batch_end: int,
-                      answered: int, frontend: str) -> None:
-        """One infer request's spans from its timings (epoch ns; 0: did not happen): the
-        server span, and under it receive/parse, queue wait, batch execution (with the
-        batch size; feature lookup under it when the model looks features up) and the
-        response write. No parent: a new trace, the server span its root."""
-        internal, server = 1, 2  # SPAN_KIND_INTERNAL, SPAN_KIND_SERVER
-        trace_id = trace_id or self.new_id(16)
-        root_id = self.new_id(8)
-        attributes: dict[str, Any] = {"http.request.method": method, "url.path": target.split("?", 1)[0],
-                                      "vivace.model": model, "vivace.model_version": version,
-                                      "vivace.frontend": frontend}
-        if status is not None:
-            attributes["http.response.status_code"] = status
-        if rows:
-            attributes["vivace.rows"] = rows
-        span = self.span
-        out = [span(trace_id, root_id, parent_id or b"", f"{method} /v2/models/{model}/infer", server, received,
-                    max(answered, batch_end, parsed, received), attributes, trace_state,
-                    status is not None and status >= 500)]
-        if received and parsed:
-            out.append(span(trace_id, self.new_id(8), root_id, "http.receive", internal, received, parsed))
-        if enqueued and batch_start:
-            out.append(span(trace_id, self.new_id(8), root_id, "batcher.queue", internal, enqueued, batch_start))
-        if batch_start and batch_end:
-            batch_id = self.new_id(8)
-            out.append(span(trace_id, batch_id, root_id, "batch.execute", internal, batch_start, batch_end,
-                            {"vivace.batch_size": batch_rows}))
-            if features:
-                out.append(span(trace_id, self.new_id(8), batch_id, "features.lookup", internal, batch_start,
-                                features))
-        if answered:
-            out.append(span(trace_id, self.new_id(8), root_id, "http.response", internal, batch_end or parsed,
-                            answered))
-        self.add(out)
-
-    def server_span(self, trace_id: bytes | None, parent_id: bytes | None, trace_state: str, name: str, start: int,
-                    end: int, attributes: Mapping[str, Any]) -> None:
-        """A request that was not an infer call: its server span alone."""
-        self.add([self.span(trace_id or self.new_id(16), self.new_id(8), parent_id or b"", name, 2, start, end,
-                            attributes, trace_state)])
-
-    def add(self, spans: list[bytes]) -> None:
+    def add(self, spans: bytes, count: int) -> None:
+        """Queue `count` encoded spans (ScopeSpans.spans fields, as the core writes them);
+        beyond max_bytes waiting they are dropped and counted."""
+        if not count:
+            return
         with self._lock:
-            if len(self._spans) + len(spans) > self.max_spans:
-                self.dropped += len(spans)
+            if self._size + len(spans) > self.max_bytes:
+                self.dropped += count
                 return
-            self._spans.extend(spans)
+            self._chunks.append(spans)
+            self._count += count
+            self._size += len(spans)
 
     def _run(self) -> None:
         while not self._closed:
@@ -309,10 +218,11 @@ class SpanExport:
 
     def flush(self) -> None:
         with self._lock:
-            spans, self._spans = self._spans, []
-        if not spans:
+            chunks, count = self._chunks, self._count
+            self._chunks, self._count, self._size = [], 0, 0
+        if not chunks:
             return
-        scope_spans = _field(0x12, self._scope + b"".join(_field(0x12, span) for span in spans))
+        scope_spans = _field(0x12, self._scope + b"".join(chunks))
         body = _field(0x0A, self._resource + scope_spans)  # ExportTraceServiceRequest.resource_spans
         try:
             if self._sink is not None:
@@ -324,13 +234,13 @@ class SpanExport:
                                               headers={"Content-Type": "application/x-protobuf"})
                 with urllib.request.urlopen(post, timeout=10) as response:
                     response.read()
-            self.exported += len(spans)
+            self.exported += count
         except Exception as exc:  # noqa: BLE001 - an unreachable collector must not stop serving
-            self.dropped += len(spans)
+            self.dropped += count
             import logging
 
             logging.getLogger("vivace.monitor.tracing").warning("OTLP export to %s failed (%d spans dropped): %s",
-                                                                self.url, len(spans), exc)
+                                                                self.url, count, exc)
 
     def close(self) -> None:
         """Export what is queued and stop the thread."""

@@ -67,80 +67,105 @@ def test_sampling_is_parent_based_then_ratio():
     assert tracing.format_traceparent(int(TRACE_ID, 16), int(PARENT_ID, 16)) == VALID
 
 
+def export_of(*requests: dict, service: str = "unit") -> tuple[ExportTraceServiceRequest, tracing.SpanExport]:
+    """The requests' spans as the core encodes them (`_core.encode_request_spans` keyword
+    arguments each), exported once by SpanExport and decoded by opentelemetry-proto."""
+    bodies: list[bytes] = []
+    export = tracing.SpanExport(None, service, sink=bodies.append)
+    for request in requests:
+        export.add(*_core.encode_request_spans(**request))
+    export.close()
+    (body,) = bodies
+    decoded = ExportTraceServiceRequest()
+    decoded.ParseFromString(body)
+    return decoded, export
+
+
+INFER = dict(trace_id=bytes.fromhex(TRACE_ID), parent_id=bytes.fromhex(PARENT_ID), trace_state="vendor=x",
+             method="POST", target="/v2/models/m/infer?x=1", frontend="native", model="m", version="1", status=200,
+             rows=2, batch_rows=8, received=1000, parsed=2000, enqueued=2100, batch_start=3000, features=3500,
+             batch_end=5000, answered=6000)
+
+
 def test_request_spans_layout():
     """The spans of one traced request: the server span continuing the client's trace, its
     children in time, the batch size, and the feature lookup under the batch."""
-    bodies: list[bytes] = []
-    export = tracing.SpanExport(None, "unit", sink=bodies.append)
-    export.request_spans(bytes.fromhex(TRACE_ID), bytes.fromhex(PARENT_ID), "vendor=x", "POST", "/v2/models/m/infer",
-                         "m", "1", 200, 2, 8, 1000, 2000, 2100, 3000, 3500, 5000, 6000, "native")
-    export.close()
-    request = ExportTraceServiceRequest()
-    request.ParseFromString(bodies[0])
-    spans = {s.name: s for s in request.resource_spans[0].scope_spans[0].spans}
+    request, export = export_of(INFER)
+    (resource_spans,) = request.resource_spans
+    assert resource_spans.resource.attributes[0].key == "service.name"
+    assert resource_spans.resource.attributes[0].value.string_value == "unit"
+    assert resource_spans.scope_spans[0].scope.name == "vivace"
+    spans = {s.name: s for s in resource_spans.scope_spans[0].spans}
     assert set(spans) == {"POST /v2/models/m/infer", "http.receive", "batcher.queue", "batch.execute",
                           "features.lookup", "http.response"}
     root = spans["POST /v2/models/m/infer"]
     assert root.trace_id == bytes.fromhex(TRACE_ID) and root.parent_span_id == bytes.fromhex(PARENT_ID)
-    assert root.trace_state == "vendor=x"
+    assert root.trace_state == "vendor=x" and root.kind == 2 and root.status.code == 0
     assert (root.start_time_unix_nano, root.end_time_unix_nano) == (1000, 6000)
+    assert {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in root.attributes} == {
+        "http.request.method": "POST", "url.path": "/v2/models/m/infer", "vivace.model": "m",
+        "vivace.model_version": "1", "vivace.frontend": "native", "http.response.status_code": 200, "vivace.rows": 2}
     assert {a.key: a.value.int_value for a in spans["batch.execute"].attributes} == {"vivace.batch_size": 8}
     assert spans["features.lookup"].parent_span_id == spans["batch.execute"].span_id
     for name in ("http.receive", "batcher.queue", "batch.execute", "http.response"):
-        assert spans[name].parent_span_id == root.span_id
-    assert (spans["batcher.queue"].start_time_unix_nano, spans["batcher.queue"].end_time_unix_nano) == (2100, 3000)
+        assert spans[name].parent_span_id == root.span_id and spans[name].kind == 1
+        assert spans[name].trace_id == root.trace_id and spans[name].trace_state == ""
+    times = {name: (s.start_time_unix_nano, s.end_time_unix_nano) for name, s in spans.items()}
+    assert times["http.receive"] == (1000, 2000) and times["batcher.queue"] == (2100, 3000)
+    assert times["batch.execute"] == (3000, 5000) and times["features.lookup"] == (3000, 3500)
+    assert times["http.response"] == (5000, 6000)
+    assert len({s.span_id for s in spans.values()}) == 6 and export.exported == 6 and export.dropped == 0
 
 
-def test_span_export_encodes_otlp_protobuf():
-    """The server's direct OTLP encoder: the same layout as the SDK path, one export."""
-    bodies: list[bytes] = []
-    export = tracing.SpanExport(None, "unit", sink=bodies.append)
-    trace_id, parent_id = bytes.fromhex(TRACE_ID), bytes.fromhex(PARENT_ID)
-    export.request_spans(trace_id, parent_id, "vendor=x", "POST", "/v2/models/m/infer", "m", "1", 503, 2, 8, 1000,
-                         2000, 2100, 3000, 0, 5000, 6000, "native")
-    export.request_spans(None, None, "", "POST", "/v2/models/m/infer", "m", "1", 200, 1, 1, 1, 2, 3, 4, 0, 5, 6,
-                         "python")
-    export.close()
-    (body,) = bodies
-    request = ExportTraceServiceRequest()
-    request.ParseFromString(body)
-    (resource_spans,) = request.resource_spans
-    assert resource_spans.resource.attributes[0].value.string_value == "unit"
-    spans = list(resource_spans.scope_spans[0].spans)
-    first = {s.name: s for s in spans if s.trace_id == trace_id}
-    assert set(first) == {"POST /v2/models/m/infer", "http.receive", "batcher.queue", "batch.execute", "http.response"}
-    root = first["POST /v2/models/m/infer"]
-    assert root.parent_span_id == parent_id and root.trace_state == "vendor=x" and root.kind == 2
-    assert root.status.code == 2  # ERROR: a 503
-    assert all(s.parent_span_id == root.span_id for n, s in first.items() if n != root.name)
-    assert {a.key: a.value.int_value for a in first["batch.execute"].attributes} == {"vivace.batch_size": 8}
-    second = [s for s in spans if s.trace_id != trace_id]
-    assert len(second) == 5 and len({s.trace_id for s in second}) == 1
-    assert export.exported == 10 and export.dropped == 0
+def test_spans_of_new_traces_errors_and_other_routes():
+    """No parent: a new trace with the server span as its root; a 5xx marks the server span
+    an error; a request that never ran has no batch spans; another route gets the server
+    span alone, named after its path."""
+    unparented = dict(INFER, trace_id=None, parent_id=None, trace_state="", status=503, features=0)
+    never_ran = dict(INFER, status=503, enqueued=0, batch_start=0, features=0, batch_end=0)
+    other = dict(trace_id=None, parent_id=None, trace_state="", method="GET", target="/v2/health/ready?verbose",
+                 frontend="python", status=200, received=10, answered=20)
+    request, export = export_of(unparented, unparented, never_ran, other)
+    spans = list(request.resource_spans[0].scope_spans[0].spans)
+    assert export.exported == len(spans) == 5 + 5 + 3 + 1
+    by_trace: dict[bytes, list] = {}
+    for span in spans:
+        by_trace.setdefault(span.trace_id, []).append(span)
+    assert len(by_trace) == 4 and all(len(t) == 16 and t != bytes(16) for t in by_trace)  # fresh random ids
+    first = by_trace[spans[0].trace_id]
+    root = first[0]
+    assert root.parent_span_id == b"" and root.status.code == 2
+    assert {s.name for s in first} == {"POST /v2/models/m/infer", "http.receive", "batcher.queue", "batch.execute",
+                                       "http.response"}
+    assert [s.name for s in by_trace[bytes.fromhex(TRACE_ID)]] == ["POST /v2/models/m/infer", "http.receive",
+                                                                   "http.response"]
+    (health,) = by_trace[spans[-1].trace_id]
+    assert health.name == "GET /v2/health/ready" and health.kind == 2
+    assert (health.start_time_unix_nano, health.end_time_unix_nano) == (10, 20)
+    assert {a.key for a in health.attributes} == {"http.request.method", "url.path", "vivace.frontend",
+                                                  "http.response.status_code"}
 
 
-def test_hand_encoded_spans_decode_with_opentelemetry_proto():
-    """Every value kind the encoder writes, decoded by the reference protobuf classes:
-    negative and 64-bit ints, bools, doubles, non-ASCII and long (multi-byte length) strings."""
-    bodies: list[bytes] = []
-    export = tracing.SpanExport(None, "svc-é", sink=bodies.append)
-    attributes = {"text": "é" * 100, "negative": -5, "big": 2**62, "flag": True, "ratio": 1.5}
-    export.add([tracing.SpanExport.span(b"\x01" * 16, b"\x02" * 8, b"\x03" * 8, "nämé", 2, 10**18, 10**18 + 5,
-                                        attributes, "k=v", error=True),
-                tracing.SpanExport.span(b"\x01" * 16, b"\x04" * 8, b"", "ends before it starts", 1, 5, 3)])
-    export.close()
-    request = ExportTraceServiceRequest()
-    request.ParseFromString(bodies[0])
-    (resource_spans,) = request.resource_spans
-    assert resource_spans.resource.attributes[0].value.string_value == "svc-é"
-    assert resource_spans.scope_spans[0].scope.name == "vivace"
-    first, second = resource_spans.scope_spans[0].spans
-    assert (first.name, first.kind, first.trace_state, first.status.code) == ("nämé", 2, "k=v", 2)
-    assert (first.start_time_unix_nano, first.end_time_unix_nano) == (10**18, 10**18 + 5)
-    assert first.parent_span_id == b"\x03" * 8 and first.span_id == b"\x02" * 8
-    decoded = {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in first.attributes}
-    assert decoded == attributes
-    assert second.parent_span_id == b"" and second.end_time_unix_nano == 5 and second.status.code == 0
+def test_encoded_spans_decode_with_opentelemetry_proto():
+    """Long (multi-byte length) and non-ASCII strings, 64-bit times and large counts,
+    decoded by the reference protobuf classes; ids of the wrong size are refused."""
+    long_state = ",".join(f"vendor{i}=value{i}" for i in range(40))
+    request, _ = export_of(dict(INFER, trace_state=long_state, model="mödel-" + "é" * 100, version="v" * 300,
+                                rows=2**40, batch_rows=2**62, received=10**18, parsed=10**18 + 1, enqueued=0,
+                                batch_start=0, features=0, batch_end=0, answered=2**63 - 1),
+                           service="svc-é")
+    assert request.resource_spans[0].resource.attributes[0].value.string_value == "svc-é"
+    root, receive, response = request.resource_spans[0].scope_spans[0].spans
+    attributes = {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in root.attributes}
+    assert root.name == "POST /v2/models/mödel-" + "é" * 100 + "/infer" and root.trace_state == long_state
+    assert attributes["vivace.model"] == "mödel-" + "é" * 100 and attributes["vivace.model_version"] == "v" * 300
+    assert attributes["vivace.rows"] == 2**40
+    assert (root.start_time_unix_nano, root.end_time_unix_nano) == (10**18, 2**63 - 1)
+    assert (receive.start_time_unix_nano, receive.end_time_unix_nano) == (10**18, 10**18 + 1)
+    assert response.start_time_unix_nano == 10**18 + 1  # from the parse, when no batch ran
+    for bad in (dict(INFER, trace_id=b"short"), dict(INFER, parent_id=None), dict(INFER, parent_id=b"x" * 9)):
+        with pytest.raises(ValueError, match="trace_id"):
+            _core.encode_request_spans(**bad)
 
 
 def test_propagation_helpers():

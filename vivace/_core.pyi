@@ -109,16 +109,7 @@ class HttpFrontend:
         ]
     ]: ...
     def set_tracing(self, on: bool, ratio: float) -> None: ...
-    def take_traces(
-        self,
-    ) -> tuple[
-        list[
-            tuple[
-                bytes | None, bytes | None, str, str, str, str, int, int, int, int, int, int, int, int, int, int
-            ]
-        ],
-        int,
-    ]: ...
+    def take_trace_spans(self, epoch_offset_ns: int) -> tuple[bytes, int, int, int]: ...
     def fileno(self) -> int: ...
     def stop_accepting(self) -> None: ...
     def begin_drain(self) -> None: ...
@@ -129,6 +120,26 @@ class HttpFrontend:
     def stop(self) -> None: ...
 
 def parse_traceparent(value: bytes) -> tuple[bytes, bytes, int] | None: ...
+def encode_request_spans(
+    trace_id: bytes | None,
+    parent_id: bytes | None,
+    trace_state: str,
+    method: str,
+    target: str,
+    frontend: str,
+    model: str = "",
+    version: str = "",
+    status: int | None = None,
+    rows: int = 0,
+    batch_rows: int = 0,
+    received: int = 0,
+    parsed: int = 0,
+    enqueued: int = 0,
+    batch_start: int = 0,
+    features: int = 0,
+    batch_end: int = 0,
+    answered: int = 0,
+) -> tuple[bytes, int]: ...
 def http_load(
     port: int,
     request: bytes,

@@ -85,7 +85,7 @@ struct ForwardedRequest {
 };
 
 // A traced fast-path request, timed by the io thread and the batcher (steady clock ns,
-// CLOCK_MONOTONIC); Python turns these into spans in bulk (engine/tracing.py).
+// CLOCK_MONOTONIC); encoded as spans in bulk when Python takes them (otlp.h).
 struct TraceRecord {
   std::array<uint8_t, 16> trace_id{};
   std::array<uint8_t, 8> parent_id{};

@@ -4,11 +4,13 @@
 
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "batcher/py_batcher.h"
 #include "frontend/frontend.h"
 #include "frontend/loadgen.h"
+#include "frontend/otlp.h"
 
 namespace py = pybind11;
 
@@ -136,27 +138,46 @@ class PyFrontend {
     return out;
   }
 
-  // ([(trace_id | None, parent_id | None, tracestate, target, model, version, status, rows,
-  // batch_rows, received, parsed, enqueued, batch_start, features, batch_end, answered)],
-  // dropped): the traced fast-path requests answered since the last call (times in
-  // CLOCK_MONOTONIC ns; batch times 0 for a request that never ran).
-  py::tuple TakeTraces() {
+  // (spans, count, requests, dropped): the traced fast-path requests answered since the
+  // last call, encoded as OTLP ScopeSpans.spans fields (otlp.h), their times moved from
+  // CLOCK_MONOTONIC to the Unix epoch by `epoch_offset_ns`; dropped: requests whose
+  // timings did not fit the queue.
+  py::tuple TakeTraceSpans(int64_t epoch_offset_ns) {
     uint64_t dropped = 0;
-    std::vector<TraceRecord> records = frontend_->TakeTraces(&dropped);
-    py::list out(records.size());
-    for (size_t i = 0; i < records.size(); ++i) {
-      const TraceRecord& t = records[i];
-      py::object trace_id = py::none(), parent_id = py::none();
-      if (t.has_parent) {
-        trace_id = py::bytes(reinterpret_cast<const char*>(t.trace_id.data()), t.trace_id.size());
-        parent_id = py::bytes(reinterpret_cast<const char*>(t.parent_id.data()), t.parent_id.size());
+    std::string spans;
+    int count = 0;
+    size_t requests = 0;
+    {
+      py::gil_scoped_release nogil;
+      std::vector<TraceRecord> records = frontend_->TakeTraces(&dropped);
+      requests = records.size();
+      auto epoch = [epoch_offset_ns](int64_t ns) { return ns == 0 ? 0 : ns + epoch_offset_ns; };
+      for (const TraceRecord& t : records) {
+        otlp::RequestSpans r;
+        if (t.has_parent) {
+          r.trace_id = t.trace_id.data();
+          r.parent_id = t.parent_id.data();
+        }
+        r.trace_state = t.tracestate;
+        r.method = "POST";
+        r.target = t.target;
+        r.frontend = "native";
+        r.model = t.model;
+        r.version = t.version;
+        r.status = t.status;
+        r.rows = t.rows;
+        r.batch_rows = t.batch_rows;
+        r.received = epoch(t.received_ns);
+        r.parsed = epoch(t.parsed_ns);
+        r.enqueued = epoch(t.enqueued_ns);
+        r.batch_start = epoch(t.batch_start_ns);
+        r.features = epoch(t.features_ns);
+        r.batch_end = epoch(t.batch_end_ns);
+        r.answered = epoch(t.answered_ns);
+        count += otlp::AppendRequestSpans(r, &spans);
       }
-      py::tuple tuple = py::make_tuple(trace_id, parent_id, t.tracestate, t.target, t.model, t.version, t.status,
-                                       t.rows, t.batch_rows, t.received_ns, t.parsed_ns, t.enqueued_ns,
-                                       t.batch_start_ns, t.features_ns, t.batch_end_ns, t.answered_ns);
-      PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), tuple.release().ptr());
     }
-    return py::make_tuple(out, dropped);
+    return py::make_tuple(Bytes(spans), count, requests, dropped);
   }
 
   void Stop() {
@@ -213,7 +234,9 @@ readable, take() returns them, and respond() sends each answer (in request order
       .def("set_tracing", [](PyFrontend& f, bool on, double ratio) { f.get().SetTracing(on, ratio); },
            py::arg("on"), py::arg("ratio"),
            "Trace fast-path requests: a sampled traceparent always, an unsampled one never, none by ratio")
-      .def("take_traces", &PyFrontend::TakeTraces)
+      .def("take_trace_spans", &PyFrontend::TakeTraceSpans, py::arg("epoch_offset_ns"),
+           "(spans, count, requests, dropped): the traced fast-path requests answered since the last call, "
+           "as encoded OTLP ScopeSpans.spans fields")
       .def("fileno", [](PyFrontend& f) { return f.get().python_fd(); })
       .def("stop_accepting", [](PyFrontend& f) { f.get().StopAccepting(); })
       .def("begin_drain", [](PyFrontend& f) { f.get().BeginDrain(); })
@@ -233,6 +256,49 @@ readable, take() returns them, and respond() sends each answer (in request order
                               py::bytes(reinterpret_cast<const char*>(t.parent_id), 8), t.flags);
       },
       py::arg("value"), "The native parser's reading of a traceparent: (trace_id, parent_id, flags) or None");
+
+  m.def(
+      "encode_request_spans",
+      [](std::optional<std::string> trace_id, std::optional<std::string> parent_id, const std::string& trace_state,
+         const std::string& method, const std::string& target, const std::string& frontend, const std::string& model,
+         const std::string& version, std::optional<int> status, int64_t rows, int64_t batch_rows, int64_t received,
+         int64_t parsed, int64_t enqueued, int64_t batch_start, int64_t features, int64_t batch_end,
+         int64_t answered) {
+        if ((trace_id && trace_id->size() != 16) || (parent_id && parent_id->size() != 8) ||
+            trace_id.has_value() != parent_id.has_value())
+          throw py::value_error("trace_id (16 bytes) and parent_id (8 bytes) come together or not at all");
+        otlp::RequestSpans r;
+        if (trace_id) {
+          r.trace_id = reinterpret_cast<const uint8_t*>(trace_id->data());
+          r.parent_id = reinterpret_cast<const uint8_t*>(parent_id->data());
+        }
+        r.trace_state = trace_state;
+        r.method = method;
+        r.target = target;
+        r.frontend = frontend;
+        r.model = model;
+        r.version = version;
+        r.status = status.value_or(0);
+        r.rows = rows;
+        r.batch_rows = batch_rows;
+        r.received = received;
+        r.parsed = parsed;
+        r.enqueued = enqueued;
+        r.batch_start = batch_start;
+        r.features = features;
+        r.batch_end = batch_end;
+        r.answered = answered;
+        std::string spans;
+        const int count = otlp::AppendRequestSpans(r, &spans);
+        return py::make_tuple(Bytes(spans), count);
+      },
+      py::arg("trace_id"), py::arg("parent_id"), py::arg("trace_state"), py::arg("method"), py::arg("target"),
+      py::arg("frontend"), py::arg("model") = "", py::arg("version") = "", py::arg("status") = py::none(),
+      py::arg("rows") = 0, py::arg("batch_rows") = 0, py::arg("received") = 0, py::arg("parsed") = 0,
+      py::arg("enqueued") = 0, py::arg("batch_start") = 0, py::arg("features") = 0, py::arg("batch_end") = 0,
+      py::arg("answered") = 0,
+      "(spans, count): one traced request's spans as encoded OTLP ScopeSpans.spans fields (times in Unix ns, "
+      "0: did not happen; no model: a route other than infer, the server span alone)");
 
   m.def(
       "http_load",

@@ -1,14 +1,18 @@
-// Unit test of the pure HTTP/1.1 request framing (csrc/frontend/http_parse.cpp), run under
-// ASan/UBSan by tests/test_native_sanitizers.py: every input is copied into a buffer of
-// exactly its size, so a read past the end is a sanitizer report. Exits non-zero on the
-// first wrong answer.
+// Unit test of the front end's pure parts, the HTTP/1.1 request framing
+// (csrc/frontend/http_parse.cpp) and the OTLP span encoder (otlp.cpp), run under ASan/UBSan
+// by tests/test_native_sanitizers.py: every input is copied into a buffer of exactly its
+// size, so a read past the end is a sanitizer report. Exits non-zero on the first wrong
+// answer. (tests/test_tracing.py decodes the encoder's output with opentelemetry-proto.)
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "frontend/http_parse.h"
+#include "frontend/otlp.h"
 
 using vivace::http::Chunk;
 using vivace::http::Error;
@@ -155,11 +159,106 @@ void ChunkCases() {
   EXPECT(trickled == Error::kOk);
 }
 
+// A protobuf reader just strict enough to check the encoder's framing: a varint, or false
+// past the end.
+bool ReadVarint(const std::string& b, size_t* at, uint64_t* v) {
+  *v = 0;
+  for (int shift = 0; *at < b.size() && shift < 64; shift += 7) {
+    const uint8_t byte = static_cast<uint8_t>(b[(*at)++]);
+    *v |= static_cast<uint64_t>(byte & 0x7F) << shift;
+    if ((byte & 0x80) == 0) return true;
+  }
+  return false;
+}
+
+// The fields of one message, as (field number, wire type) pairs; false when a field runs
+// past the end. `payloads` gets each field's bytes (empty for a varint).
+bool Fields(const std::string& b, std::vector<std::pair<int, int>>* fields, std::vector<std::string>* payloads) {
+  for (size_t at = 0; at < b.size();) {
+    uint64_t tag = 0, size = 0;
+    if (!ReadVarint(b, &at, &tag)) return false;
+    const int wire = static_cast<int>(tag & 7);
+    fields->emplace_back(static_cast<int>(tag >> 3), wire);
+    if (wire == 0) {
+      if (!ReadVarint(b, &at, &size)) return false;
+      payloads->emplace_back();
+    } else if (wire == 1) {
+      if (b.size() - at < 8) return false;
+      payloads->push_back(b.substr(at, 8));
+      at += 8;
+    } else if (wire == 2) {
+      if (!ReadVarint(b, &at, &size) || size > b.size() - at) return false;
+      payloads->push_back(b.substr(at, size));
+      at += size;
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+void OtlpCases() {
+  const uint8_t trace_id[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+  const uint8_t parent_id[8] = {9, 9, 9, 9, 9, 9, 9, 9};
+  const std::string long_state(300, 'k'), model = "m\xc3\xb6" "del";
+  vivace::otlp::RequestSpans r;
+  r.trace_id = trace_id;
+  r.parent_id = parent_id;
+  r.trace_state = long_state;
+  r.method = "POST";
+  r.target = "/v2/models/x/infer?debug=1";
+  r.frontend = "native";
+  r.model = model;
+  r.version = "7";
+  r.status = 503;
+  r.rows = int64_t{1} << 40;
+  r.batch_rows = 8;
+  r.received = 1000, r.parsed = 2000, r.enqueued = 2100, r.batch_start = 3000, r.features = 3500;
+  r.batch_end = 5000, r.answered = 6000;
+  std::string out;
+  EXPECT(vivace::otlp::AppendRequestSpans(r, &out) == 6);
+  std::vector<std::pair<int, int>> top;
+  std::vector<std::string> spans;
+  EXPECT(Fields(out, &top, &spans));
+  EXPECT(top.size() == 6);
+  for (size_t i = 0; i < top.size() && i < spans.size(); ++i) {
+    EXPECT(top[i] == std::make_pair(2, 2));  // ScopeSpans.spans
+    std::vector<std::pair<int, int>> fields;
+    std::vector<std::string> values;
+    EXPECT(Fields(spans[i], &fields, &values));
+    EXPECT(fields.size() >= 7 && fields[0] == std::make_pair(1, 2) && values[0].size() == 16);
+    EXPECT(values.size() > 1 && values[1].size() == 8);  // span id
+  }
+  // The server span carries the client's state and an error status; the children neither.
+  EXPECT(spans.size() == 6 && spans[0].find(long_state) != std::string::npos);
+  EXPECT(spans.size() == 6 && spans[0].find("\x7A\x02\x18\x02") != std::string::npos);
+  EXPECT(spans.size() == 6 && spans[1].find(long_state) == std::string::npos);
+
+  // Another route: the server span alone; no parent: a fresh, non-zero trace id.
+  vivace::otlp::RequestSpans other;
+  other.method = "GET";
+  other.target = "/v2/health/ready";
+  other.frontend = "python";
+  other.received = 10;
+  other.answered = 20;
+  std::string alone;
+  EXPECT(vivace::otlp::AppendRequestSpans(other, &alone) == 1);
+  std::vector<std::pair<int, int>> one;
+  std::vector<std::string> payload;
+  EXPECT(Fields(alone, &one, &payload) && one.size() == 1);
+  std::vector<std::pair<int, int>> fields;
+  std::vector<std::string> values;
+  EXPECT(!payload.empty() && Fields(payload[0], &fields, &values));
+  EXPECT(!values.empty() && values[0].size() == 16 && values[0] != std::string(16, '\0'));
+  EXPECT(payload.empty() || payload[0].find("GET /v2/health/ready") != std::string::npos);
+}
+
 }  // namespace
 
 int main() {
   HeadCases();
   ChunkCases();
+  OtlpCases();
   if (failures != 0) {
     std::fprintf(stderr, "http_parse_test: %d checks failed\n", failures);
     return 1;
