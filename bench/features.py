@@ -138,6 +138,7 @@ def _bench_online(home: Path, entities: int, seconds: float) -> None:
     front (their strongest form); the better of the two is the baseline."""
     import pandas as pd
 
+    from vivace import _core
     from vivace.features import Entity, FeatureService, FeatureStore, FeatureView, Field
     from vivace.features.online import environment, online_dir
 
@@ -191,11 +192,19 @@ def _bench_online(home: Path, entities: int, seconds: float) -> None:
 
         times = _per_call_interleaved({"loop": py_lmdb_loop, "multi": py_lmdb_getmulti, "store": via_store_call,
                                        "reader": via_reader_call}, seconds)
+        # The timed calls read through the row index of this settled snapshot: same answers.
+        indexed = _core.FeatureCache(str(online_dir(store.home))).indexed_rows("stats")
+        got = reader.get(check)
+        got = np.asarray(got[0] if isinstance(got, tuple) else got, np.float32)
+        if not indexed or not np.array_equal(expected.reshape(batch, row_size)[:, 12:].view(np.float32),
+                                             got.reshape(batch, -1)):
+            raise RuntimeError(f"the row index ({indexed:,} rows) answers differently from py-lmdb")
         loop, multi, via_store, via_reader = times["loop"], times["multi"], times["store"], times["reader"]
         baseline = min(loop, multi)
         print(f"  {batch:>3} entities: py-lmdb get loop (1 txn) {loop * 1e6:7.2f} µs, getmulti {multi * 1e6:7.2f} µs | "
               f"store.get_online_features {via_store * 1e6:6.2f} µs ({baseline / via_store:4.2f}x) | "
-              f"online_reader().get {via_reader * 1e6:6.2f} µs ({baseline / via_reader:4.2f}x the better py-lmdb)")
+              f"online_reader().get {via_reader * 1e6:6.2f} µs ({baseline / via_reader:4.2f}x the better py-lmdb); "
+              f"row index of {indexed:,} rows")
 
 
 def _cycle(items: list):

@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -334,6 +335,80 @@ def test_large_unsorted_batches_with_duplicates(tmp_path: Path) -> None:
     for i in (0, 17, 301):  # one by one agrees with the batch
         one, _ = store.get_online_features(FEATURES, [int(ids[i])], now=END)
         np.testing.assert_array_equal(one[0], values[i])
+
+
+def test_row_index_of_a_settled_snapshot_reads_what_the_cursors_read(tmp_path: Path) -> None:
+    """Batches that keep reading one snapshot get an in-memory row index of it; it answers
+    exactly as the LMDB cursors did: missing, negative and huge ids, duplicates, nulls, TTL."""
+    from vivace import _core
+    from vivace.features.online import online_dir
+
+    store = make_store(tmp_path, n_entities=500, ttl="30m")
+    df = pd.read_parquet(tmp_path / "stats.parquet")
+    df["f1"] = pd.array(df["f1"].tolist()[:-1] + [None], dtype="Float32")  # null f1 for entity 499
+    df.to_parquet(tmp_path / "stats.parquet")
+    store.materialize(end=END)
+    reader = store.online_reader(FEATURES)
+    cache = _core.FeatureCache(str(online_dir(tmp_path / "home")))
+    rng = np.random.default_rng(5)
+    ids = np.concatenate([rng.integers(-5, 520, 200), [499, 7, 7, -1, 2**62, -2**63, 0]]).astype(np.int64)
+    now_us = int((T0 + timedelta(minutes=60)).timestamp() * 1e6)  # rows older than 30 min are stale
+    assert cache.indexed_rows("stats") == 0
+    through_cursors = reader.get(ids, now_us)
+    read_until_indexed(reader, ids, now_us, cache)
+    values, found = reader.get(ids, now_us)
+    np.testing.assert_array_equal(found, through_cursors[1])
+    np.testing.assert_array_equal(values, through_cursors[0])  # NaNs compare equal here
+    env = environment(online_dir(tmp_path / "home"))
+    with env.begin() as txn:
+        stored = txn.stat(env.open_db(b"v:stats", txn=txn, integerkey=True))["entries"]
+    assert cache.indexed_rows("stats") == stored > 100  # the rows within the TTL when materialized
+    assert 0 < through_cursors[1].sum() < len(ids)  # both fresh and stale or missing rows were read
+    assert np.isnan(values[list(ids).index(499), 1]) and not np.isnan(values[list(ids).index(499), 0])
+    for i in range(0, len(ids), 37):  # one by one (below the sorted-read size) agrees
+        one, _ = reader.get(ids[i:i + 1], now_us)
+        np.testing.assert_array_equal(one[0], values[i])
+
+
+def read_until_indexed(reader, ids: np.ndarray, now_us: int, cache) -> None:
+    """Batches on one snapshot until the background thread has indexed it."""
+    deadline = time.monotonic() + 10
+    while cache.indexed_rows("stats") == 0:
+        assert time.monotonic() < deadline, "the snapshot was not indexed"
+        reader.get(ids, now_us)
+        time.sleep(0.001)
+
+
+def test_a_write_outside_materialize_retires_the_row_index(tmp_path: Path) -> None:
+    """The index is tied to the LMDB snapshot, not to the store's generation: a row put by
+    any writer is read at once, and the new snapshot is indexed in turn."""
+    from vivace import _core
+    from vivace.features.online import online_dir
+
+    store = make_store(tmp_path, n_entities=100)
+    store.materialize(end=END)
+    reader = store.online_reader(FEATURES)
+    cache = _core.FeatureCache(str(online_dir(tmp_path / "home")))
+    ids = np.arange(0, 100, 3, dtype=np.int64)
+    now_us = int(END.timestamp() * 1e6)
+    read_until_indexed(reader, ids, now_us, cache)
+    before, _ = reader.get(ids, now_us)
+    assert cache.indexed_rows("stats") == 100
+    env = environment(online_dir(tmp_path / "home"))
+    db = env.open_db(b"v:stats", integerkey=True)
+    key = struct.pack("=q", 3)
+    with env.begin(write=True) as txn:
+        row = bytearray(txn.get(key, db=db))
+        row[12:16] = struct.pack("<f", 1234.5)  # f0 of entity 3
+        txn.put(key, bytes(row), db=db)
+    assert read_generation(tmp_path / "home") == 1  # no new materialization
+    after, found = reader.get(ids, now_us)  # the index of the old snapshot is dropped
+    assert cache.indexed_rows("stats") == 0
+    read_until_indexed(reader, ids, now_us, cache)
+    for answer, found in (after, found), reader.get(ids, now_us):  # through cursors, then the new index
+        assert found.all() and answer[1, 0] == 1234.5
+        np.testing.assert_array_equal(np.delete(answer, 1, axis=0), np.delete(before, 1, axis=0))
+    assert cache.indexed_rows("stats") == 100
 
 
 @pytest.mark.parametrize("cache", [0, 100])

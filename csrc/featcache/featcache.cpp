@@ -7,6 +7,8 @@
 #include <cstring>
 #include <sstream>
 
+#include <unistd.h>
+
 namespace vivace {
 namespace featcache {
 namespace {
@@ -100,6 +102,17 @@ FeatureCache::FeatureCache(std::string path, size_t cache_capacity)
 }
 
 FeatureCache::~FeatureCache() {
+  {
+    std::lock_guard<std::mutex> lock(index_mutex_);
+    index_stopping_ = true;
+  }
+  index_wake_.notify_all();
+  if (index_thread_.joinable()) {
+    if (index_thread_pid_ == getpid())
+      index_thread_.join();
+    else
+      index_thread_.detach();  // the parent's thread, absent from this forked child
+  }
   for (MDB_txn* txn : pool_) mdb_txn_abort(txn);
   if (env_ != nullptr) mdb_env_close(env_);
 }
@@ -211,6 +224,109 @@ void FeatureCache::CachePut(uint64_t generation, MDB_dbi dbi, int64_t key, const
     cache_arena_.insert(cache_arena_.end(), row, row + row_size);
 }
 
+std::shared_ptr<const RowIndex> FeatureCache::RowIndexFor(MDB_txn* txn, const ViewLayout& layout) {
+  const size_t txn_id = mdb_txn_id(txn);
+  std::lock_guard<std::mutex> lock(index_mutex_);
+  IndexState& state = indexes_[layout.dbi];
+  if (state.index && state.index->txn_id == txn_id) return state.index;
+  if (state.seen_txn != txn_id) {
+    state.seen_txn = txn_id;
+    state.seen_batches = 0;
+    state.index.reset();  // of an older snapshot: no batch from now on can use it
+  }
+  if (++state.seen_batches < kIndexAfterBatches || state.building || index_stopping_) return nullptr;
+  state.building = true;
+  index_jobs_.emplace_back(layout, txn_id);
+  if (!index_thread_.joinable() || index_thread_pid_ != getpid()) {
+    if (index_thread_.joinable()) index_thread_.detach();  // forked: the parent's thread is not here
+    index_thread_pid_ = getpid();
+    index_thread_ = std::thread(&FeatureCache::IndexBuilder, this);
+  }
+  index_wake_.notify_one();
+  return nullptr;
+}
+
+void FeatureCache::IndexBuilder() {
+  std::unique_lock<std::mutex> lock(index_mutex_);
+  for (;;) {
+    index_wake_.wait(lock, [this] { return index_stopping_ || !index_jobs_.empty(); });
+    if (index_stopping_) return;
+    auto [layout, txn_id] = std::move(index_jobs_.front());
+    index_jobs_.pop_front();
+    lock.unlock();
+    // Built in a snapshot of its own, kept only when it is the one the batches read.
+    std::shared_ptr<const RowIndex> index;
+    bool failed = false;
+    try {
+      TxnGuard txn(*this);
+      if (mdb_txn_id(txn.get()) == txn_id) index = BuildRowIndex(txn.get(), layout);
+      failed = index == nullptr && mdb_txn_id(txn.get()) == txn_id;
+    } catch (const std::exception&) {
+      failed = true;  // the batches' cursors report what is wrong, key by key
+    }
+    lock.lock();
+    IndexState& state = indexes_[layout.dbi];
+    state.building = false;
+    if (state.seen_txn != txn_id) continue;  // a newer snapshot meanwhile: indexed once it settles
+    if (failed)
+      state.seen_batches = std::numeric_limits<int>::min();  // too large or odd: not for this snapshot
+    else if (index != nullptr)
+      state.index = std::move(index);
+    else
+      state.seen_batches = 0;  // the store moved on before the build began
+  }
+}
+
+size_t FeatureCache::IndexedRows(const std::string& view) {
+  MDB_dbi dbi;
+  {
+    std::lock_guard<std::mutex> lock(dbi_mutex_);
+    auto it = dbis_.find("v:" + view);
+    if (it == dbis_.end()) return 0;
+    dbi = it->second;
+  }
+  std::lock_guard<std::mutex> lock(index_mutex_);
+  auto it = indexes_.find(dbi);
+  return it == indexes_.end() || !it->second.index ? 0 : it->second.index->rows;
+}
+
+std::shared_ptr<const RowIndex> FeatureCache::BuildRowIndex(MDB_txn* txn, const ViewLayout& layout) const {
+  MDB_stat stat;
+  int rc = mdb_stat(txn, layout.dbi, &stat);
+  if (rc != 0) throw FeatureCacheError(LmdbError("cannot read the size of view '" + layout.name + "'", rc));
+  if (stat.ms_entries > kMaxIndexedRows) return nullptr;
+  auto index = std::make_shared<RowIndex>();
+  index->txn_id = mdb_txn_id(txn);
+  size_t slots = 16;
+  index->shift = 60;
+  while (slots < stat.ms_entries + stat.ms_entries / 2) {  // load factor at most 2/3
+    slots *= 2;
+    --index->shift;
+  }
+  index->slots.assign(slots, {0, nullptr});
+  MDB_cursor* cursor = nullptr;
+  rc = mdb_cursor_open(txn, layout.dbi, &cursor);
+  if (rc != 0) throw FeatureCacheError(LmdbError("cannot open a cursor on view '" + layout.name + "'", rc));
+  std::unique_ptr<MDB_cursor, void (*)(MDB_cursor*)> cursor_guard(cursor, mdb_cursor_close);
+  MDB_val key, value;
+  size_t rows = 0;
+  for (rc = mdb_cursor_get(cursor, &key, &value, MDB_FIRST); rc == 0;
+       rc = mdb_cursor_get(cursor, &key, &value, MDB_NEXT)) {
+    // A key or row of another size is reported by the cursor path, key by key.
+    if (key.mv_size != sizeof(int64_t) || value.mv_size != layout.row_size || ++rows > stat.ms_entries)
+      return nullptr;
+    int64_t k;
+    std::memcpy(&k, key.mv_data, sizeof k);
+    const size_t mask = slots - 1;
+    size_t slot = index->Home(k);
+    while (index->slots[slot].second != nullptr) slot = (slot + 1) & mask;
+    index->slots[slot] = {k, static_cast<const uint8_t*>(value.mv_data)};
+  }
+  index->rows = rows;
+  if (rc != MDB_NOTFOUND) throw FeatureCacheError(LmdbError("read of view '" + layout.name + "' failed", rc));
+  return index;
+}
+
 FeatureLookup::FeatureLookup(std::shared_ptr<FeatureCache> cache,
                              std::vector<std::pair<std::string, std::string>> columns)
     : cache_(std::move(cache)), columns_(std::move(columns)) {
@@ -270,16 +386,60 @@ void FeatureLookup::LookupInto(const int64_t* keys, size_t n, float* out, uint8_
   const bool use_cache = cache_->cache_capacity() > 0;
   std::vector<uint8_t> row_copy;
   std::memset(found, 1, n);
-  // Larger batches are read in key order (LMDB's integer-key order: unsigned), so that
-  // neighbouring keys hit the cursor's current leaf page instead of descending the tree.
   std::vector<std::pair<uint64_t, size_t>> by_key;
-  if (n >= kSortedReadMin) {
-    by_key.reserve(n);
-    for (size_t i = 0; i < n; ++i) by_key.emplace_back(static_cast<uint64_t>(keys[i]), i);
-    std::sort(by_key.begin(), by_key.end());
-  }
   for (const ViewPlan& view : *plan) {
     const ViewLayout& layout = view.layout;
+    // Row i's values (or NaN when it is missing or stale) into the output.
+    auto emit = [&](size_t i, const uint8_t* row) {
+      float* out_row = out + i * width;
+      int64_t event_us = 0;
+      if (row != nullptr) std::memcpy(&event_us, row, 8);
+      if (row == nullptr || (layout.ttl_us > 0 && event_us < now - layout.ttl_us)) {
+        found[i] = 0;
+        for (const auto& pick : view.picks) out_row[pick.second] = nan;
+        return;
+      }
+      const uint8_t* nulls = row + 8;
+      const uint8_t* values = row + layout.values_offset;
+      for (const auto& [stored, out_col] : view.picks) {
+        float v;
+        std::memcpy(&v, values + 4 * stored, 4);
+        out_row[out_col] = (nulls[stored / 8] >> (stored % 8)) & 1u ? nan : v;
+      }
+    };
+
+    if (const std::shared_ptr<const RowIndex> index = cache_->RowIndexFor(txn.get(), layout)) {
+      // In chunks: first every key's slot is prefetched, then every row, then the rows are
+      // copied, so that the cache misses of a chunk overlap instead of queueing.
+      constexpr size_t kChunk = 32;
+      size_t home[kChunk];
+      const uint8_t* rows[kChunk];
+      for (size_t base = 0; base < n; base += kChunk) {
+        const size_t m = std::min(kChunk, n - base);
+        for (size_t j = 0; j < m; ++j) {
+          home[j] = index->Home(keys[base + j]);
+          __builtin_prefetch(&index->slots[home[j]]);
+        }
+        for (size_t j = 0; j < m; ++j) {
+          rows[j] = index->Find(keys[base + j], home[j]);
+          if (rows[j] != nullptr) {
+            __builtin_prefetch(rows[j]);
+            __builtin_prefetch(rows[j] + layout.row_size - 1);
+          }
+        }
+        for (size_t j = 0; j < m; ++j) emit(base + j, rows[j]);
+      }
+      continue;
+    }
+
+    // Through a cursor. Larger batches are read in key order (LMDB's integer-key order:
+    // unsigned), so that neighbouring keys hit the cursor's current leaf page instead of
+    // descending the tree.
+    if (n >= kSortedReadMin && by_key.empty()) {
+      by_key.reserve(n);
+      for (size_t i = 0; i < n; ++i) by_key.emplace_back(static_cast<uint64_t>(keys[i]), i);
+      std::sort(by_key.begin(), by_key.end());
+    }
     row_copy.resize(layout.row_size);
     // One cursor per view and batch: a cursor lookup skips the per-call cursor setup of
     // mdb_get, and starts from the current leaf page when the next key lies on it.
@@ -289,7 +449,6 @@ void FeatureLookup::LookupInto(const int64_t* keys, size_t n, float* out, uint8_
     std::unique_ptr<MDB_cursor, void (*)(MDB_cursor*)> cursor_guard(cursor, mdb_cursor_close);
     for (size_t j = 0; j < n; ++j) {
       const size_t i = by_key.empty() ? j : by_key[j].second;
-      float* out_row = out + i * width;
       int64_t key_value = keys[i];
       const uint8_t* row = nullptr;
       if (use_cache && cache_->CacheGet(generation, layout.dbi, key_value, row_copy.data(), layout.row_size)) {
@@ -308,20 +467,7 @@ void FeatureLookup::LookupInto(const int64_t* keys, size_t n, float* out, uint8_
           throw FeatureCacheError(LmdbError("read of view '" + layout.name + "' failed", rc));
         }
       }
-      int64_t event_us = 0;
-      if (row != nullptr) std::memcpy(&event_us, row, 8);
-      if (row == nullptr || (layout.ttl_us > 0 && event_us < now - layout.ttl_us)) {
-        found[i] = 0;
-        for (const auto& pick : view.picks) out_row[pick.second] = nan;
-        continue;
-      }
-      const uint8_t* nulls = row + 8;
-      const uint8_t* values = row + layout.values_offset;
-      for (const auto& [stored, out_col] : view.picks) {
-        float v;
-        std::memcpy(&v, values + 4 * stored, 4);
-        out_row[out_col] = (nulls[stored / 8] >> (stored % 8)) & 1u ? nan : v;
-      }
+      emit(i, row);
     }
   }
 }

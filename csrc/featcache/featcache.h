@@ -9,18 +9,24 @@
 //
 // Each batch reads the store's generation number in its own snapshot: when a new
 // materialization has landed, the optional in-process row cache is dropped and the view
-// layouts are re-read, so a batch never mixes two materializations.
+// layouts are re-read, so a batch never mixes two materializations. A view whose snapshot
+// stays the same is read through a RowIndex of it.
 #pragma once
 
 #include <lmdb.h>
 
+#include <sys/types.h>
+
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -47,6 +53,31 @@ struct ViewLayout {
   size_t row_size = 0;
 };
 
+// Every row of one view in one LMDB snapshot, by key: an open-addressing table of (key,
+// address of the row in the map). A batch then costs one probe and one row access per
+// key, both prefetched across the batch, instead of a B-tree descent per key whose leaf
+// pages miss the CPU caches. Valid only for batches that read the same snapshot (same
+// transaction id): LMDB keeps a snapshot's pages while a reader holds it, and any write
+// makes a new snapshot.
+struct RowIndex {
+  size_t txn_id = 0;
+  size_t rows = 0;
+  int shift = 64;  // a key's home slot: (key * golden ratio) >> shift
+  std::vector<std::pair<int64_t, const uint8_t*>> slots;  // row nullptr: an empty slot
+
+  size_t Home(int64_t key) const {
+    return static_cast<size_t>((static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull) >> shift);
+  }
+  // The row of `key` (nullptr: not in the view), probing from its home slot.
+  const uint8_t* Find(int64_t key, size_t slot) const {
+    const size_t mask = slots.size() - 1;
+    for (;; slot = (slot + 1) & mask) {
+      const auto& [k, row] = slots[slot];
+      if (row == nullptr || k == key) return row;
+    }
+  }
+};
+
 class FeatureCache {
  public:
   // The process-wide cache of the store at `path` (the folder holding data.mdb).
@@ -66,6 +97,17 @@ class FeatureCache {
   // is the snapshot's; a new generation empties the cache first.
   bool CacheGet(uint64_t generation, MDB_dbi dbi, int64_t key, uint8_t* row, size_t row_size);
   void CachePut(uint64_t generation, MDB_dbi dbi, int64_t key, const uint8_t* row, size_t row_size);
+
+  // The row index of a view for the snapshot `txn` reads, or null (read through a cursor)
+  // while there is none. A snapshot that batches have read kIndexAfterBatches times is
+  // indexed by a background thread (a million rows take ~0.1 s, which no batch should
+  // wait for); a store written all the time is read through cursors, and so is a view of
+  // more than kMaxIndexedRows rows.
+  std::shared_ptr<const RowIndex> RowIndexFor(MDB_txn* txn, const ViewLayout& layout);
+  static constexpr int kIndexAfterBatches = 4;
+  // How many rows of a view the current row index holds (0: none); for tests and stats.
+  size_t IndexedRows(const std::string& view);
+  static constexpr size_t kMaxIndexedRows = size_t{2} << 20;  // 32 bytes each at most
 
   MDB_txn* AcquireTxn();
   void ReleaseTxn(MDB_txn* txn);
@@ -95,6 +137,22 @@ class FeatureCache {
       return std::hash<int64_t>()(k.key) ^ (static_cast<size_t>(k.dbi) << 48);
     }
   };
+  struct IndexState {
+    std::shared_ptr<const RowIndex> index;
+    size_t seen_txn = 0;  // the snapshot batches read last, and how many times in a row
+    int seen_batches = 0;
+    bool building = false;
+  };
+  std::shared_ptr<const RowIndex> BuildRowIndex(MDB_txn* txn, const ViewLayout& layout) const;
+  void IndexBuilder();  // the background thread: builds the queued views' indexes
+  std::mutex index_mutex_;
+  std::unordered_map<MDB_dbi, IndexState> indexes_;
+  std::deque<std::pair<ViewLayout, size_t>> index_jobs_;  // (view, snapshot txn id)
+  std::condition_variable index_wake_;
+  std::thread index_thread_;  // started by the first job
+  pid_t index_thread_pid_ = 0;  // a forked child has no such thread
+  bool index_stopping_ = false;
+
   std::mutex cache_mutex_;
   uint64_t cache_generation_ = 0;
   std::unordered_map<CacheKey, size_t, CacheKeyHash> cache_index_;  // -> offset in arena

@@ -77,6 +77,9 @@ void BindFeatcache(py::module_& m) {
            "Open (or share) the store in folder `path`; cache_capacity > 0 keeps that many rows in memory.")
       .def_property_readonly("path", &FeatureCache::path)
       .def_property_readonly("cache_capacity", &FeatureCache::cache_capacity)
+      .def("indexed_rows", &FeatureCache::IndexedRows, "view"_a,
+           "Rows of the view in the in-memory row index of its current snapshot (0: reads go through LMDB "
+           "cursors; a snapshot is indexed once a few batches have read it)")
       .def("generation", &FeatureCache::Generation, py::call_guard<py::gil_scoped_release>(),
            "Number of the latest committed materialization.");
 
