@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_PROGRAMS = ["batcher_test", "kernels_test", "frontend_test", "http_parse_test"]
+TEST_PROGRAMS = ["batcher_test", "kernels_test", "frontend_test", "http_parse_test", "featcache_test"]
 
 
 @pytest.mark.sanitizer

@@ -14,8 +14,11 @@ namespace featcache {
 namespace {
 
 // Address space reserved for the read-only map. The writer grows the file as it fills;
-// reserving far more than any store needs means readers never see MDB_MAP_RESIZED.
+// reserving far more than any store needs means readers never see MDB_MAP_RESIZED. Where
+// the address space is smaller (an RLIMIT_AS, a sanitizer's layout), the reservation is
+// halved until it fits, down to kMinReaderMapSize (LMDB itself maps at least the file).
 constexpr size_t kReaderMapSize = size_t{1} << 40;
+constexpr size_t kMinReaderMapSize = size_t{1} << 30;
 constexpr unsigned kMaxDbs = 4096;
 constexpr const char* kViewRecordFormat = "vivace-online-view/1";
 constexpr size_t kSortedReadMin = 16;
@@ -60,12 +63,17 @@ std::shared_ptr<FeatureCache> FeatureCache::Open(const std::string& path, size_t
 
 FeatureCache::FeatureCache(std::string path, size_t cache_capacity)
     : path_(std::move(path)), cache_capacity_(cache_capacity) {
-  int rc = mdb_env_create(&env_);
-  if (rc != 0) throw FeatureCacheError(LmdbError("mdb_env_create", rc));
-  mdb_env_set_maxdbs(env_, kMaxDbs);
-  mdb_env_set_mapsize(env_, kReaderMapSize);
-  // NOTLS: pooled read transactions are not tied to the thread that began them.
-  rc = mdb_env_open(env_, path_.c_str(), MDB_RDONLY | MDB_NOTLS | MDB_NORDAHEAD, 0644);
+  int rc = ENOMEM;
+  for (size_t map_size = kReaderMapSize; rc == ENOMEM && map_size >= kMinReaderMapSize; map_size /= 2) {
+    if (env_ != nullptr) mdb_env_close(env_);  // a failed open leaves the environment unusable
+    env_ = nullptr;
+    rc = mdb_env_create(&env_);
+    if (rc != 0) throw FeatureCacheError(LmdbError("mdb_env_create", rc));
+    mdb_env_set_maxdbs(env_, kMaxDbs);
+    mdb_env_set_mapsize(env_, map_size);
+    // NOTLS: pooled read transactions are not tied to the thread that began them.
+    rc = mdb_env_open(env_, path_.c_str(), MDB_RDONLY | MDB_NOTLS | MDB_NORDAHEAD, 0644);
+  }
   if (rc != 0) {
     mdb_env_close(env_);
     env_ = nullptr;
