@@ -1,6 +1,7 @@
 """Shared fixtures: the reference model package and a real `vivace serve` on loopback."""
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -119,3 +121,43 @@ def slow_model_bytes(matmuls: int) -> bytes:
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(Slow(matmuls)), buffer)
     return buffer.getvalue()
+
+
+# -- an online feature store and two models served by entity id (test_serving_entities,
+# test_tracing) ---------------------------------------------------------------------------
+N_FEATURES = 4
+WEIGHTS = np.array([1.0, 10.0, 100.0, 1000.0], np.float32)
+
+
+def feature_values(keys: np.ndarray) -> np.ndarray:
+    return np.stack([keys * 0.5 + j for j in range(N_FEATURES)], axis=1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def entity_home(tmp_path_factory):
+    import torch
+
+    from vivace.bench.entities import customer_store
+    from vivace.registry.package import write_package
+
+    root = tmp_path_factory.mktemp("entities")
+    home = customer_store(root, feature_values(np.arange(1, 101, dtype=np.int64)))
+
+    class Weighted(torch.nn.Module):  # a visible function of the features: x @ WEIGHTS
+        def forward(self, x):
+            return x @ torch.tensor(WEIGHTS).reshape(N_FEATURES, 1)
+
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.trace(Weighted(), torch.zeros(2, N_FEATURES)), buffer)
+    packages = {}
+    for policy in ("error", "default"):
+        manifest = {
+            "name": f"scorer_{policy}", "platform": "torchscript", "model_file": "model.pt",
+            "inputs": [{"name": "input__0", "datatype": "FP32", "shape": [-1, N_FEATURES]}],
+            "outputs": [{"name": "output__0", "datatype": "FP32", "shape": [-1, 1]}],
+            "max_batch_size": 32,
+            "metadata": {"feature_service": "scoring", "unknown_entity": policy},
+        }
+        packages[policy] = root / policy
+        write_package(packages[policy], manifest, {"model.pt": buffer.getvalue()})
+    return home, packages

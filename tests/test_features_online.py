@@ -402,10 +402,10 @@ def test_a_write_outside_materialize_retires_the_row_index(tmp_path: Path) -> No
         row[12:16] = struct.pack("<f", 1234.5)  # f0 of entity 3
         txn.put(key, bytes(row), db=db)
     assert read_generation(tmp_path / "home") == 1  # no new materialization
-    after, found = reader.get(ids, now_us)  # the index of the old snapshot is dropped
+    through_cursors = reader.get(ids, now_us)  # the index of the old snapshot is dropped
     assert cache.indexed_rows("stats") == 0
     read_until_indexed(reader, ids, now_us, cache)
-    for answer, found in (after, found), reader.get(ids, now_us):  # through cursors, then the new index
+    for answer, found in through_cursors, reader.get(ids, now_us):  # then through the new index
         assert found.all() and answer[1, 0] == 1234.5
         np.testing.assert_array_equal(np.delete(answer, 1, axis=0), np.delete(before, 1, axis=0))
     assert cache.indexed_rows("stats") == 100

@@ -4,52 +4,13 @@ natively. Real feature store, real materialization, real server, real tritonclie
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import time
 
 import numpy as np
 import pytest
 
-from conftest import ServerProcess
-
-N_FEATURES = 4
-WEIGHTS = np.array([1.0, 10.0, 100.0, 1000.0], np.float32)
-
-
-def feature_values(keys: np.ndarray) -> np.ndarray:
-    return np.stack([keys * 0.5 + j for j in range(N_FEATURES)], axis=1).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def entity_home(tmp_path_factory):
-    import torch
-
-    from vivace.bench.entities import customer_store
-    from vivace.registry.package import write_package
-
-    root = tmp_path_factory.mktemp("entities")
-    home = customer_store(root, feature_values(np.arange(1, 101, dtype=np.int64)))
-
-    class Weighted(torch.nn.Module):  # a visible function of the features: x @ WEIGHTS
-        def forward(self, x):
-            return x @ torch.tensor(WEIGHTS).reshape(N_FEATURES, 1)
-
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.trace(Weighted(), torch.zeros(2, N_FEATURES)), buffer)
-    packages = {}
-    for policy in ("error", "default"):
-        manifest = {
-            "name": f"scorer_{policy}", "platform": "torchscript", "model_file": "model.pt",
-            "inputs": [{"name": "input__0", "datatype": "FP32", "shape": [-1, N_FEATURES]}],
-            "outputs": [{"name": "output__0", "datatype": "FP32", "shape": [-1, 1]}],
-            "max_batch_size": 32,
-            "metadata": {"feature_service": "scoring", "unknown_entity": policy},
-        }
-        packages[policy] = root / policy
-        write_package(packages[policy], manifest, {"model.pt": buffer.getvalue()})
-    return home, packages
-
+from conftest import N_FEATURES, WEIGHTS, ServerProcess, feature_values
 
 def post(port, model, ids, extra=None):
     body = {"inputs": [{"name": "customer_id", "shape": [len(ids), 1], "datatype": "INT64", "data": ids}]}

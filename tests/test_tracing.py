@@ -328,6 +328,33 @@ def test_ratio_one_traces_requests_without_parent(mlp_package, receiver):
         assert children["batch.execute"]["attributes"]["vivace.batch_size"] == 1
 
 
+@pytest.mark.parametrize("frontend", ["native", "python"])
+def test_entity_lookup_is_a_span_under_the_batch(entity_home, receiver, frontend):
+    """A model served by entity id: the batch's feature lookup in the LMDB online store is
+    its own span, under batch.execute."""
+    home, packages = entity_home
+    srv = ServerProcess([packages["error"]], "--http-frontend", frontend, "--trace-endpoint", receiver.url,
+                        "--trace-sample-ratio", "0", env={"VIVACE_HOME": str(home)})
+    try:
+        body = json.dumps({"inputs": [{"name": "customer_id", "shape": [3, 1], "datatype": "INT64",
+                                       "data": [3, 17, 100]}]})
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        conn.request("POST", "/v2/models/scorer_error/infer", body, {"traceparent": VALID})
+        assert conn.getresponse().status == 200
+        conn.close()
+        wait_for(lambda: any(s["name"] == "features.lookup" for s in receiver.traces().get(TRACE_ID, [])),
+                 timeout=30, what="the lookup span")
+    finally:
+        assert srv.stop() == 0
+    spans = receiver.traces()[TRACE_ID]
+    root, children = tree(spans)
+    batch = children["batch.execute"]
+    (lookup,) = [s for s in spans if s["name"] == "features.lookup"]
+    assert lookup["parent"] == batch["span_id"] and lookup["trace_id"] == root["trace_id"]
+    assert batch["start"] <= lookup["start"] <= lookup["end"] <= batch["end"]
+    assert root["attributes"]["vivace.model"] == "scorer_error" and root["attributes"]["vivace.rows"] == 3
+
+
 def test_tracing_off_exports_nothing(mlp_package, receiver):
     srv = ServerProcess([mlp_package], env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url})
     try:
