@@ -178,9 +178,11 @@ class SpanExport:
                  max_bytes: int = 64 << 20, sink: Any = None):
         import threading
 
-        # Resource { attributes: [KeyValue { "service.name": AnyValue { string_value } }] }
+        # Resource { attributes: [KeyValue { key, value: AnyValue }] }: the service, and the
+        # process (each of `vivace serve --workers N` exports its own spans).
         service = _field(0x0A, b"service.name") + _field(0x12, _field(0x0A, service_name.encode()))
-        self._resource = _field(0x0A, _field(0x0A, service))  # ResourceSpans.resource
+        pid = _field(0x0A, b"process.pid") + _field(0x12, b"\x18" + _varint(os.getpid()))  # int_value
+        self._resource = _field(0x0A, _field(0x0A, service) + _field(0x0A, pid))  # ResourceSpans.resource
         self._scope = _field(0x0A, _field(0x0A, b"vivace"))  # ScopeSpans.scope { name }
         self.url = traces_url(endpoint) if endpoint else None
         self._sink = sink

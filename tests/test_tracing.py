@@ -92,8 +92,8 @@ def test_request_spans_layout():
     children in time, the batch size, and the feature lookup under the batch."""
     request, export = export_of(INFER)
     (resource_spans,) = request.resource_spans
-    assert resource_spans.resource.attributes[0].key == "service.name"
-    assert resource_spans.resource.attributes[0].value.string_value == "unit"
+    resource = {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in resource_spans.resource.attributes}
+    assert resource == {"service.name": "unit", "process.pid": os.getpid()}
     assert resource_spans.scope_spans[0].scope.name == "vivace"
     spans = {s.name: s for s in resource_spans.scope_spans[0].spans}
     assert set(spans) == {"POST /v2/models/m/infer", "http.receive", "batcher.queue", "batch.execute",
@@ -205,8 +205,9 @@ class Receiver:
                 with lock:
                     outer.posts += 1
                     for resource_spans in request.resource_spans:
-                        service = next((a.value.string_value for a in resource_spans.resource.attributes
-                                        if a.key == "service.name"), None)
+                        resource = {a.key: getattr(a.value, a.value.WhichOneof("value"))
+                                    for a in resource_spans.resource.attributes}
+                        service, pid = resource.get("service.name"), resource.get("process.pid")
                         for scope_spans in resource_spans.scope_spans:
                             for span in scope_spans.spans:
                                 attributes = {}
@@ -217,7 +218,7 @@ class Receiver:
                                     "name": span.name, "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
                                     "parent": span.parent_span_id.hex(), "start": span.start_time_unix_nano,
                                     "end": span.end_time_unix_nano, "attributes": attributes, "service": service,
-                                    "trace_state": span.trace_state})
+                                    "pid": pid, "trace_state": span.trace_state})
                 self.send_response(200)
                 self.send_header("content-type", "application/x-protobuf")
                 self.send_header("content-length", "0")
@@ -353,6 +354,33 @@ def test_entity_lookup_is_a_span_under_the_batch(entity_home, receiver, frontend
     assert lookup["parent"] == batch["span_id"] and lookup["trace_id"] == root["trace_id"]
     assert batch["start"] <= lookup["start"] <= lookup["end"] <= batch["end"]
     assert root["attributes"]["vivace.model"] == "scorer_error" and root["attributes"]["vivace.rows"] == 3
+
+
+def test_every_worker_exports_its_spans(mlp_package, receiver):
+    """`--workers 2`: each worker process traces the requests it serves and exports them
+    under its own process.pid; every sampled request's trace arrives whole."""
+    srv = ServerProcess([mlp_package], "--workers", "2", "--trace-endpoint", receiver.url,
+                        "--trace-sample-ratio", "0")
+    sent: list[str] = []
+
+    def both_workers_exported() -> bool:  # the second worker may still be starting at first
+        for _ in range(8):  # a connection each: the kernel spreads them over the workers
+            trace_id = f"{len(sent) + 1:032x}"
+            assert infer(srv.port, {"traceparent": f"00-{trace_id}-{PARENT_ID}-01"}) == 200
+            sent.append(trace_id)
+        return len({s["pid"] for s in receiver.spans}) == 2
+
+    try:
+        wait_for(both_workers_exported, timeout=60, what="spans from both workers")
+        wait_for(lambda: all(len(tree(receiver.traces().get(t, []))[1]) >= 4 if t in receiver.traces() else False
+                             for t in sent), timeout=30, what="every trace")
+    finally:
+        assert srv.stop() == 0
+    traces = receiver.traces()
+    for trace_id in sent:
+        root, _ = tree(traces[trace_id])
+        assert root["parent"] == PARENT_ID and {s["pid"] for s in traces[trace_id]} == {root["pid"]}
+    assert len({tree(traces[t])[0]["pid"] for t in sent}) == 2
 
 
 def test_tracing_off_exports_nothing(mlp_package, receiver):
