@@ -1,7 +1,8 @@
 """The server's side of tracing (`vivace serve --trace-endpoint`): which requests are
 traced and the spans they make, on both front ends.
 
-The decisions and the span layout are monitor/tracing.py's. Here:
+The sampling decisions are monitor/tracing.py's; the span layout is the core's one encoder
+(csrc/frontend/otlp.cpp), for both paths. Here:
 - `ServerTracing.begin`: a request that reached Python (the uvloop front end, or a request
   the native one forwarded) is sampled from its `traceparent`; a sampled one gets a
   `RequestTrace`, which an infer call carries to its completion (engine/infer.py), where
@@ -9,8 +10,6 @@ The decisions and the span layout are monitor/tracing.py's. Here:
 - `ServerTracing.drain_native`: the native front end times the fast-path requests it
   traces in C++ and encodes their spans there in bulk; here the bytes are taken, on a
   timer, and queued for export: no Python runs per request on the fast path, traced or not.
-
-Both paths' spans are written by the core's one encoder (csrc/frontend/otlp.cpp).
 """
 from __future__ import annotations
 
