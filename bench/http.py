@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -219,25 +220,36 @@ def benchmark(duration: float, concurrencies: list[int], server_cpu: int | None,
 
 
 class OtlpSink:
-    """A stand-in OTLP/HTTP collector on 127.0.0.1 for --trace: accepts POST /v1/traces
-    (200, body discarded) and counts the exports and their bytes. Its threads run on
-    `cpu` (the client's), not on the server's core: a real collector runs elsewhere."""
+    """A stand-in OTLP/HTTP collector on 127.0.0.1: accepts POST /v1/traces (200; 404 for
+    another path), counts the exports and their bytes and hands each body to `on_export`
+    (one at a time; the bench discards them, tests decode them). Its threads run on `cpu`
+    when given (the bench: the client's core, not the server's; a real collector runs
+    elsewhere)."""
 
-    def __init__(self, cpu: int | None = None):
+    def __init__(self, cpu: int | None = None, on_export: Callable[[bytes], None] | None = None):
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         sink = self
+        lock = threading.Lock()
         self.posts = 0
         self.bytes = 0
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                size = int(self.headers.get("content-length", 0))
-                self.rfile.read(size)
-                sink.posts += 1
-                sink.bytes += size
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.path != "/v1/traces":
+                    self.send_response(404)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
+                with lock:
+                    sink.posts += 1
+                    sink.bytes += len(body)
+                    if on_export is not None:
+                        on_export(body)
                 self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -246,6 +258,7 @@ class OtlpSink:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
         def serve() -> None:
             if cpu is not None:  # the handler threads inherit this thread's CPUs
                 os.sched_setaffinity(0, {cpu})

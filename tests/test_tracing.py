@@ -18,6 +18,7 @@ pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 
 from vivace import _core  # noqa: E402
+from vivace.bench.http import OtlpSink  # noqa: E402
 from vivace.monitor import tracing  # noqa: E402
 
 from conftest import ServerProcess, wait_for  # noqa: E402
@@ -184,53 +185,27 @@ def test_propagation_helpers():
 
 
 # -- an OTLP/HTTP receiver ------------------------------------------------------------------
-class Receiver:
-    """POST /v1/traces on 127.0.0.1: decodes each ExportTraceServiceRequest into spans."""
+class Receiver(OtlpSink):
+    """The bench's OTLP/HTTP sink on 127.0.0.1, decoding each ExportTraceServiceRequest into spans."""
 
     def __init__(self):
         self.spans: list[dict] = []
-        self.posts = 0
-        lock = threading.Lock()
-        outer = self
+        super().__init__(on_export=self.record)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                if self.path != "/v1/traces":
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                request = ExportTraceServiceRequest()
-                request.ParseFromString(body)
-                with lock:
-                    outer.posts += 1
-                    for resource_spans in request.resource_spans:
-                        resource = {a.key: getattr(a.value, a.value.WhichOneof("value"))
-                                    for a in resource_spans.resource.attributes}
-                        service, pid = resource.get("service.name"), resource.get("process.pid")
-                        for scope_spans in resource_spans.scope_spans:
-                            for span in scope_spans.spans:
-                                attributes = {}
-                                for a in span.attributes:
-                                    kind = a.value.WhichOneof("value")
-                                    attributes[a.key] = getattr(a.value, kind)
-                                outer.spans.append({
-                                    "name": span.name, "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
-                                    "parent": span.parent_span_id.hex(), "start": span.start_time_unix_nano,
-                                    "end": span.end_time_unix_nano, "attributes": attributes, "service": service,
-                                    "pid": pid, "trace_state": span.trace_state})
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    def record(self, body: bytes) -> None:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        for resource_spans in request.resource_spans:
+            resource = {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in resource_spans.resource.attributes}
+            service, pid = resource.get("service.name"), resource.get("process.pid")
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    attributes = {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in span.attributes}
+                    self.spans.append({
+                        "name": span.name, "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
+                        "parent": span.parent_span_id.hex(), "start": span.start_time_unix_nano,
+                        "end": span.end_time_unix_nano, "attributes": attributes, "service": service,
+                        "pid": pid, "trace_state": span.trace_state})
 
     def traces(self) -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = {}
@@ -238,9 +213,6 @@ class Receiver:
             out.setdefault(span["trace_id"], []).append(span)
         return out
 
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
