@@ -283,25 +283,15 @@ def _build_model(
 # ---- metrics -------------------------------------------------------------------------
 
 
-def auc_score(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties counted half."""
-    import pandas as pd
-
-    ranks = pd.Series(p).rank(method="average").to_numpy()
-    positives = y == 1
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def compute_metrics(task: str, names: list[str], y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    from vivace.monitor.quality import auc  # one AUC for training and for production labels
+
     out: dict[str, float] = {}
     for name in names:
         if name == "accuracy":
             out[name] = float(((pred >= 0.5).astype(int) == y).mean())
         elif name == "auc":
-            out[name] = auc_score(y, pred)
+            out[name] = auc(y, pred)
         elif name == "logloss":
             p = np.clip(pred, 1e-7, 1 - 1e-7)
             out[name] = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())

@@ -19,7 +19,8 @@ from vivace.registry.demo_data import TRAIN_CONFIG, churn_frame, run_lifecycle
 from vivace.registry.models import get_version, model_card, promote, register_model
 from vivace.registry.package import load_package
 from vivace.registry.runs import compare_runs, get_run, list_runs
-from vivace.registry.train import auc_score, encode, normalize_config, train
+from vivace.monitor.quality import auc as auc_score
+from vivace.registry.train import encode, normalize_config, train
 
 
 def run_cli(home, *argv: str) -> int:
