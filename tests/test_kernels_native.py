@@ -179,7 +179,7 @@ def test_concurrent_callers_and_threads_agree(precision):
     single = make(*mlp, precision, level=level)
     pooled = make(*mlp, precision, level=level, num_threads=2)
     rng = np.random.default_rng(16)
-    batches = [rng.standard_normal((n, 32)).astype(np.float32) for n in (1, 7, 130, 700)]
+    batches = [rng.standard_normal((n, 32)).astype(np.float32) for n in (1, 7, 55, 130, 700)]
     expected = [single.forward(b) for b in batches]
     for b, e in zip(batches, expected):
         np.testing.assert_array_equal(pooled.forward(b), e)
@@ -200,6 +200,20 @@ def test_concurrent_callers_and_threads_agree(precision):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_wide_model_splits_small_batches_across_threads():
+    # ~0.5M MACs per row: from a handful of rows the batch is split into parts, the last of
+    # which may be short or empty; every split must give the single-threaded result.
+    mlp = random_mlp([512, 1024, 8], ["relu", "identity"], seed=17)
+    level = LEVELS[-1] if LEVELS[-1] != "amx" else "avx512"
+    rng = np.random.default_rng(18)
+    for precision in ("fp32", "int8"):
+        single = make(*mlp, precision, level=level)
+        pooled = make(*mlp, precision, level=level, num_threads=3)
+        for rows in (1, 5, 9, 13, 40):
+            x = rng.standard_normal((rows, 512)).astype(np.float32)
+            np.testing.assert_array_equal(pooled.forward(x), single.forward(x), err_msg=f"{precision} {rows} rows")
 
 
 def test_buffers_shapes_and_errors():

@@ -1,6 +1,8 @@
 #include "kernels/mlp.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdlib>
@@ -13,8 +15,12 @@ namespace {
 
 constexpr int64_t kAlign = 64;
 constexpr int kMaxPanel = 16;             // widest output panel of any level: pad per-output arrays to it
-constexpr int64_t kMinRowsPerThread = 64; // below this, waking a helper thread costs more than it saves
+// Each part of a split batch gets at least this much work (~10 µs int8, ~40 µs fp32 on one
+// AVX-512 core): below it, handing rows to a helper costs more than it saves.
+constexpr int64_t kMinMacsPerThread = 2'000'000;
 constexpr int kMaxThreads = 8;
+// How long the pool's threads spin before sleeping (see ThreadPool).
+constexpr std::chrono::microseconds kSpin{100};
 // Layers with at most this many outputs run as fp32 dot products at every precision: the
 // panel kernels would pad them to 8-16 outputs, and their weights are too few to matter.
 constexpr int kDotMaxOutputs = 4;
@@ -124,6 +130,8 @@ struct NativeMlp::Scratch {
 
 // A fixed set of helper threads running one job at a time. A caller that finds the pool
 // busy (another executor thread is using it) runs its batch alone instead of waiting.
+// Both sides spin briefly before sleeping: waking a sleeping thread costs tens of µs on
+// virtual machines (the idle vCPU is halted), as much as a whole batch of a few hundred rows.
 class NativeMlp::ThreadPool {
  public:
   explicit ThreadPool(int helpers) {
@@ -148,31 +156,53 @@ class NativeMlp::ThreadPool {
       job_ctx_ = &job;
       job_fn_ = [](const void* ctx, int part) { (*static_cast<const Job*>(ctx))(part); };
       parts_ = parts;
-      pending_ = parts - 1;
-      ++generation_;
+      pending_.store(parts - 1, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
     job(0);
+    if (SpinUntil([this] { return pending_.load(std::memory_order_acquire) == 0; })) return true;
     std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return pending_ == 0; });
+    done_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
     return true;
   }
 
  private:
+  template <typename Ready>
+  static bool SpinUntil(const Ready& ready) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    for (;;) {
+      for (int i = 0; i < 64; ++i) {
+        if (ready()) return true;
+        CpuRelax();
+      }
+      if (std::chrono::steady_clock::now() >= until) return ready();
+    }
+  }
+
+  static void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
   void Loop(int part) {
     uint64_t seen = 0;
     for (;;) {
+      SpinUntil([&] { return generation_.load(std::memory_order_acquire) != seen; });
       std::unique_lock<std::mutex> lock(mu_);
-      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      wake_.wait(lock, [&] { return stop_ || generation_.load(std::memory_order_relaxed) != seen; });
       if (stop_) return;
-      seen = generation_;
+      seen = generation_.load(std::memory_order_relaxed);
       if (part >= parts_) continue;
       const void* ctx = job_ctx_;
       void (*fn)(const void*, int) = job_fn_;
       lock.unlock();
       fn(ctx, part);
       lock.lock();
-      if (--pending_ == 0) done_.notify_one();
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) done_.notify_one();
     }
   }
 
@@ -181,9 +211,9 @@ class NativeMlp::ThreadPool {
   std::mutex mu_;
   std::condition_variable wake_, done_;
   bool stop_ = false;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};
   int parts_ = 0;
-  int pending_ = 0;
+  std::atomic<int> pending_{0};
   const void* job_ctx_ = nullptr;
   void (*job_fn_)(const void*, int) = nullptr;
 };
@@ -334,7 +364,8 @@ void NativeMlp::RunRows(const float* x, int64_t rows, float* out, Scratch& s) co
 
 void NativeMlp::Forward(const float* x, int64_t rows, float* out) const {
   if (rows <= 0) return;
-  const int parts = static_cast<int>(std::min<int64_t>(num_threads_, rows / kMinRowsPerThread));
+  const int64_t min_rows = std::max<int64_t>(1, kMinMacsPerThread / macs_per_row_);
+  const int parts = static_cast<int>(std::min<int64_t>(num_threads_, rows / min_rows));
   // Borrow one scratch slot per part; slots come back to the pool when this call ends.
   std::unique_ptr<Scratch> slots[kMaxThreads];
   const int used = std::max(1, parts);
@@ -349,7 +380,7 @@ void NativeMlp::Forward(const float* x, int64_t rows, float* out) const {
   }
   for (int i = 0; i < used; ++i)
     if (!slots[i]) slots[i] = NewScratch();
-  const int64_t per_part = RoundUp((rows + used - 1) / used, 16);
+  const int64_t per_part = RoundUp((rows + used - 1) / used, 4);
   auto job = [&](int part) {
     const int64_t r0 = std::min(rows, part * per_part);
     const int64_t n = std::min(per_part, rows - r0);
