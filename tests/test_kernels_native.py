@@ -202,18 +202,23 @@ def test_concurrent_callers_and_threads_agree(precision):
     assert errors == []
 
 
-def test_wide_model_splits_small_batches_across_threads():
-    # ~0.5M MACs per row: from a handful of rows the batch is split into parts, the last of
-    # which may be short or empty; every split must give the single-threaded result.
-    mlp = random_mlp([512, 1024, 8], ["relu", "identity"], seed=17)
-    level = LEVELS[-1] if LEVELS[-1] != "amx" else "avx512"
+def test_wide_models_split_small_batches_across_threads():
+    # ~0.5M MACs per row: a few rows are split by output columns (every part computes a
+    # share of each layer's outputs, tails, a dot layer and non-fused activations included),
+    # more rows by rows; every split must give the single-threaded result bit for bit.
     rng = np.random.default_rng(18)
-    for precision in ("fp32", "int8"):
-        single = make(*mlp, precision, level=level)
-        pooled = make(*mlp, precision, level=level, num_threads=3)
-        for rows in (1, 5, 9, 13, 40):
-            x = rng.standard_normal((rows, 512)).astype(np.float32)
-            np.testing.assert_array_equal(pooled.forward(x), single.forward(x), err_msg=f"{precision} {rows} rows")
+    level = LEVELS[-1] if LEVELS[-1] != "amx" else "avx512"
+    shapes = [([512, 1024, 8], ["relu", "identity"]),
+              ([512, 1000, 3, 1000, 5], ["gelu", "tanh", "sigmoid", "identity"])]
+    for seed, (dims, acts) in enumerate(shapes):
+        mlp = random_mlp(dims, acts, seed=17 + seed)
+        for precision in ("fp32", "int8"):
+            single = make(*mlp, precision, level=level)
+            pooled = make(*mlp, precision, level=level, num_threads=3)
+            for rows in (1, 2, 5, 9, 13, 40, 100):
+                x = rng.standard_normal((rows, dims[0])).astype(np.float32)
+                np.testing.assert_array_equal(pooled.forward(x), single.forward(x),
+                                              err_msg=f"{dims} {precision} {rows} rows")
 
 
 def test_buffers_shapes_and_errors():

@@ -15,9 +15,11 @@ namespace {
 
 constexpr int64_t kAlign = 64;
 constexpr int kMaxPanel = 16;             // widest output panel of any level: pad per-output arrays to it
-// Each part of a split batch gets at least this much work (~10 µs int8, ~40 µs fp32 on one
-// AVX-512 core): below it, handing rows to a helper costs more than it saves.
-constexpr int64_t kMinMacsPerThread = 2'000'000;
+// Each part of a split batch gets at least this much work (~4 µs int8 on one AVX-512
+// core): below it, handing work to a helper costs more than it saves.
+constexpr double kMinMacsPerThread = 750'000.0;
+// Batches of fewer rows per part than this are split by output columns instead of rows.
+constexpr int64_t kMinRowsPerPart = 16;
 constexpr int kMaxThreads = 8;
 // How long the pool's threads spin before sleeping (see ThreadPool).
 constexpr std::chrono::microseconds kSpin{100};
@@ -59,6 +61,29 @@ const LevelOps& OpsFor(CpuLevel level) {
     case CpuLevel::kAmx: return AmxOps();
   }
   throw std::invalid_argument("unknown CPU level");
+}
+
+void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Polls `ready` until it holds or `spin` has passed. It yields every 64 polls: on a CPU
+// shared with the thread it waits for (more threads than free cores), that thread runs.
+template <typename Ready>
+bool SpinUntil(const Ready& ready, std::chrono::microseconds spin) {
+  const auto until = std::chrono::steady_clock::now() + spin;
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (ready()) return true;
+      CpuRelax();
+    }
+    if (std::chrono::steady_clock::now() >= until) return ready();
+    std::this_thread::yield();
+  }
 }
 
 void ApplyActivation(Activation act, float* y, int64_t rows, int n, int64_t ldy) {
@@ -128,14 +153,26 @@ struct NativeMlp::Scratch {
   AlignedBuffer<float> row_scale, row_min;
 };
 
-// A fixed set of helper threads running one job at a time. A caller that finds the pool
-// busy (another executor thread is using it) runs its batch alone instead of waiting.
+// Shared work of a batch split by output columns: each layer of each chunk (a step) is cut
+// into `units` column ranges, claimed by whichever threads are in the job; a step starts
+// when every unit of the one before it is done, since it reads all of that step's columns.
+struct NativeMlp::ColumnWork {
+  int units;
+  std::unique_ptr<std::atomic<int>[]> claimed, done;  // per step
+  float* act[2];  // the hidden activations all threads write and read (each quantises into its own scratch)
+};
+
+// A fixed set of helper threads running one job at a time: the caller and the helpers all
+// run the same job, which shares its work out through its own counters. A caller that finds
+// the pool busy (another executor thread is using it) runs its batch alone instead.
 // Both sides spin briefly before sleeping: waking a sleeping thread costs tens of µs on
 // virtual machines (the idle vCPU is halted), as much as a whole batch of a few hundred rows.
+// A helper that wakes after the caller has finished stays out of the job, so the caller
+// never waits for a thread that did not get a CPU.
 class NativeMlp::ThreadPool {
  public:
   explicit ThreadPool(int helpers) {
-    for (int i = 0; i < helpers; ++i) threads_.emplace_back([this, i] { Loop(i + 1); });
+    for (int i = 0; i < helpers; ++i) threads_.emplace_back([this, i] { Loop(i); });
   }
   ~ThreadPool() {
     {
@@ -146,63 +183,48 @@ class NativeMlp::ThreadPool {
     for (auto& t : threads_) t.join();
   }
 
-  // Runs job(part) for part 0..parts-1 (part 0 on the caller); false when the pool is busy.
+  // Runs job() on the caller and on up to `helpers` helper threads; false when the pool is busy.
   template <typename Job>
-  bool TryRun(int parts, const Job& job) {
+  bool TryRun(int helpers, const Job& job) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       job_ctx_ = &job;
-      job_fn_ = [](const void* ctx, int part) { (*static_cast<const Job*>(ctx))(part); };
-      parts_ = parts;
-      pending_.store(parts - 1, std::memory_order_relaxed);
+      job_fn_ = [](const void* ctx) { (*static_cast<const Job*>(ctx))(); };
+      wanted_ = helpers;
+      open_ = true;
       generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
-    job(0);
-    if (SpinUntil([this] { return pending_.load(std::memory_order_acquire) == 0; })) return true;
+    job();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      open_ = false;
+    }
+    if (SpinUntil([this] { return active_.load(std::memory_order_acquire) == 0; }, kSpin)) return true;
     std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+    done_.wait(lock, [this] { return active_.load(std::memory_order_acquire) == 0; });
     return true;
   }
 
  private:
-  template <typename Ready>
-  static bool SpinUntil(const Ready& ready) {
-    const auto until = std::chrono::steady_clock::now() + kSpin;
-    for (;;) {
-      for (int i = 0; i < 64; ++i) {
-        if (ready()) return true;
-        CpuRelax();
-      }
-      if (std::chrono::steady_clock::now() >= until) return ready();
-    }
-  }
-
-  static void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#else
-    std::this_thread::yield();
-#endif
-  }
-
-  void Loop(int part) {
+  void Loop(int index) {
     uint64_t seen = 0;
     for (;;) {
-      SpinUntil([&] { return generation_.load(std::memory_order_acquire) != seen; });
+      SpinUntil([&] { return generation_.load(std::memory_order_acquire) != seen; }, kSpin);
       std::unique_lock<std::mutex> lock(mu_);
       wake_.wait(lock, [&] { return stop_ || generation_.load(std::memory_order_relaxed) != seen; });
       if (stop_) return;
       seen = generation_.load(std::memory_order_relaxed);
-      if (part >= parts_) continue;
+      if (!open_ || index >= wanted_) continue;
+      active_.fetch_add(1, std::memory_order_relaxed);
       const void* ctx = job_ctx_;
-      void (*fn)(const void*, int) = job_fn_;
+      void (*fn)(const void*) = job_fn_;
       lock.unlock();
-      fn(ctx, part);
+      fn(ctx);
       lock.lock();
-      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) done_.notify_one();
+      if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) done_.notify_one();
     }
   }
 
@@ -211,11 +233,12 @@ class NativeMlp::ThreadPool {
   std::mutex mu_;
   std::condition_variable wake_, done_;
   bool stop_ = false;
+  bool open_ = false;  // the current job still takes helpers
+  int wanted_ = 0;
   std::atomic<uint64_t> generation_{0};
-  int parts_ = 0;
-  std::atomic<int> pending_{0};
+  std::atomic<int> active_{0};  // helpers inside the current job
   const void* job_ctx_ = nullptr;
-  void (*job_fn_)(const void*, int) = nullptr;
+  void (*job_fn_)(const void*) = nullptr;
 };
 
 NativeMlp::NativeMlp(const std::vector<LayerSpec>& specs, Precision precision, CpuLevel level, int num_threads)
@@ -330,42 +353,74 @@ std::unique_ptr<NativeMlp::Scratch> NativeMlp::NewScratch() const {
   return s;
 }
 
-void NativeMlp::RunChunk(const float* x, int64_t rows, float* out, Scratch& s) const {
-  const float* cur = x;
-  int64_t ldx = in_features_;
-  for (size_t li = 0; li < layers_.size(); ++li) {
-    const Layer& L = layers_[li];
-    const bool last = li + 1 == layers_.size();
-    float* dst = last ? out : s.act[li % 2].data();
-    const int64_t ldd = last ? L.out : act_ld_;
-    const bool relu = L.activation == Activation::kRelu;
-    if (L.dot) {
-      ops_->dot_fp32(cur, ldx, rows, L.in, L.w_fp32.data(), L.out, L.bias.data(), relu, dst, ldd);
-    } else if (precision_ == Precision::kFp32) {
-      ops_->gemm_fp32(cur, ldx, rows, L.in, L.w_fp32.data(), L.out, L.bias.data(), relu, dst, ldd);
-    } else {
-      ops_->quantize(cur, ldx, rows, L.in, L.k_pad, L.is_static ? &L.range : nullptr, s.q.data(), q_ld_,
-                     s.row_scale.data(), s.row_min.data());
-      const Int8Epilogue e{s.row_scale.data(), s.row_min.data(), L.w_scale.data(), L.w_sum.data(), L.bias.data(), relu};
-      ops_->gemm_int8(s.q.data(), q_ld_, rows, L.k_pad, L.w_int8.data(), L.out, e, dst, ldd);
-    }
-    ApplyActivation(L.activation, dst, rows, L.out, ldd);
-    cur = dst;
-    ldx = ldd;
-  }
+void NativeMlp::QuantizeInput(const Layer& L, const float* x, int64_t ldx, int64_t rows, Scratch& s) const {
+  if (L.dot || precision_ == Precision::kFp32) return;
+  ops_->quantize(x, ldx, rows, L.in, L.k_pad, L.is_static ? &L.range : nullptr, s.q.data(), q_ld_,
+                 s.row_scale.data(), s.row_min.data());
 }
 
-void NativeMlp::RunRows(const float* x, int64_t rows, float* out, Scratch& s) const {
+void NativeMlp::RunLayer(const Layer& L, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy,
+                         const Columns& cols, const Scratch& s) const {
+  const int c0 = cols.begin, n = cols.end - cols.begin;
+  if (n <= 0) return;
+  // c0 is a whole number of panels, so c0 * k is where its panel starts in the packed weights.
+  const bool relu = L.activation == Activation::kRelu;
+  if (L.dot) {
+    ops_->dot_fp32(x, ldx, rows, L.in, L.w_fp32.data() + int64_t{c0} * L.in, n, L.bias.data() + c0, relu, y + c0, ldy);
+  } else if (precision_ == Precision::kFp32) {
+    ops_->gemm_fp32(x, ldx, rows, L.in, L.w_fp32.data() + int64_t{c0} * L.in, n, L.bias.data() + c0, relu, y + c0,
+                    ldy);
+  } else {
+    const Int8Epilogue e{s.row_scale.data(), s.row_min.data(), L.w_scale.data() + c0, L.w_sum.data() + c0,
+                         L.bias.data() + c0, relu};
+    ops_->gemm_int8(s.q.data(), q_ld_, rows, L.k_pad, L.w_int8.data() + int64_t{c0} * L.k_pad, n, e, y + c0, ldy);
+  }
+  ApplyActivation(L.activation, y + c0, rows, n, ldy);
+}
+
+NativeMlp::Columns NativeMlp::UnitColumns(const Layer& L, int unit, int units) const {
+  const int width = L.dot ? 1 : precision_ == Precision::kFp32 ? ops_->fp32_panel : ops_->i8_panel;
+  const int panels = (L.out + width - 1) / width;
+  return {std::min(L.out, panels * unit / units * width), std::min(L.out, panels * (unit + 1) / units * width)};
+}
+
+void NativeMlp::RunRows(const float* x, int64_t rows, float* out, Scratch& s, ColumnWork* shared) const {
+  float* act[2] = {shared ? shared->act[0] : s.act[0].data(), shared ? shared->act[1] : s.act[1].data()};
+  int step = 0;
   for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows_) {
     const int64_t n = std::min(chunk_rows_, rows - r0);
-    RunChunk(x + r0 * in_features_, n, out + r0 * out_features_, s);
+    const float* cur = x + r0 * in_features_;
+    int64_t ldx = in_features_;
+    for (size_t li = 0; li < layers_.size(); ++li, ++step) {
+      const Layer& L = layers_[li];
+      const bool last = li + 1 == layers_.size();
+      float* dst = last ? out + r0 * out_features_ : act[li % 2];
+      const int64_t ldd = last ? L.out : act_ld_;
+      if (shared == nullptr) {
+        QuantizeInput(L, cur, ldx, n, s);
+        RunLayer(L, cur, ldx, n, dst, ldd, Columns{0, L.out}, s);
+      } else {
+        bool quantized = false;
+        for (int u; (u = shared->claimed[step].fetch_add(1, std::memory_order_relaxed)) < shared->units;) {
+          if (!quantized) QuantizeInput(L, cur, ldx, n, s);  // the same bits in every thread
+          quantized = true;
+          RunLayer(L, cur, ldx, n, dst, ldd, UnitColumns(L, u, shared->units), s);
+          shared->done[step].fetch_add(1, std::memory_order_release);
+        }
+        const std::atomic<int>& done = shared->done[step];
+        while (!SpinUntil([&] { return done.load(std::memory_order_acquire) == shared->units; }, kSpin)) {
+        }
+      }
+      cur = dst;
+      ldx = ldd;
+    }
   }
 }
 
 void NativeMlp::Forward(const float* x, int64_t rows, float* out) const {
   if (rows <= 0) return;
-  const int64_t min_rows = std::max<int64_t>(1, kMinMacsPerThread / macs_per_row_);
-  const int parts = static_cast<int>(std::min<int64_t>(num_threads_, rows / min_rows));
+  const double work = static_cast<double>(rows) * static_cast<double>(macs_per_row_);
+  const int parts = static_cast<int>(std::min<double>(num_threads_, work / kMinMacsPerThread));
   // Borrow one scratch slot per part; slots come back to the pool when this call ends.
   std::unique_ptr<Scratch> slots[kMaxThreads];
   const int used = std::max(1, parts);
@@ -380,13 +435,28 @@ void NativeMlp::Forward(const float* x, int64_t rows, float* out) const {
   }
   for (int i = 0; i < used; ++i)
     if (!slots[i]) slots[i] = NewScratch();
-  const int64_t per_part = RoundUp((rows + used - 1) / used, 4);
-  auto job = [&](int part) {
-    const int64_t r0 = std::min(rows, part * per_part);
-    const int64_t n = std::min(per_part, rows - r0);
-    if (n > 0) RunRows(x + r0 * in_features_, n, out + r0 * out_features_, *slots[part]);
-  };
-  if (used == 1 || !pool_ || !pool_->TryRun(used, job)) RunRows(x, rows, out, *slots[0]);
+  bool ran = false;  // by the pool; otherwise (one part, or the pool busy) by this thread alone
+  std::atomic<int> next{0};  // the next part (row split) or seat (column split) to take
+  if (used > 1 && pool_ && rows < used * kMinRowsPerPart) {
+    // Few rows: the threads share out each layer's outputs for all the rows, so each streams
+    // only its share of the weights (which then fit its own core's cache).
+    const int64_t steps = (rows + chunk_rows_ - 1) / chunk_rows_ * static_cast<int64_t>(layers_.size());
+    ColumnWork shared{2 * used, std::make_unique<std::atomic<int>[]>(steps), std::make_unique<std::atomic<int>[]>(steps),
+                      {slots[0]->act[0].data(), slots[0]->act[1].data()}};
+    auto job = [&] { RunRows(x, rows, out, *slots[next.fetch_add(1, std::memory_order_relaxed)], &shared); };
+    ran = pool_->TryRun(used - 1, job);
+  } else if (used > 1 && pool_) {
+    const int64_t per_part = RoundUp((rows + used - 1) / used, 4);
+    auto job = [&] {
+      for (int part; (part = next.fetch_add(1, std::memory_order_relaxed)) < used;) {
+        const int64_t r0 = std::min(rows, part * per_part);
+        const int64_t n = std::min(per_part, rows - r0);
+        if (n > 0) RunRows(x + r0 * in_features_, n, out + r0 * out_features_, *slots[part], nullptr);
+      }
+    };
+    ran = pool_->TryRun(used - 1, job);
+  }
+  if (!ran) RunRows(x, rows, out, *slots[0], nullptr);
   std::lock_guard<std::mutex> lock(scratch_mu_);
   for (int i = 0; i < used; ++i) free_scratch_.push_back(std::move(slots[i]));
 }

@@ -44,7 +44,8 @@ struct LayerSpec {
 class NativeMlp {
  public:
   // Validates and prepacks the layers for `level` (weights are quantised here for int8).
-  // num_threads > 1 splits large batches across that many threads (a pool owned here).
+  // num_threads > 1 splits a batch worth splitting across that many threads (a pool owned
+  // here): by rows, or for a few rows of a wide model by each layer's outputs.
   NativeMlp(const std::vector<LayerSpec>& layers, Precision precision, CpuLevel level, int num_threads = 1);
   ~NativeMlp();
   NativeMlp(const NativeMlp&) = delete;
@@ -68,9 +69,19 @@ class NativeMlp {
   struct Scratch;
   class ThreadPool;
 
+  struct Columns {
+    int begin, end;  // outputs [begin, end) of a layer
+  };
+  struct ColumnWork;
+
   std::unique_ptr<Scratch> NewScratch() const;
-  void RunRows(const float* x, int64_t rows, float* out, Scratch& scratch) const;
-  void RunChunk(const float* x, int64_t rows, float* out, Scratch& scratch) const;
+  // Outputs of `unit` when the layer's panels are cut into `units` ranges.
+  Columns UnitColumns(const Layer& layer, int unit, int units) const;
+  void QuantizeInput(const Layer& layer, const float* x, int64_t ldx, int64_t rows, Scratch& scratch) const;
+  void RunLayer(const Layer& layer, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy,
+                const Columns& columns, const Scratch& scratch) const;
+  // All layers for rows of x; with `shared`, only the column units this thread claims.
+  void RunRows(const float* x, int64_t rows, float* out, Scratch& scratch, ColumnWork* shared) const;
 
   const LevelOps* ops_;
   CpuLevel level_;

@@ -4,7 +4,7 @@ The package's model.npz holds fp32 weights (see spec.MLPSpec); package parameter
 how to run them:
     precision             "fp32" or "int8" (weights quantised per output channel at load)
     activation_scales     "dynamic" (per row, default) or "static" (calibrated input_ranges)
-    num_threads           threads per call for large batches (default 1)
+    num_threads           threads per call for batches worth splitting (default 1)
 The CPU kernel level is the best this CPU has, or $VIVACE_CPU_LEVEL, or `level=`.
 """
 from __future__ import annotations
