@@ -2,7 +2,9 @@
 portable level, numpy and torch; adversarial inputs; saturation; threads; bad arguments."""
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -219,6 +221,30 @@ def test_wide_models_split_small_batches_across_threads():
                 x = rng.standard_normal((rows, dims[0])).astype(np.float32)
                 np.testing.assert_array_equal(pooled.forward(x), single.forward(x),
                                               err_msg=f"{dims} {precision} {rows} rows")
+
+
+def test_pooled_model_still_runs_in_a_forked_child():
+    # A fork copies the model but not its helper threads: the child's caller must do the
+    # whole batch itself instead of waiting for helpers that do not exist.
+    mlp = random_mlp([512, 1024, 8], ["relu", "identity"], seed=19)
+    level = LEVELS[-1] if LEVELS[-1] != "amx" else "avx512"
+    pooled = make(*mlp, "int8", level=level, num_threads=2)
+    x = np.random.default_rng(20).standard_normal((200, 512)).astype(np.float32)
+    expected = [pooled.forward(x[:rows]) for rows in (4, 200)]  # split by columns, by rows
+    pid = os.fork()
+    if pid == 0:
+        same = all(np.array_equal(pooled.forward(x[:e.shape[0]]), e) for e in expected)
+        os._exit(0 if same else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0, "the child computed different outputs"
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("forward() in a forked child hung waiting for the parent's helper threads")
 
 
 def test_buffers_shapes_and_errors():
