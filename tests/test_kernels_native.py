@@ -225,7 +225,7 @@ def test_wide_models_split_small_batches_across_threads():
 
 def test_pooled_model_still_runs_in_a_forked_child():
     # A fork copies the model but not its helper threads: the child's caller must do the
-    # whole batch itself instead of waiting for helpers that do not exist.
+    # whole batch itself, and drop the model, without waiting for helpers that do not exist.
     mlp = random_mlp([512, 1024, 8], ["relu", "identity"], seed=19)
     level = LEVELS[-1] if LEVELS[-1] != "amx" else "avx512"
     pooled = make(*mlp, "int8", level=level, num_threads=2)
@@ -234,6 +234,7 @@ def test_pooled_model_still_runs_in_a_forked_child():
     pid = os.fork()
     if pid == 0:
         same = all(np.array_equal(pooled.forward(x[:e.shape[0]]), e) for e in expected)
+        del pooled  # its pool's destructor must not wait for the parent's helpers either
         os._exit(0 if same else 1)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -244,7 +245,7 @@ def test_pooled_model_still_runs_in_a_forked_child():
         time.sleep(0.05)
     os.kill(pid, 9)
     os.waitpid(pid, 0)
-    pytest.fail("forward() in a forked child hung waiting for the parent's helper threads")
+    pytest.fail("a forked child hung on the parent's helper threads")
 
 
 def test_buffers_shapes_and_errors():

@@ -8,7 +8,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <new>
 #include <thread>
+
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 namespace vivace::kernels {
 namespace {
@@ -168,13 +175,25 @@ struct NativeMlp::ColumnWork {
 // Both sides spin briefly before sleeping: waking a sleeping thread costs tens of µs on
 // virtual machines (the idle vCPU is halted), as much as a whole batch of a few hundred rows.
 // A helper that wakes after the caller has finished stays out of the job, so the caller
-// never waits for a thread that did not get a CPU.
+// never waits for a thread that did not get a CPU. In a forked child (which has no helper
+// threads) the pool is never used and its destructor does not wait for them.
 class NativeMlp::ThreadPool {
  public:
   explicit ThreadPool(int helpers) {
     for (int i = 0; i < helpers; ++i) threads_.emplace_back([this, i] { Loop(i); });
   }
   ~ThreadPool() {
+    if (getpid() != owner_) {
+      // The parent's sleeping helpers are still counted as waiters on wake_, and a mutex may
+      // have been held at the fork: destroying those would block forever. Fresh ones are
+      // constructed over them (the old state is only memory) and the threads are forgotten.
+      new (&busy_) std::mutex();
+      new (&mu_) std::mutex();
+      new (&wake_) std::condition_variable();
+      new (&done_) std::condition_variable();
+      for (auto& t : threads_) t.detach();
+      return;
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
@@ -186,10 +205,14 @@ class NativeMlp::ThreadPool {
   // Runs job() on the caller and on up to `helpers` helper threads; false when the pool is busy.
   template <typename Job>
   bool TryRun(int helpers, const Job& job) {
+    if (getpid() != owner_) return false;
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
     {
       std::lock_guard<std::mutex> lock(mu_);
+#if defined(__x86_64__) || defined(__i386__)
+      csr_ = _mm_getcsr();  // helpers compute with the caller's flush-to-zero and rounding
+#endif
       job_ctx_ = &job;
       job_fn_ = [](const void* ctx) { (*static_cast<const Job*>(ctx))(); };
       wanted_ = helpers;
@@ -221,13 +244,21 @@ class NativeMlp::ThreadPool {
       active_.fetch_add(1, std::memory_order_relaxed);
       const void* ctx = job_ctx_;
       void (*fn)(const void*) = job_fn_;
+#if defined(__x86_64__) || defined(__i386__)
+      const unsigned own_csr = _mm_getcsr();
+      _mm_setcsr(csr_);
+#endif
       lock.unlock();
       fn(ctx);
+#if defined(__x86_64__) || defined(__i386__)
+      _mm_setcsr(own_csr);
+#endif
       lock.lock();
       if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) done_.notify_one();
     }
   }
 
+  const pid_t owner_ = getpid();
   std::vector<std::thread> threads_;
   std::mutex busy_;
   std::mutex mu_;
@@ -239,6 +270,7 @@ class NativeMlp::ThreadPool {
   std::atomic<int> active_{0};  // helpers inside the current job
   const void* job_ctx_ = nullptr;
   void (*job_fn_)(const void*) = nullptr;
+  unsigned csr_ = 0;  // the caller's MXCSR (x86)
 };
 
 NativeMlp::NativeMlp(const std::vector<LayerSpec>& specs, Precision precision, CpuLevel level, int num_threads)
