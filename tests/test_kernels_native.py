@@ -231,6 +231,7 @@ def test_pooled_model_still_runs_in_a_forked_child():
     pooled = make(*mlp, "int8", level=level, num_threads=2)
     x = np.random.default_rng(20).standard_normal((200, 512)).astype(np.float32)
     expected = [pooled.forward(x[:rows]) for rows in (4, 200)]  # split by columns, by rows
+    time.sleep(0.05)  # the parent's helpers stop spinning and sleep on the pool's condition
     pid = os.fork()
     if pid == 0:
         same = all(np.array_equal(pooled.forward(x[:e.shape[0]]), e) for e in expected)
