@@ -174,6 +174,27 @@ def test_int8_weight_outliers_and_constant_rows(level):
     np.testing.assert_allclose(native.forward(x), expected, rtol=0, atol=0.02 * np.abs(expected).max())
 
 
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_int8_full_scale_pairs_do_not_saturate(level, sign):
+    # Every weight of a channel at its extreme and every activation at the top of its row's
+    # range: the largest sums a pair of products can reach. AVX2's VPMADDUBSW saturates a
+    # pair's sum to int16 unless the weights are quantised within the pair bound.
+    k = 64
+    weights = [np.full((16, k), sign, np.float32), np.eye(3, 16, dtype=np.float32)]
+    weights[0][:, 1::2] *= 0.9  # unequal pairs: both round toward the bound
+    weights[0][:8, 0] *= 0.5  # odd channels too
+    biases = [np.zeros(16, np.float32), np.zeros(3, np.float32)]
+    x = np.full((6, k), 2.0, np.float32)
+    x[:, 5] = -1.0  # a row's range: every other input quantises to 255
+    x[3] = np.linspace(-1.0, 2.0, k, dtype=np.float32)
+    expected = torch_forward(weights, biases, ["identity", "identity"], x)
+    got = make(weights, biases, ["identity", "identity"], "int8", level=level).forward(x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3 * np.abs(expected).max())
+    portable = make(weights, biases, ["identity", "identity"], "int8", level="portable").forward(x)
+    np.testing.assert_allclose(got, portable, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_concurrent_callers_and_threads_agree(precision):
     mlp = random_mlp([32, 256, 256, 1], ["relu", "relu", "sigmoid"], seed=15)

@@ -329,18 +329,30 @@ NativeMlp::NativeMlp(const std::vector<LayerSpec>& specs, Precision precision, C
       L.w_scale = AlignedBuffer<float>(n_pad);
       L.w_sum = AlignedBuffer<float>(n_pad);
       int8_t* packed = L.w_int8.data();
+      std::vector<int8_t> qo(static_cast<size_t>(k));  // one output's quantised weights
       for (int64_t o = 0; o < n; ++o) {
         const float* wo = s.weight.data() + o * k;
         float amax = 0.0f;
         for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(wo[i]));
-        const float scale = amax / 127.0f;
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        float scale = amax / 127.0f;
+        for (int64_t i = 0; i + 1 < k; i += 2)
+          scale = std::max(scale, (std::fabs(wo[i]) + std::fabs(wo[i + 1])) / static_cast<float>(kInt8PairLimit));
+        const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        for (int64_t i = 0; i < k; ++i)
+          qo[static_cast<size_t>(i)] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(wo[i] * inv))));
+        // Both of a pair may round up past the limit: the larger gives way.
+        for (int64_t i = 0; i + 1 < k; i += 2) {
+          int8_t& a = qo[static_cast<size_t>(i)];
+          int8_t& b = qo[static_cast<size_t>(i + 1)];
+          if (std::abs(a) + std::abs(b) > kInt8PairLimit) {
+            int8_t& big = std::abs(a) >= std::abs(b) ? a : b;
+            big = static_cast<int8_t>(big > 0 ? big - 1 : big + 1);
+          }
+        }
         int64_t qsum = 0;
         for (int64_t i = 0; i < k; ++i) {
-          const float t = std::min(127.0f, std::max(-127.0f, std::nearbyint(wo[i] * inv)));
-          const auto qv = static_cast<int8_t>(t);
-          qsum += qv;
-          packed[(((o / P) * (L.k_pad / S) + i / S) * P + o % P) * S + i % S] = qv;
+          qsum += qo[static_cast<size_t>(i)];
+          packed[(((o / P) * (L.k_pad / S) + i / S) * P + o % P) * S + i % S] = qo[static_cast<size_t>(i)];
         }
         L.w_scale.data()[o] = scale;
         L.w_sum.data()[o] = scale * static_cast<float>(qsum);

@@ -1,6 +1,7 @@
-// AVX2 + FMA level: fp32 FMA micro-kernels on 8-wide output panels; int8 as
-// u16 activations x s8 weights widened to s16, multiplied pairwise into s32 by VPMADDWD
-// (exact: no VPMADDUBSW saturation). Compiled with -mavx2 -mfma.
+// AVX2 + FMA level: fp32 FMA micro-kernels on 8-wide output panels; int8 as u8
+// activations x s8 weights by VPMADDUBSW (pairs into int16) and VPMADDWD (into int32). The
+// weights are quantised so that no pair saturates int16 (kInt8PairLimit), which keeps the
+// sum exact. Compiled with -mavx2 -mfma.
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
@@ -25,6 +26,7 @@ typedef float F32x8 __attribute__((vector_size(32)));
 typedef int32_t I32x8 __attribute__((vector_size(32)));
 
 constexpr int kLanes = 8;
+constexpr int kStep = 4;  // int8 inputs per 32-bit lane
 constexpr int kMaxRows = 4;
 constexpr int kMaxPanels = 6;  // 6 only for <= 2 rows (12 accumulators)
 
@@ -82,26 +84,30 @@ void KernelFp32(const float* x, int64_t ldx, int k, const float* w, int64_t pane
 }
 
 template <int R, int V>
-void KernelInt8(const uint16_t* q, int64_t ldq, int steps, const int8_t* w, int64_t panel_stride,
+void KernelInt8(const uint8_t* q, int64_t ldq, int steps, const int8_t* w, int64_t panel_stride,
                 const Int8Epilogue& e, int64_t row0, int out0, float* y, int64_t ldy, int n_valid) {
   I32x8 acc[R * V];
   VIVACE_UNROLL
   for (int r = 0; r < R; ++r)
     VIVACE_UNROLL
     for (int v = 0; v < V; ++v) acc[r * V + v] = I32x8{};
+  const __m256i ones = _mm256_set1_epi16(1);
   for (int s = 0; s < steps; ++s) {
     __m256i wv[V];
     VIVACE_UNROLL
     for (int v = 0; v < V; ++v)
-      wv[v] = _mm256_cvtepi8_epi16(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + v * panel_stride + s * 2 * kLanes)));
+      wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * panel_stride + s * kStep * kLanes));
     VIVACE_UNROLL
     for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, q + r * ldq + s * 2, sizeof pair);
-      const __m256i xb = _mm256_set1_epi32(pair);
+      int32_t quad;
+      std::memcpy(&quad, q + r * ldq + s * kStep, sizeof quad);
+      const __m256i xb = _mm256_set1_epi32(quad);
       VIVACE_UNROLL
-      for (int v = 0; v < V; ++v) acc[r * V + v] = (I32x8)_mm256_add_epi32((__m256i)acc[r * V + v], _mm256_madd_epi16(xb, wv[v]));
+      for (int v = 0; v < V; ++v) {
+        // Exact: kInt8PairLimit keeps each pair's sum within int16.
+        const __m256i pairs = _mm256_maddubs_epi16(xb, wv[v]);
+        acc[r * V + v] = (I32x8)_mm256_add_epi32((__m256i)acc[r * V + v], _mm256_madd_epi16(pairs, ones));
+      }
     }
   }
   const __m256 zero = _mm256_setzero_ps();
@@ -157,7 +163,7 @@ void GemmFp32(const float* x, int64_t ldx, int64_t rows, int k, const float* pac
 
 void GemmInt8(const void* q, int64_t ldq, int64_t rows, int k_pad, const int8_t* packed, int n,
               const Int8Epilogue& e, float* y, int64_t ldy) {
-  const auto* qa = static_cast<const uint16_t*>(q);
+  const auto* qa = static_cast<const uint8_t*>(q);
   const int panels = (n + kLanes - 1) / kLanes;
   const int64_t stride = static_cast<int64_t>(k_pad) * kLanes;
   const int block = rows <= 2 ? 4 : 2;
@@ -166,7 +172,7 @@ void GemmInt8(const void* q, int64_t ldq, int64_t rows, int k_pad, const int8_t*
     const int n_valid = std::min(n - p0 * kLanes, v * kLanes);
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
       const auto r = static_cast<int>(std::min<int64_t>(kMaxRows, rows - r0));
-      kInt8[(r - 1) * kMaxPanels + (v - 1)](qa + r0 * ldq, ldq, k_pad / 2, packed + p0 * stride, stride, e, r0,
+      kInt8[(r - 1) * kMaxPanels + (v - 1)](qa + r0 * ldq, ldq, k_pad / kStep, packed + p0 * stride, stride, e, r0,
                                             p0 * kLanes, y + r0 * ldy + p0 * kLanes, ldy, n_valid);
     }
   }
@@ -178,7 +184,7 @@ void Quantize(const float* x, int64_t ldx, int64_t rows, int k, int k_pad, const
   const __m256 top = _mm256_set1_ps(255.0f);
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * ldx;
-    uint16_t* qr = static_cast<uint16_t*>(q) + r * ldq;
+    uint8_t* qr = static_cast<uint8_t*>(q) + r * ldq;
     __m256 lo = _mm256_set1_ps(std::numeric_limits<float>::infinity());
     __m256 hi = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     __m256 poison = zero;
@@ -196,7 +202,7 @@ void Quantize(const float* x, int64_t ldx, int64_t rows, int k, int k_pad, const
     float poison_sum = 0.0f;
     for (float v : p) poison_sum += v;
     if (!tail_finite || poison_sum != 0.0f) {
-      std::memset(qr, 0, static_cast<size_t>(k_pad) * sizeof(uint16_t));
+      std::memset(qr, 0, static_cast<size_t>(k_pad));
       row_scale[r] = std::numeric_limits<float>::quiet_NaN();
       row_min[r] = 0.0f;
       continue;
@@ -215,11 +221,11 @@ void Quantize(const float* x, int64_t ldx, int64_t rows, int k, int k_pad, const
       __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), vmin), vinv);
       t = _mm256_min_ps(_mm256_max_ps(t, zero), top);
       const __m256i v = _mm256_cvtps_epi32(t);
-      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + i), packed);
+      const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + i), _mm_packus_epi16(words, words));
     }
-    QuantizeRowScalar(xr, i, k, min, inv, qr, 2);
-    std::memset(qr + k, 0, static_cast<size_t>(k_pad - k) * sizeof(uint16_t));
+    QuantizeRowScalar(xr, i, k, min, inv, qr, 1);
+    std::memset(qr + k, 0, static_cast<size_t>(k_pad - k));
     row_scale[r] = scale;
     row_min[r] = min;
   }
@@ -256,7 +262,7 @@ void DotFp32(const float* x, int64_t ldx, int64_t rows, int k, const float* w, i
 }  // namespace
 
 const LevelOps& Avx2Ops() {
-  static const LevelOps ops{"avx2", kLanes, kLanes, 2, 2, 2, GemmFp32, Quantize, GemmInt8, DotFp32};
+  static const LevelOps ops{"avx2", kLanes, kLanes, kStep, 1, kStep, GemmFp32, Quantize, GemmInt8, DotFp32};
   return ops;
 }
 

@@ -17,7 +17,14 @@ namespace vivace::kernels {
 //   x ≈ row_min + row_scale * q
 // so that   sum_i W[o][i] x[i] = w_scale[o] * (row_scale * sum_i Wq[o][i] q[i]) + row_min * w_sum[o]
 // with w_sum[o] = w_scale[o] * sum_i Wq[o][i]. The integer sum is exact at every level.
+// Weights are quantised per output channel, symmetrically, and alike at every level (so a
+// model checked on one CPU computes the same on another): |Wq| <= 127 and, for each pair of
+// adjacent inputs, |Wq[o][2j]| + |Wq[o][2j+1]| <= kInt8PairLimit, so that AVX2's VPMADDUBSW
+// (u8 x s8 pairs summed into int16, saturating) stays exact: 255 * 128 = 32640 <= 32767.
+// The pair bound costs about half a bit of weight precision.
 // A row holding NaN or ±Inf gets row_scale = NaN (all its outputs become NaN) and q = 0.
+
+constexpr int kInt8PairLimit = 128;
 
 struct Int8Epilogue {
   const float* row_scale;  // [rows]
