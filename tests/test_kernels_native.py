@@ -3,6 +3,8 @@ portable level, numpy and torch; adversarial inputs; saturation; threads; bad ar
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -258,16 +260,47 @@ def test_pooled_model_still_runs_in_a_forked_child():
         same = all(np.array_equal(pooled.forward(x[:e.shape[0]]), e) for e in expected)
         del pooled  # its pool's destructor must not wait for the parent's helpers either
         os._exit(0 if same else 1)
-    deadline = time.monotonic() + 30
+    code = wait_for_child(pid, 30)
+    assert code is not None, "a forked child hung on the parent's helper threads"
+    assert code == 0, "the child computed different outputs"
+
+
+def wait_for_child(pid: int, seconds: float) -> int | None:
+    """The child's exit code, or None when it is still running after `seconds` (then killed)."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            assert os.waitstatus_to_exitcode(status) == 0, "the child computed different outputs"
-            return
-        time.sleep(0.05)
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.001)
     os.kill(pid, 9)
     os.waitpid(pid, 0)
-    pytest.fail("a forked child hung on the parent's helper threads")
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a child as an unused uid with a thread limit (needs root)")
+def test_a_refused_helper_thread_is_an_error_not_an_abort():
+    # The OS may refuse a thread (ulimit -u, cgroup pids.max). With helpers already started,
+    # a bare std::thread failure used to abort the whole process.
+    script = """
+import os, resource, sys
+import numpy as np
+from vivace import _core
+weights = [np.ones((8, 4), np.float32)]
+os.setgid(54321)
+os.setuid(54321)  # a uid nothing else runs as: the limit counts only this process's threads
+threads = int(next(l for l in open("/proc/self/status") if l.startswith("Threads:")).split()[1])
+resource.setrlimit(resource.RLIMIT_NPROC, (threads + 1, threads + 1))  # room for one helper
+try:
+    _core.NativeMLP(weights, [np.zeros(8, np.float32)], ["identity"], num_threads=4)
+except RuntimeError as e:
+    print(e)
+    sys.exit(3)
+"""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
+    assert "num_threads=4: could not start the helper threads" in result.stdout
 
 
 def test_buffers_shapes_and_errors():

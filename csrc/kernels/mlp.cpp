@@ -7,8 +7,11 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#include <stdexcept>
+#include <memory>
+#include <mutex>
 #include <new>
+#include <stdexcept>
+#include <system_error>
 #include <thread>
 
 #include <unistd.h>
@@ -158,6 +161,8 @@ struct NativeMlp::Scratch {
   AlignedBuffer<float> act[2];
   AlignedBuffer<uint8_t> q;
   AlignedBuffer<float> row_scale, row_min;
+  // A batch split by columns: `claimed` then `done` per step, used from the caller's slot.
+  std::unique_ptr<std::atomic<int>[]> column_counters;
 };
 
 // Shared work of a batch split by output columns: each layer of each chunk (a step) is cut
@@ -165,7 +170,8 @@ struct NativeMlp::Scratch {
 // when every unit of the one before it is done, since it reads all of that step's columns.
 struct NativeMlp::ColumnWork {
   int units;
-  std::unique_ptr<std::atomic<int>[]> claimed, done;  // per step
+  std::atomic<int>* claimed;  // per step
+  std::atomic<int>* done;     // per step
   float* act[2];  // the hidden activations all threads write and read (each quantises into its own scratch)
 };
 
@@ -179,8 +185,13 @@ struct NativeMlp::ColumnWork {
 // threads) the pool is never used and its destructor does not wait for them.
 class NativeMlp::ThreadPool {
  public:
-  explicit ThreadPool(int helpers) {
-    for (int i = 0; i < helpers; ++i) threads_.emplace_back([this, i] { Loop(i); });
+  explicit ThreadPool(int helpers) : helpers_(helpers), wake_(new std::condition_variable[helpers]) {
+    try {
+      for (int i = 0; i < helpers; ++i) threads_.emplace_back([this, i] { Loop(i); });
+    } catch (...) {  // e.g. the OS refused a thread: stop the ones started, then report
+      Stop();
+      throw;
+    }
   }
   ~ThreadPool() {
     if (getpid() != owner_) {
@@ -189,17 +200,12 @@ class NativeMlp::ThreadPool {
       // constructed over them (the old state is only memory) and the threads are forgotten.
       new (&busy_) std::mutex();
       new (&mu_) std::mutex();
-      new (&wake_) std::condition_variable();
+      for (int i = 0; i < helpers_; ++i) new (&wake_[i]) std::condition_variable();
       new (&done_) std::condition_variable();
       for (auto& t : threads_) t.detach();
       return;
     }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (auto& t : threads_) t.join();
+    Stop();
   }
 
   // Runs job() on the caller and on up to `helpers` helper threads; false when the pool is busy.
@@ -219,7 +225,7 @@ class NativeMlp::ThreadPool {
       open_ = true;
       generation_.fetch_add(1, std::memory_order_release);
     }
-    wake_.notify_all();
+    for (int i = 0; i < helpers; ++i) wake_[i].notify_one();  // only the helpers wanted
     job();
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -232,12 +238,21 @@ class NativeMlp::ThreadPool {
   }
 
  private:
+  void Stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    for (int i = 0; i < helpers_; ++i) wake_[i].notify_one();
+    for (auto& t : threads_) t.join();
+  }
+
   void Loop(int index) {
     uint64_t seen = 0;
     for (;;) {
       SpinUntil([&] { return generation_.load(std::memory_order_acquire) != seen; }, kSpin);
       std::unique_lock<std::mutex> lock(mu_);
-      wake_.wait(lock, [&] { return stop_ || generation_.load(std::memory_order_relaxed) != seen; });
+      wake_[index].wait(lock, [&] { return stop_ || generation_.load(std::memory_order_relaxed) != seen; });
       if (stop_) return;
       seen = generation_.load(std::memory_order_relaxed);
       if (!open_ || index >= wanted_) continue;
@@ -259,10 +274,12 @@ class NativeMlp::ThreadPool {
   }
 
   const pid_t owner_ = getpid();
+  const int helpers_;
   std::vector<std::thread> threads_;
   std::mutex busy_;
   std::mutex mu_;
-  std::condition_variable wake_, done_;
+  std::unique_ptr<std::condition_variable[]> wake_;  // one per helper
+  std::condition_variable done_;
   bool stop_ = false;
   bool open_ = false;  // the current job still takes helpers
   int wanted_ = 0;
@@ -378,11 +395,21 @@ NativeMlp::NativeMlp(const std::vector<LayerSpec>& specs, Precision precision, C
   // Rows per pass through all layers: the hidden activations of a chunk stay near 1 MiB
   // (cache-resident), and each weight panel loaded is reused across the whole chunk.
   chunk_rows_ = std::clamp<int64_t>((int64_t{1} << 20) / (act_ld_ * 4), 16, 512);
-  free_scratch_.reserve(64);
-  if (num_threads > 1) pool_ = std::make_unique<ThreadPool>(num_threads - 1);
+  if (num_threads > 1) {
+    // Split by columns only below num_threads * kMinRowsPerPart rows (see Forward).
+    column_steps_ = ((num_threads * kMinRowsPerPart - 1) / chunk_rows_ + 1) * static_cast<int64_t>(layers_.size());
+    try {
+      pool_ = std::make_unique<ThreadPool>(num_threads - 1);
+    } catch (const std::system_error& e) {
+      throw std::runtime_error("num_threads=" + std::to_string(num_threads) + ": could not start the helper threads (" +
+                               e.what() + ")");
+    }
+  }
 }
 
-NativeMlp::~NativeMlp() = default;
+NativeMlp::~NativeMlp() {
+  for (auto& place : free_scratch_) delete place.load(std::memory_order_acquire);
+}
 
 size_t NativeMlp::num_layers() const { return layers_.size(); }
 
@@ -394,7 +421,26 @@ std::unique_ptr<NativeMlp::Scratch> NativeMlp::NewScratch() const {
     s->row_scale = AlignedBuffer<float>(chunk_rows_);
     s->row_min = AlignedBuffer<float>(chunk_rows_);
   }
+  if (column_steps_ > 0) s->column_counters = std::make_unique<std::atomic<int>[]>(2 * column_steps_);
   return s;
+}
+
+std::unique_ptr<NativeMlp::Scratch> NativeMlp::BorrowScratch() const {
+  for (auto& place : free_scratch_)
+    if (place.load(std::memory_order_relaxed) != nullptr)
+      if (Scratch* s = place.exchange(nullptr, std::memory_order_acquire)) return std::unique_ptr<Scratch>(s);
+  return NewScratch();
+}
+
+void NativeMlp::ReturnScratch(std::unique_ptr<Scratch> scratch) const {
+  for (auto& place : free_scratch_) {
+    Scratch* empty = nullptr;
+    if (place.load(std::memory_order_relaxed) == nullptr &&
+        place.compare_exchange_strong(empty, scratch.get(), std::memory_order_release, std::memory_order_relaxed)) {
+      scratch.release();
+      return;
+    }
+  }
 }
 
 void NativeMlp::QuantizeInput(const Layer& L, const float* x, int64_t ldx, int64_t rows, Scratch& s) const {
@@ -468,25 +514,16 @@ void NativeMlp::Forward(const float* x, int64_t rows, float* out) const {
   // Borrow one scratch slot per part; slots come back to the pool when this call ends.
   std::unique_ptr<Scratch> slots[kMaxThreads];
   const int used = std::max(1, parts);
-  {
-    std::lock_guard<std::mutex> lock(scratch_mu_);
-    for (int i = 0; i < used; ++i) {
-      if (!free_scratch_.empty()) {
-        slots[i] = std::move(free_scratch_.back());
-        free_scratch_.pop_back();
-      }
-    }
-  }
-  for (int i = 0; i < used; ++i)
-    if (!slots[i]) slots[i] = NewScratch();
+  for (int i = 0; i < used; ++i) slots[i] = BorrowScratch();
   bool ran = false;  // by the pool; otherwise (one part, or the pool busy) by this thread alone
   std::atomic<int> next{0};  // the next part (row split) or seat (column split) to take
   if (used > 1 && pool_ && rows < used * kMinRowsPerPart) {
     // Few rows: the threads share out each layer's outputs for all the rows, so each streams
     // only its share of the weights (which then fit its own core's cache).
     const int64_t steps = (rows + chunk_rows_ - 1) / chunk_rows_ * static_cast<int64_t>(layers_.size());
-    ColumnWork shared{2 * used, std::make_unique<std::atomic<int>[]>(steps), std::make_unique<std::atomic<int>[]>(steps),
-                      {slots[0]->act[0].data(), slots[0]->act[1].data()}};
+    std::atomic<int>* counters = slots[0]->column_counters.get();
+    for (int64_t i = 0; i < 2 * steps; ++i) counters[i].store(0, std::memory_order_relaxed);  // published by TryRun
+    ColumnWork shared{2 * used, counters, counters + steps, {slots[0]->act[0].data(), slots[0]->act[1].data()}};
     auto job = [&] { RunRows(x, rows, out, *slots[next.fetch_add(1, std::memory_order_relaxed)], &shared); };
     ran = pool_->TryRun(used - 1, job);
   } else if (used > 1 && pool_) {
@@ -501,8 +538,7 @@ void NativeMlp::Forward(const float* x, int64_t rows, float* out) const {
     ran = pool_->TryRun(used - 1, job);
   }
   if (!ran) RunRows(x, rows, out, *slots[0], nullptr);
-  std::lock_guard<std::mutex> lock(scratch_mu_);
-  for (int i = 0; i < used; ++i) free_scratch_.push_back(std::move(slots[i]));
+  for (int i = 0; i < used; ++i) ReturnScratch(std::move(slots[i]));
 }
 
 }  // namespace vivace::kernels

@@ -4,14 +4,15 @@
 //
 // Thread safety: a NativeMlp is immutable after construction; Forward may be called from
 // any number of threads at once. Each call borrows a scratch slot from a pool owned by the
-// model (a new slot is allocated only when more calls run concurrently than ever before),
-// so steady-state calls allocate nothing. Forward never touches Python: callers may (and
+// model (a new slot is allocated only when more calls run concurrently than ever before;
+// up to 64 are kept), so steady-state calls allocate nothing. Forward never touches Python: callers may (and
 // for long batches should) release the GIL around it.
 #pragma once
 
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -75,6 +76,8 @@ class NativeMlp {
   struct ColumnWork;
 
   std::unique_ptr<Scratch> NewScratch() const;
+  std::unique_ptr<Scratch> BorrowScratch() const;
+  void ReturnScratch(std::unique_ptr<Scratch> scratch) const;
   // Outputs of `unit` when the layer's panels are cut into `units` ranges.
   Columns UnitColumns(const Layer& layer, int unit, int units) const;
   void QuantizeInput(const Layer& layer, const float* x, int64_t ldx, int64_t rows, Scratch& scratch) const;
@@ -91,11 +94,15 @@ class NativeMlp {
   int out_features_ = 0;
   int64_t macs_per_row_ = 0;
   int64_t chunk_rows_ = 0;
+  int64_t column_steps_ = 0;  // most layer steps of a batch split by columns (0: never split)
   int64_t act_ld_ = 0;   // leading dimension of the hidden activation buffers
   int64_t q_ld_ = 0;     // leading dimension (elements) of the quantised activations
   std::vector<Layer> layers_;
-  mutable std::mutex scratch_mu_;
-  mutable std::vector<std::unique_ptr<Scratch>> free_scratch_;
+  // Scratch slots between calls, taken and put back by atomic exchange: no lock is held at a
+  // fork, so a child forked while another thread was in Forward still runs. A slot that finds
+  // every place taken is freed.
+  static constexpr int kFreeScratchPlaces = 64;
+  mutable std::array<std::atomic<Scratch*>, kFreeScratchPlaces> free_scratch_{};
   std::unique_ptr<ThreadPool> pool_;
 };
 

@@ -1,7 +1,13 @@
 // Native stress test of the MLP kernels, meant to run under the sanitizers (ASan/UBSan,
 // TSan): every level this CPU has against the portable level on odd shapes and batch
-// sizes, fp32 and int8 (dynamic and static scales), NaN rows, and several threads
-// sharing models (with and without their thread pool). Exits 1 on any mismatch.
+// sizes, fp32 and int8 (dynamic and static scales), NaN rows, several threads sharing
+// models (with and without their thread pool), and forks while another thread runs a model.
+// Exits 1 on any mismatch.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -108,11 +114,57 @@ void SharedModels() {
   for (int b : bad) Check(b == 0, "concurrent calls differ from a single call", "shared", 0);
 }
 
+// A fork can land while another thread (a native caller: no GIL in between) is inside
+// Forward, taking or putting back its scratch slot: nothing it held may stay locked in the
+// child. TSan does not support forking a process with other threads running.
+void ForkWhileAnotherThreadRuns() {
+#if !defined(__SANITIZE_THREAD__)
+  std::mt19937 rng(9);
+  const auto specs = RandomMlp({64, 256, 1}, rng, false);
+  const NativeMlp mlp(specs, Precision::kInt8, vivace::kernels::SupportedLevels().back());
+  const std::vector<float> x(64, 0.5f);
+  float want = 0.0f;
+  mlp.Forward(x.data(), 1, &want);
+  std::atomic<bool> stop{false};
+  std::thread caller([&] {
+    float y = 0.0f;
+    while (!stop.load(std::memory_order_relaxed)) mlp.Forward(x.data(), 1, &y);
+  });
+  int hung = 0, wrong = 0;
+  for (int attempt = 0; attempt < 300 && hung == 0; ++attempt) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+      float y = 0.0f;
+      mlp.Forward(x.data(), 1, &y);
+      _exit(y == want ? 0 : 1);
+    }
+    int status = 0;
+    bool exited = false;
+    for (int ms = 0; ms < 5000 && !exited; ++ms) {
+      exited = waitpid(pid, &status, WNOHANG) == pid;
+      if (!exited) usleep(1000);
+    }
+    if (!exited) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      ++hung;
+    } else if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      ++wrong;
+    }
+  }
+  stop = true;
+  caller.join();
+  Check(hung == 0, "a child forked while another thread ran Forward hung", "fork", 0);
+  Check(wrong == 0, "a child forked while another thread ran Forward computed a different result", "fork", 0);
+#endif
+}
+
 }  // namespace
 
 int main() {
   CompareLevels();
   SharedModels();
+  ForkWhileAnotherThreadRuns();
   if (failures == 0) std::printf("kernels_test: all checks passed\n");
   return failures == 0 ? 0 : 1;
 }
