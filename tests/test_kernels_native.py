@@ -197,6 +197,48 @@ def test_int8_full_scale_pairs_do_not_saturate(level, sign):
     portable = make(weights, biases, ["identity", "identity"], "int8", level="portable").forward(x)
     np.testing.assert_allclose(got, portable, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
+def test_int8_extreme_weight_channels():
+    # A channel of weights under ~1e-36 cannot carry a float scale: it counts as zero, at
+    # every level alike (it used to quantise its zeros to -127 and flip the output's sign).
+    weights = [np.full((8, 16), 0.5, np.float32)]
+    weights[0][0] = 0.0
+    weights[0][0, 0], weights[0][0, 2] = 1e-37, 2e-37
+    x = (np.linspace(0, 1, 16, dtype=np.float32) * np.float32(1e30))[None, :].copy()
+    for level in LEVELS:
+        got = make(weights, [np.zeros(8, np.float32)], ["identity"], "int8", level=level).forward(x)
+        assert got[0, 0] == 0.0, (level, got[0, 0])
+        np.testing.assert_allclose(got[0, 1:], x.sum() * 0.5, rtol=1e-2)
+    # Weights whose sum overflows float32 cannot be int8 at all: said so, not NaN outputs.
+    weights[0][1, :2] = 2e38
+    with pytest.raises(ValueError, match="layer 0: output 1: weights too large for int8"):
+        make(weights, [np.zeros(8, np.float32)], ["identity"], "int8")
+
+
+def test_int8_weights_quantise_alike_under_another_rounding_mode():
+    # The caller's floating-point rounding mode must not push a weight pair past the bound
+    # AVX2 relies on (0.7, 0.7 both rounded up: 65 + 65): every level still agrees.
+    import ctypes
+    import ctypes.util
+
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    weights = [np.zeros((8, 8), np.float32)]
+    weights[0][0, :2] = 0.7
+    weights[0][1] = 0.7
+    x = np.ones((1, 8), np.float32)
+    x[0, 2] = 0.0  # the row's range puts inputs 0 and 1 at 255
+    fe_upward = 0x800  # x86 <fenv.h>
+    assert libm.fesetround(fe_upward) == 0
+    try:
+        models = {level: make(weights, [np.zeros(8, np.float32)], ["identity"], "int8", level=level)
+                  for level in LEVELS}
+    finally:
+        libm.fesetround(0)
+    outputs = {level: model.forward(x) for level, model in models.items()}
+    for level, got in outputs.items():
+        np.testing.assert_allclose(got, outputs["portable"], rtol=1e-6, err_msg=level)
+        np.testing.assert_allclose(got[0, :2], [1.4, 4.9], rtol=2e-3, err_msg=level)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_concurrent_callers_and_threads_agree(precision):
     mlp = random_mlp([32, 256, 256, 1], ["relu", "relu", "sigmoid"], seed=15)
@@ -263,6 +305,26 @@ def test_pooled_model_still_runs_in_a_forked_child():
     code = wait_for_child(pid, 30)
     assert code is not None, "a forked child hung on the parent's helper threads"
     assert code == 0, "the child computed different outputs"
+
+
+def test_forked_child_with_its_own_threads_drops_a_pooled_model():
+    # A forked child reuses the parent's thread ids for threads it starts itself: dropping
+    # the copied pool must not touch those (it used to detach them, then abort on a join).
+    mlp = random_mlp([64, 64], ["identity"], seed=23)
+    pooled = make(*mlp, num_threads=4)
+    pid = os.fork()
+    if pid == 0:
+        release = threading.Event()
+        workers = [threading.Thread(target=release.wait) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        del pooled
+        release.set()
+        for worker in workers:
+            worker.join()
+        os._exit(0)
+    code = wait_for_child(pid, 30)
+    assert code == 0, f"the child ended with {code} (negative: killed by that signal)"
 
 
 def wait_for_child(pid: int, seconds: float) -> int | None:

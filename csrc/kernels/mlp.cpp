@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -94,6 +95,33 @@ bool SpinUntil(const Ready& ready, std::chrono::microseconds spin) {
     if (std::chrono::steady_clock::now() >= until) return ready();
     std::this_thread::yield();
   }
+}
+
+// Quantises one output channel's weights w[0..k) into q (see mlp_kernels.h: |q| <= 127 and
+// |q[2j]| + |q[2j+1]| <= kInt8PairLimit) and returns their scale. In double: a pair's float
+// sum can overflow, and so can 1/scale. A channel whose scale is below the smallest normal
+// float (weights under ~1e-36) counts as zero, as its float epilogue could not carry it.
+double QuantizeChannel(const float* w, int64_t k, int8_t* q) {
+  double amax = 0.0, pair_max = 0.0;
+  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(static_cast<double>(w[i])));
+  for (int64_t i = 0; i + 1 < k; i += 2)
+    pair_max = std::max(pair_max, std::fabs(static_cast<double>(w[i])) + std::fabs(static_cast<double>(w[i + 1])));
+  double scale = std::max(amax / 127.0, pair_max / kInt8PairLimit);
+  if (static_cast<float>(scale) < std::numeric_limits<float>::min()) scale = 0.0;
+  const double inv = scale > 0.0 ? 1.0 / scale : 0.0;
+  for (int64_t i = 0; i < k; ++i)
+    q[i] = static_cast<int8_t>(std::clamp(std::nearbyint(static_cast<double>(w[i]) * inv), -127.0, 127.0));
+  // Both of a pair may round up past the bound (further under another rounding mode): the
+  // larger gives way until it holds.
+  for (int64_t i = 0; i + 1 < k; i += 2) {
+    int8_t& a = q[i];
+    int8_t& b = q[i + 1];
+    while (std::abs(a) + std::abs(b) > kInt8PairLimit) {
+      int8_t& big = std::abs(a) >= std::abs(b) ? a : b;
+      big = static_cast<int8_t>(big > 0 ? big - 1 : big + 1);
+    }
+  }
+  return scale;
 }
 
 void ApplyActivation(Activation act, float* y, int64_t rows, int n, int64_t ldy) {
@@ -197,12 +225,14 @@ class NativeMlp::ThreadPool {
     if (getpid() != owner_) {
       // The parent's sleeping helpers are still counted as waiters on wake_, and a mutex may
       // have been held at the fork: destroying those would block forever. Fresh ones are
-      // constructed over them (the old state is only memory) and the threads are forgotten.
+      // constructed over them (the old state is only memory). The thread handles are
+      // forgotten the same way, not detached: the child may have reused their ids for its
+      // own threads.
       new (&busy_) std::mutex();
       new (&mu_) std::mutex();
       for (int i = 0; i < helpers_; ++i) new (&wake_[i]) std::condition_variable();
       new (&done_) std::condition_variable();
-      for (auto& t : threads_) t.detach();
+      for (auto& t : threads_) new (&t) std::thread();
       return;
     }
     Stop();
@@ -349,30 +379,17 @@ NativeMlp::NativeMlp(const std::vector<LayerSpec>& specs, Precision precision, C
       std::vector<int8_t> qo(static_cast<size_t>(k));  // one output's quantised weights
       for (int64_t o = 0; o < n; ++o) {
         const float* wo = s.weight.data() + o * k;
-        float amax = 0.0f;
-        for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(wo[i]));
-        float scale = amax / 127.0f;
-        for (int64_t i = 0; i + 1 < k; i += 2)
-          scale = std::max(scale, (std::fabs(wo[i]) + std::fabs(wo[i + 1])) / static_cast<float>(kInt8PairLimit));
-        const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
-        for (int64_t i = 0; i < k; ++i)
-          qo[static_cast<size_t>(i)] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(wo[i] * inv))));
-        // Both of a pair may round up past the limit: the larger gives way.
-        for (int64_t i = 0; i + 1 < k; i += 2) {
-          int8_t& a = qo[static_cast<size_t>(i)];
-          int8_t& b = qo[static_cast<size_t>(i + 1)];
-          if (std::abs(a) + std::abs(b) > kInt8PairLimit) {
-            int8_t& big = std::abs(a) >= std::abs(b) ? a : b;
-            big = static_cast<int8_t>(big > 0 ? big - 1 : big + 1);
-          }
-        }
+        const double scale = QuantizeChannel(wo, k, qo.data());
         int64_t qsum = 0;
         for (int64_t i = 0; i < k; ++i) {
           qsum += qo[static_cast<size_t>(i)];
           packed[(((o / P) * (L.k_pad / S) + i / S) * P + o % P) * S + i % S] = qo[static_cast<size_t>(i)];
         }
-        L.w_scale.data()[o] = scale;
-        L.w_sum.data()[o] = scale * static_cast<float>(qsum);
+        L.w_scale.data()[o] = static_cast<float>(scale);
+        L.w_sum.data()[o] = static_cast<float>(scale * static_cast<double>(qsum));
+        if (!std::isfinite(L.w_sum.data()[o]))
+          throw std::invalid_argument(where + "output " + std::to_string(o) +
+                                      ": weights too large for int8 (their sum overflows float32)");
       }
       if (s.has_input_range) {
         if (!(std::isfinite(s.input_min) && std::isfinite(s.input_max) && s.input_min <= s.input_max))
