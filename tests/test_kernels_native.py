@@ -16,6 +16,8 @@ from vivace import _core
 torch = pytest.importorskip("torch")
 
 LEVELS = _core.cpu_levels()
+# The thread-pool tests run on the best level other than AMX, which its level tests cover.
+POOL_LEVEL = LEVELS[-1] if LEVELS[-1] != "amx" else "avx512"
 ACTIVATIONS = ["identity", "relu", "gelu", "sigmoid", "tanh"]
 
 
@@ -176,7 +178,6 @@ def test_int8_weight_outliers_and_constant_rows(level):
     np.testing.assert_allclose(native.forward(x), expected, rtol=0, atol=0.02 * np.abs(expected).max())
 
 
-
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_int8_full_scale_pairs_do_not_saturate(level, sign):
@@ -196,6 +197,7 @@ def test_int8_full_scale_pairs_do_not_saturate(level, sign):
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3 * np.abs(expected).max())
     portable = make(weights, biases, ["identity", "identity"], "int8", level="portable").forward(x)
     np.testing.assert_allclose(got, portable, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
 
 def test_int8_extreme_weight_channels():
     # A channel of weights under ~1e-36 cannot carry a float scale: it counts as zero, at
@@ -242,7 +244,7 @@ def test_int8_weights_quantise_alike_under_another_rounding_mode():
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_concurrent_callers_and_threads_agree(precision):
     mlp = random_mlp([32, 256, 256, 1], ["relu", "relu", "sigmoid"], seed=15)
-    level = LEVELS[-1] if LEVELS[-1] != "amx" else "avx512"
+    level = POOL_LEVEL
     single = make(*mlp, precision, level=level)
     pooled = make(*mlp, precision, level=level, num_threads=2)
     rng = np.random.default_rng(16)
@@ -274,7 +276,7 @@ def test_wide_models_split_small_batches_across_threads():
     # share of each layer's outputs, tails, a dot layer and non-fused activations included),
     # more rows by rows; every split must give the single-threaded result bit for bit.
     rng = np.random.default_rng(18)
-    level = LEVELS[-1] if LEVELS[-1] != "amx" else "avx512"
+    level = POOL_LEVEL
     shapes = [([512, 1024, 8], ["relu", "identity"]),
               ([512, 1000, 3, 1000, 5], ["gelu", "tanh", "sigmoid", "identity"])]
     for seed, (dims, acts) in enumerate(shapes):
@@ -292,7 +294,7 @@ def test_pooled_model_still_runs_in_a_forked_child():
     # A fork copies the model but not its helper threads: the child's caller must do the
     # whole batch itself, and drop the model, without waiting for helpers that do not exist.
     mlp = random_mlp([512, 1024, 8], ["relu", "identity"], seed=19)
-    level = LEVELS[-1] if LEVELS[-1] != "amx" else "avx512"
+    level = POOL_LEVEL
     pooled = make(*mlp, "int8", level=level, num_threads=2)
     x = np.random.default_rng(20).standard_normal((200, 512)).astype(np.float32)
     expected = [pooled.forward(x[:rows]) for rows in (4, 200)]  # split by columns, by rows

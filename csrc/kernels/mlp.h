@@ -5,8 +5,8 @@
 // Thread safety: a NativeMlp is immutable after construction; Forward may be called from
 // any number of threads at once. Each call borrows a scratch slot from a pool owned by the
 // model (a new slot is allocated only when more calls run concurrently than ever before;
-// up to 64 are kept), so steady-state calls allocate nothing. Forward never touches Python: callers may (and
-// for long batches should) release the GIL around it.
+// up to 64 are kept), so steady-state calls allocate nothing. Forward never touches
+// Python: callers may (and for long batches should) release the GIL around it.
 #pragma once
 
 #include <array>
