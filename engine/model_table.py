@@ -170,19 +170,25 @@ class AliasFollower:
         self.extra: dict[str, ModelRunner] = {}  # version -> canary or shadow runner
 
     async def follow(self, table: ModelTable) -> None:
-        loop = asyncio.get_running_loop()
         while True:
+            await self.catch_up(table)
             await asyncio.sleep(self.interval)
-            try:
-                version = await loop.run_in_executor(None, self.current)
-                rollout = await loop.run_in_executor(None, self.rollout) if self.rollout is not None else None
-                if version != self.runner.version and version not in self.refused:
-                    await self._move(table, version)
-                await self._apply(table, rollout)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the registry or a new package failed: keep serving
-                log.error("%s: cannot follow the registry: %s", self.ref, exc)
+
+    async def catch_up(self, table: ModelTable) -> None:
+        """Serve what the registry names now: the alias's version and its rollout. The
+        server calls this once before it accepts connections, so that a process started
+        during a rollout (a worker of --workers, a restart) splits from its first request."""
+        loop = asyncio.get_running_loop()
+        try:
+            version = await loop.run_in_executor(None, self.current)
+            rollout = await loop.run_in_executor(None, self.rollout) if self.rollout is not None else None
+            if version != self.runner.version and version not in self.refused:
+                await self._move(table, version)
+            await self._apply(table, rollout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the registry or a new package failed: keep serving
+            log.error("%s: cannot follow the registry: %s", self.ref, exc)
 
     async def _runner(self, version: str) -> ModelRunner | None:
         """A loaded, attached runner for `version` (one already held is reused), or None

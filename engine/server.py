@@ -925,6 +925,8 @@ async def serve(
         quality.start()
     for runner in runners:
         runner.attach(loop)
+    for follower in followers:
+        await follower.catch_up(app.table)
     tls = tls_context(config)
     server: Acceptor | None = None  # the Python front end's
     if use_native(config):
@@ -994,7 +996,7 @@ async def serve(
     expire_task = loop.create_task(expirer())
     token_task = loop.create_task(token_watcher()) if app.auth is not None else None
     trace_task = loop.create_task(trace_drainer()) if app.tracing is not None and app.frontend is not None else None
-    for runner in runners:
+    for runner in app.runners():
         runner.tracing = app.tracing is not None
     for follower in followers:
         app.table.follow(follower)
@@ -1002,7 +1004,7 @@ async def serve(
     # scanning it and pausing the loop for tens of milliseconds under load.
     gc.collect()
     gc.freeze()
-    log.info("vivace serving %s on %s://%s:%d", ", ".join(f"{r.name}/{r.version}" for r in runners),
+    log.info("vivace serving %s on %s://%s:%d", ", ".join(f"{r.name}/{r.version}" for r in app.runners()),
              "https" if tls else "http", config.host, port)
     if ready is not None and not ready.done():
         ready.set_result(port)
