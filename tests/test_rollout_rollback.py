@@ -186,8 +186,9 @@ def test_a_canary_failing_one_request_in_ten_is_rolled_back_automatically(home, 
         assert abort["reason"].startswith("automatic analysis: error rate"), abort["reason"]
         evidence = abort["details"]["evidence"]
         assert evidence["weight"] == 50.0 and evidence["canary"]["requests"] >= policy["min_requests"]
-        # One request in ten fails on the canary (a binomial share of its ~100+ answers), none on version 1.
-        assert 0.02 < evidence["canary"]["error_rate"] < 0.25, evidence
+        # One request in ten fails on the canary (a binomial share of its ~100+ answers, so bounds
+        # 4+ standard deviations wide), none on version 1.
+        assert 0.01 < evidence["canary"]["error_rate"] < 0.3, evidence
         assert evidence["stable"]["error_rate"] == 0.0 and evidence["stable"]["requests"] > 0, evidence
         assert not [p for p in (evidence["stable"]["p99_s"], evidence["canary"]["p99_s"]) if p is None]
 
@@ -209,7 +210,7 @@ def test_a_canary_failing_one_request_in_ten_is_rolled_back_automatically(home, 
             failed[:3]
         assert any(poisoned(v) for v, _ in stable)  # the stable share did get poisoned rows, and answered them
         share = len(failed) / (len(failed) + len(canary))
-        assert 0.03 < share < 0.2, share  # the canary's failures seen by the client: about 10%
+        assert 0.01 < share < 0.3, share  # the canary's failures seen by the client: about 10% (as above)
         # The server agrees: version 1 answered each of its requests (these and the 20 before), failing none.
         samples = metrics(server.port)
         assert samples['vivace_request_success_total{model="scorer",version="1"}'] == len(stable) + 20
