@@ -159,6 +159,54 @@ def test_nan_and_inf_int8_poison_only_their_row(level, static):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_int8_static_hidden_layers_quantised_in_the_epilogue(level):
+    # Where a level quantises a layer's outputs for the next layer's static range in its
+    # GEMM epilogue (AVX-512), the bits must be those of storing the outputs and quantising
+    # them, which a batch split by columns still does; a NaN row stays NaN, alone.
+    dims, acts = [300, 1000, 333, 70, 3], ["relu", "identity", "relu", "sigmoid"]
+    mlp = random_mlp(dims, acts, seed=19)
+    rng = np.random.default_rng(20)
+    calibration = rng.standard_normal((256, dims[0])).astype(np.float32)
+    hidden, t = [], torch.from_numpy(calibration)
+    with torch.no_grad():
+        for (w, b), a in zip(zip(mlp[0], mlp[1]), acts):
+            hidden.append(t.numpy())
+            t = torch.nn.functional.linear(t, torch.from_numpy(w), torch.from_numpy(b))
+            t = torch.relu(t) if a == "relu" else torch.sigmoid(t) if a == "sigmoid" else t
+    # 1st-99th percentiles: some values saturate at either end.
+    ranges = [(float(np.percentile(h, 1)), float(np.percentile(h, 99))) for h in hidden]
+    single = make(*mlp, "int8", level=level, input_ranges=ranges)
+    pooled = make(*mlp, "int8", level=level, input_ranges=ranges, num_threads=3)
+    for rows in (1, 4, 9, 13, 40, 100):
+        x = rng.standard_normal((rows, dims[0])).astype(np.float32)
+        np.testing.assert_array_equal(pooled.forward(x), single.forward(x), err_msg=f"{rows} rows")
+    x = rng.standard_normal((13, dims[0])).astype(np.float32)
+    clean = single.forward(x)
+    x[[3, 7], [5, 299]] = [np.nan, np.inf]
+    got = single.forward(x)
+    assert np.isnan(got[[3, 7]]).all()
+    keep = [r for r in range(13) if r not in (3, 7)]
+    np.testing.assert_array_equal(got[keep], clean[keep])
+    np.testing.assert_allclose(got[keep], torch_forward(*mlp, x[keep]), atol=0.05)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_int8_static_hidden_overflow_poisons_its_row(level):
+    # A hidden output that overflows to +Inf (one channel of huge weights, rows at the top of
+    # the input range) makes its row NaN whether the epilogue quantises it or Quantize does.
+    weights, biases, acts = random_mlp([300, 1000, 333, 3], ["relu", "relu", "identity"], seed=22)
+    weights[0][0, :] = 5e35  # its sum, 1.5e38, still fits float32; 255 steps of it times 300 do not
+    ranges = [(0.0, 4.0), (0.0, 8.0), (0.0, 8.0)]
+    single = make(weights, biases, acts, "int8", level=level, input_ranges=ranges)
+    pooled = make(weights, biases, acts, "int8", level=level, input_ranges=ranges, num_threads=3)
+    x = np.abs(np.random.default_rng(23).standard_normal((9, 300))).astype(np.float32)
+    x[[2, 6]] = 4.0
+    got = single.forward(x)
+    assert np.isnan(got[[2, 6]]).all() and np.isfinite(np.delete(got, [2, 6], axis=0)).all()
+    np.testing.assert_array_equal(pooled.forward(x), got)  # 9 rows: split by columns, nothing fused
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_int8_static_ranges_saturate(level):
     mlp = random_mlp([7, 33, 1], ["relu", "identity"], seed=12)
     native = make(*mlp, "int8", level=level, input_ranges=[(-1.0, 1.0), (0.0, 3.0)])

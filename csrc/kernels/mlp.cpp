@@ -183,12 +183,18 @@ struct NativeMlp::Layer {
   AlignedBuffer<float> bias, w_scale, w_sum;  // padded to whole panels
   bool is_static = false;
   StaticRange range{};
+  // int8 layers whose outputs go straight into the next layer's static quantisation
+  // (LevelOps::gemm_int8_requantize), unless the batch is split by columns.
+  bool requantizes = false;
 };
 
 struct NativeMlp::Scratch {
   AlignedBuffer<float> act[2];
   AlignedBuffer<uint8_t> q;
   AlignedBuffer<float> row_scale, row_min;
+  // The next layer's input while a layer requantises its outputs (swapped with the above).
+  AlignedBuffer<uint8_t> q_next;
+  AlignedBuffer<float> row_scale_next, row_min_next;
   // A batch split by columns: `claimed` then `done` per step, used from the caller's slot.
   std::unique_ptr<std::atomic<int>[]> column_counters;
 };
@@ -405,6 +411,14 @@ NativeMlp::NativeMlp(const std::vector<LayerSpec>& specs, Precision precision, C
     macs_per_row_ += k * n;
     layers_.push_back(std::move(L));
   }
+  if (ops.gemm_int8_requantize != nullptr && precision == Precision::kInt8)
+    for (size_t li = 0; li + 1 < layers_.size(); ++li) {
+      Layer& L = layers_[li];
+      const Layer& next = layers_[li + 1];
+      L.requantizes = !L.dot && L.is_static && !next.dot && next.is_static &&
+                      (L.activation == Activation::kRelu || L.activation == Activation::kIdentity);
+      requantizes_ = requantizes_ || L.requantizes;
+    }
   in_features_ = specs.front().in_features;
   out_features_ = specs.back().out_features;
   act_ld_ = std::max<int64_t>(widest, kMaxPanel);
@@ -437,6 +451,11 @@ std::unique_ptr<NativeMlp::Scratch> NativeMlp::NewScratch() const {
     s->q = AlignedBuffer<uint8_t>(chunk_rows_ * q_ld_ * ops_->act_bytes);
     s->row_scale = AlignedBuffer<float>(chunk_rows_);
     s->row_min = AlignedBuffer<float>(chunk_rows_);
+    if (requantizes_) {
+      s->q_next = AlignedBuffer<uint8_t>(chunk_rows_ * q_ld_);
+      s->row_scale_next = AlignedBuffer<float>(chunk_rows_);
+      s->row_min_next = AlignedBuffer<float>(chunk_rows_);
+    }
   }
   if (column_steps_ > 0) s->column_counters = std::make_unique<std::atomic<int>[]>(2 * column_steps_);
   return s;
@@ -479,10 +498,31 @@ void NativeMlp::RunLayer(const Layer& L, const float* x, int64_t ldx, int64_t ro
                     ldy);
   } else {
     const Int8Epilogue e{s.row_scale.data(), s.row_min.data(), L.w_scale.data() + c0, L.w_sum.data() + c0,
-                         L.bias.data() + c0, relu};
+                         L.bias.data() + c0, relu, L.is_static ? &L.range : nullptr};
     ops_->gemm_int8(s.q.data(), q_ld_, rows, L.k_pad, L.w_int8.data() + int64_t{c0} * L.k_pad, n, e, y + c0, ldy);
+    if (L.is_static)  // the rows the uniform epilogue did not poison (Int8Epilogue::uniform)
+      for (int64_t r = 0; r < rows; ++r)
+        if (std::isnan(s.row_scale.data()[r])) std::fill_n(y + r * ldy + c0, n, std::numeric_limits<float>::quiet_NaN());
   }
   ApplyActivation(L.activation, y + c0, rows, n, ldy);
+}
+
+void NativeMlp::RequantizeLayer(const Layer& L, const Layer& next, int64_t rows, Scratch& s) const {
+  std::fill_n(s.row_scale_next.data(), rows, next.range.scale);  // NaN for rows the layer poisons
+  std::fill_n(s.row_min_next.data(), rows, next.range.min);
+  const Int8Epilogue e{s.row_scale.data(), s.row_min.data(), L.w_scale.data(), L.w_sum.data(), L.bias.data(),
+                       L.activation == Activation::kRelu, L.is_static ? &L.range : nullptr};
+  const Requantize out{&next.range, next.k_pad, s.q_next.data(), q_ld_, s.row_scale_next.data()};
+  ops_->gemm_int8_requantize(s.q.data(), q_ld_, rows, L.k_pad, L.w_int8.data(), L.out, e, out);
+  for (int64_t r = 0; r < rows; ++r)
+    if (std::isnan(s.row_scale_next.data()[r]) || std::isnan(s.row_scale.data()[r])) {  // as Quantize leaves it
+      s.row_scale_next.data()[r] = std::numeric_limits<float>::quiet_NaN();
+      s.row_min_next.data()[r] = 0.0f;
+      std::memset(s.q_next.data() + r * q_ld_, 0, static_cast<size_t>(next.k_pad));
+    }
+  std::swap(s.q, s.q_next);
+  std::swap(s.row_scale, s.row_scale_next);
+  std::swap(s.row_min, s.row_min_next);
 }
 
 NativeMlp::Columns NativeMlp::UnitColumns(const Layer& L, int unit, int units) const {
@@ -498,13 +538,19 @@ void NativeMlp::RunRows(const float* x, int64_t rows, float* out, Scratch& s, Co
     const int64_t n = std::min(chunk_rows_, rows - r0);
     const float* cur = x + r0 * in_features_;
     int64_t ldx = in_features_;
+    bool input_ready = false;  // s.q already holds this layer's input (requantised by the one before)
     for (size_t li = 0; li < layers_.size(); ++li, ++step) {
       const Layer& L = layers_[li];
       const bool last = li + 1 == layers_.size();
       float* dst = last ? out + r0 * out_features_ : act[li % 2];
       const int64_t ldd = last ? L.out : act_ld_;
       if (shared == nullptr) {
-        QuantizeInput(L, cur, ldx, n, s);
+        if (!input_ready) QuantizeInput(L, cur, ldx, n, s);
+        input_ready = L.requantizes;
+        if (L.requantizes) {
+          RequantizeLayer(L, layers_[li + 1], n, s);
+          continue;  // the next layer reads only s.q
+        }
         RunLayer(L, cur, ldx, n, dst, ldd, Columns{0, L.out}, s);
       } else {
         bool quantized = false;

@@ -83,6 +83,8 @@ class NativeMlp {
   void QuantizeInput(const Layer& layer, const float* x, int64_t ldx, int64_t rows, Scratch& scratch) const;
   void RunLayer(const Layer& layer, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy,
                 const Columns& columns, const Scratch& scratch) const;
+  // A layer whose `requantizes`: its outputs become `next`'s quantised input in the scratch.
+  void RequantizeLayer(const Layer& layer, const Layer& next, int64_t rows, Scratch& scratch) const;
   // All layers for rows of x; with `shared`, only the column units this thread claims.
   void RunRows(const float* x, int64_t rows, float* out, Scratch& scratch, ColumnWork* shared) const;
 
@@ -94,6 +96,7 @@ class NativeMlp {
   int out_features_ = 0;
   int64_t macs_per_row_ = 0;
   int64_t chunk_rows_ = 0;
+  bool requantizes_ = false;  // some layer requantises its outputs (Scratch gets q_next)
   int64_t column_steps_ = 0;  // most layer steps of a batch split by columns (0: never split)
   int64_t act_ld_ = 0;   // leading dimension of the hidden activation buffers
   int64_t q_ld_ = 0;     // leading dimension (elements) of the quantised activations

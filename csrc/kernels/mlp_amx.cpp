@@ -138,6 +138,7 @@ const LevelOps& AmxOps() {
     o.name = "amx";
     o.i8_k_align = kTileBytes;
     o.gemm_int8 = GemmInt8;
+    o.gemm_int8_requantize = nullptr;  // the AVX-512 one runs VNNI, not tiles
     return o;
   }();
   return ops;
@@ -165,7 +166,7 @@ bool AmxSelfTest() {
     row_scale[static_cast<size_t>(r)] = 1.0f;
     row_min[static_cast<size_t>(r)] = 0.0f;
   }
-  const Int8Epilogue e{row_scale.data(), row_min.data(), ones.data(), zeros.data(), zeros.data(), false};
+  const Int8Epilogue e{row_scale.data(), row_min.data(), ones.data(), zeros.data(), zeros.data(), false, nullptr};
   std::vector<float> expected(static_cast<size_t>(kRows) * kOut), got(expected.size());
   Avx512Ops().gemm_int8(q.data(), kPad, kRows, kPad, w.data(), kOut, e, expected.data(), kOut);
   GemmInt8(q.data(), kPad, kRows, kPad, w.data(), kOut, e, got.data(), kOut);

@@ -262,7 +262,7 @@ void DotFp32(const float* x, int64_t ldx, int64_t rows, int k, const float* w, i
 }  // namespace
 
 const LevelOps& Avx2Ops() {
-  static const LevelOps ops{"avx2", kLanes, kLanes, kStep, 1, kStep, GemmFp32, Quantize, GemmInt8, DotFp32};
+  static const LevelOps ops{"avx2", kLanes, kLanes, kStep, 1, kStep, GemmFp32, Quantize, GemmInt8, nullptr, DotFp32};
   return ops;
 }
 

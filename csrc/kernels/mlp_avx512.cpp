@@ -69,9 +69,19 @@ void KernelFp32(const float* x, int64_t ldx, int k, const float* w, int64_t pane
   }
 }
 
-template <int R, int V>
+// How the int8 epilogue reads its rows' ranges and where it puts the outputs.
+enum class Epilogue {
+  kPerRow,      // each row's own scale and min; floats to y
+  kUniform,     // Int8Epilogue::uniform for every row; floats to y
+  kRequantize,  // uniform; quantised for the next layer (Requantize) instead of stored in y
+};
+
+template <int R, int V, Epilogue kMode>
 void KernelInt8(const uint8_t* q, int64_t ldq, int steps, const int8_t* w, int64_t panel_stride,
-                const Int8Epilogue& e, int64_t row0, int out0, float* y, int64_t ldy, int n_valid) {
+                const Int8Epilogue& e, int64_t row0, int out0, float* y, int64_t ldy, int n_valid,
+                const Requantize* rq) {
+  constexpr bool kUniform = kMode != Epilogue::kPerRow;
+  constexpr bool kRequantize = kMode == Epilogue::kRequantize;
   I32x16 acc[R * V];
   VIVACE_UNROLL
   for (int r = 0; r < R; ++r)
@@ -91,6 +101,69 @@ void KernelInt8(const uint8_t* q, int64_t ldq, int steps, const int8_t* w, int64
     }
   }
   const __m512 zero = _mm512_setzero_ps();
+  const bool relu = e.relu;
+  // Uniform: every row's scale and min are the static range's, so scale and offset are
+  // computed once per panel instead of once per row and panel.
+  const float uniform_scale = kUniform ? e.uniform->scale : 0.0f;
+  const float uniform_min = kUniform ? e.uniform->min : 0.0f;
+  if constexpr (kRequantize) {
+    const __m512 top = _mm512_set1_ps(255.0f);
+    const __m512 largest = _mm512_set1_ps(std::numeric_limits<float>::max());
+    const __m512 next_min = _mm512_set1_ps(rq->range->min);
+    const __m512 next_inv = _mm512_set1_ps(rq->range->inv_scale);
+    uint8_t* q_out = rq->q + row0 * rq->ldq;
+    __mmask16 poisoned[R] = {};  // lanes of row r whose output is NaN or ±Inf
+    // After a relu only NaN and +Inf are possible: one compare finds both.
+    const auto non_finite = [&](__mmask16 lanes, __m512 t) {
+      return relu ? _mm512_mask_cmp_ps_mask(lanes, t, largest, _CMP_NLE_UQ)
+                  : _mm512_mask_cmp_ps_mask(lanes, _mm512_mul_ps(t, zero), zero, _CMP_NEQ_UQ);
+    };
+    __m512 scale[V], offset[V];
+    VIVACE_UNROLL
+    for (int v = 0; v < V; ++v) {
+      const int o = out0 + v * kLanes;
+      scale[v] = _mm512_mul_ps(_mm512_set1_ps(uniform_scale), _mm512_loadu_ps(e.w_scale + o));
+      offset[v] = _mm512_fmadd_ps(_mm512_set1_ps(uniform_min), _mm512_loadu_ps(e.w_sum + o), _mm512_loadu_ps(e.bias + o));
+    }
+    // The bytes are computed as Quantize computes them (its 64-wide loop for a whole block
+    // of 4 panels, else its 16-wide one), so that they are the same bits.
+    if (V == 4 && n_valid == 4 * kLanes) {
+      const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+      VIVACE_UNROLL
+      for (int r = 0; r < R; ++r) {
+        __m512i c[4];
+        VIVACE_UNROLL
+        for (int v = 0; v < 4; ++v) {
+          __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps((__m512i)acc[r * V + v]), scale[v], offset[v]);
+          if (relu) t = _mm512_max_ps(zero, t);
+          poisoned[r] |= non_finite(0xFFFF, t);
+          c[v] = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_mul_ps(_mm512_sub_ps(t, next_min), next_inv), top));
+        }
+        const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
+        _mm512_storeu_si512(q_out + r * rq->ldq + out0, _mm512_permutexvar_epi32(order, bytes));
+      }
+    } else {
+      VIVACE_UNROLL
+      for (int v = 0; v < V; ++v) {
+        const int o = out0 + v * kLanes;
+        if (n_valid - v * kLanes <= 0) continue;
+        const __mmask16 valid = TailMask(n_valid - v * kLanes);
+        const __mmask16 stored = TailMask(rq->k_pad - o);  // lanes past the outputs: zeros up to k_pad
+        VIVACE_UNROLL
+        for (int r = 0; r < R; ++r) {
+          __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps((__m512i)acc[r * V + v]), scale[v], offset[v]);
+          if (relu) t = _mm512_max_ps(zero, t);
+          poisoned[r] |= non_finite(valid, t);
+          const __m512 u = _mm512_mul_ps(_mm512_sub_ps(t, next_min), next_inv);
+          const __m512i c = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(u, zero), top));
+          _mm_mask_storeu_epi8(q_out + r * rq->ldq + o, stored, _mm512_maskz_cvtepi32_epi8(valid, c));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      if (poisoned[r] != 0) rq->row_scale[row0 + r] = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
   VIVACE_UNROLL
   for (int v = 0; v < V; ++v) {
     const int remaining = n_valid - v * kLanes;
@@ -101,28 +174,31 @@ void KernelInt8(const uint8_t* q, int64_t ldq, int steps, const int8_t* w, int64
     const __m512 b = _mm512_loadu_ps(e.bias + o);
     VIVACE_UNROLL
     for (int r = 0; r < R; ++r) {
-      const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(e.row_scale[row0 + r]), ws);
-      const __m512 offset = _mm512_fmadd_ps(_mm512_set1_ps(e.row_min[row0 + r]), wsum, b);
+      const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(kUniform ? uniform_scale : e.row_scale[row0 + r]), ws);
+      const __m512 offset = _mm512_fmadd_ps(_mm512_set1_ps(kUniform ? uniform_min : e.row_min[row0 + r]), wsum, b);
       __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps((__m512i)acc[r * V + v]), scale, offset);
-      if (e.relu) t = _mm512_max_ps(zero, t);
+      if (relu) t = _mm512_max_ps(zero, t);
       _mm512_mask_storeu_ps(y + r * ldy + v * kLanes, TailMask(remaining), t);
     }
   }
 }
 
 using Fp32Fn = decltype(&KernelFp32<1, 1>);
-using Int8Fn = decltype(&KernelInt8<1, 1>);
+using Int8Fn = decltype(&KernelInt8<1, 1, Epilogue::kPerRow>);
 
 template <int... I>
 constexpr std::array<Fp32Fn, sizeof...(I)> Fp32Table(std::integer_sequence<int, I...>) {
   return {&KernelFp32<I / kMaxPanels + 1, I % kMaxPanels + 1>...};
 }
-template <int... I>
+template <Epilogue kMode, int... I>
 constexpr std::array<Int8Fn, sizeof...(I)> Int8Table(std::integer_sequence<int, I...>) {
-  return {&KernelInt8<I / kMaxPanels + 1, I % kMaxPanels + 1>...};
+  return {&KernelInt8<I / kMaxPanels + 1, I % kMaxPanels + 1, kMode>...};
 }
 constexpr auto kFp32 = Fp32Table(std::make_integer_sequence<int, kMaxRows * kMaxPanels>{});
-constexpr auto kInt8 = Int8Table(std::make_integer_sequence<int, kMaxRows * kMaxPanels>{});
+constexpr auto kInt8 = Int8Table<Epilogue::kPerRow>(std::make_integer_sequence<int, kMaxRows * kMaxPanels>{});
+constexpr auto kInt8Uniform = Int8Table<Epilogue::kUniform>(std::make_integer_sequence<int, kMaxRows * kMaxPanels>{});
+constexpr auto kInt8Requantize =
+    Int8Table<Epilogue::kRequantize>(std::make_integer_sequence<int, kMaxRows * kMaxPanels>{});
 
 // Few rows: wide blocks keep enough independent accumulators to hide the FMA latency.
 int PanelsPerBlock(int64_t rows) { return rows <= 3 ? kMaxPanels : 4; }
@@ -143,8 +219,9 @@ void GemmFp32(const float* x, int64_t ldx, int64_t rows, int k, const float* pac
   }
 }
 
-void GemmInt8(const void* q, int64_t ldq, int64_t rows, int k_pad, const int8_t* packed, int n,
-              const Int8Epilogue& e, float* y, int64_t ldy) {
+void RunInt8(const std::array<Int8Fn, kMaxRows * kMaxPanels>& kernels, const void* q, int64_t ldq, int64_t rows,
+             int k_pad, const int8_t* packed, int n, const Int8Epilogue& e, float* y, int64_t ldy,
+             const Requantize* rq) {
   const auto* qa = static_cast<const uint8_t*>(q);
   const int panels = (n + kLanes - 1) / kLanes;
   const int64_t stride = static_cast<int64_t>(k_pad) * kLanes;
@@ -154,10 +231,21 @@ void GemmInt8(const void* q, int64_t ldq, int64_t rows, int k_pad, const int8_t*
     const int n_valid = std::min(n - p0 * kLanes, v * kLanes);
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
       const auto r = static_cast<int>(std::min<int64_t>(kMaxRows, rows - r0));
-      kInt8[(r - 1) * kMaxPanels + (v - 1)](qa + r0 * ldq, ldq, k_pad / 4, packed + p0 * stride, stride, e, r0,
-                                            p0 * kLanes, y + r0 * ldy + p0 * kLanes, ldy, n_valid);
+      kernels[(r - 1) * kMaxPanels + (v - 1)](qa + r0 * ldq, ldq, k_pad / 4, packed + p0 * stride, stride, e, r0,
+                                              p0 * kLanes, y == nullptr ? nullptr : y + r0 * ldy + p0 * kLanes, ldy,
+                                              n_valid, rq);
     }
   }
+}
+
+void GemmInt8(const void* q, int64_t ldq, int64_t rows, int k_pad, const int8_t* packed, int n,
+              const Int8Epilogue& e, float* y, int64_t ldy) {
+  RunInt8(e.uniform != nullptr ? kInt8Uniform : kInt8, q, ldq, rows, k_pad, packed, n, e, y, ldy, nullptr);
+}
+
+void GemmInt8Requantize(const void* q, int64_t ldq, int64_t rows, int k_pad, const int8_t* packed, int n,
+                        const Int8Epilogue& e, const Requantize& out) {
+  RunInt8(kInt8Requantize, q, ldq, rows, k_pad, packed, n, e, nullptr, 0, &out);
 }
 
 void Quantize(const float* x, int64_t ldx, int64_t rows, int k, int k_pad, const StaticRange* fixed, void* q,
@@ -247,7 +335,8 @@ void DotFp32(const float* x, int64_t ldx, int64_t rows, int k, const float* w, i
 }  // namespace
 
 const LevelOps& Avx512Ops() {
-  static const LevelOps ops{"avx512", kLanes, kLanes, 4, 1, 4, GemmFp32, Quantize, GemmInt8, DotFp32};
+  static const LevelOps ops{"avx512", kLanes, kLanes, 4, 1, 4, GemmFp32, Quantize, GemmInt8, GemmInt8Requantize,
+                            DotFp32};
   return ops;
 }
 

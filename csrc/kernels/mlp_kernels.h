@@ -26,6 +26,13 @@ namespace vivace::kernels {
 
 constexpr int kInt8PairLimit = 128;
 
+// A fixed (calibrated) activation range, used instead of the per-row range when set.
+struct StaticRange {
+  float min;
+  float scale;
+  float inv_scale;
+};
+
 struct Int8Epilogue {
   const float* row_scale;  // [rows]
   const float* row_min;    // [rows]
@@ -33,13 +40,21 @@ struct Int8Epilogue {
   const float* w_sum;      // [n_pad]
   const float* bias;       // [n_pad]
   bool relu;
+  // Static input range: row_scale and row_min are its scale and min for every row but the
+  // poisoned ones (NaN scale), so a level may use it for all rows and leave those rows'
+  // outputs to the caller, which makes them NaN. nullptr: per-row ranges.
+  const StaticRange* uniform;
 };
 
-// A fixed (calibrated) activation range, used instead of the per-row range when set.
-struct StaticRange {
-  float min;
-  float scale;
-  float inv_scale;
+// Where gemm_int8_requantize puts its outputs: quantised with the next layer's static range
+// (the same bits `quantize` would give them) into its zero-padded q; a row with a NaN or
+// ±Inf output gets row_scale[r] = NaN, as `quantize` would give it.
+struct Requantize {
+  const StaticRange* range;
+  int k_pad;  // the next layer's
+  uint8_t* q;
+  int64_t ldq;
+  float* row_scale;
 };
 
 struct LevelOps {
@@ -58,6 +73,13 @@ struct LevelOps {
                    void* q, int64_t ldq, float* row_scale, float* row_min);
   void (*gemm_int8)(const void* q, int64_t ldq, int64_t rows, int k_pad, const int8_t* packed, int n,
                     const Int8Epilogue& epilogue, float* y, int64_t ldy);
+  // Optional (nullptr when the level has none; act_bytes 1 only): gemm_int8 for a relu or
+  // identity layer with a static input range (epilogue.uniform) whose outputs go straight
+  // to the next layer's static quantisation,
+  // without being stored as floats and read back. The caller sets row_scale to the range's
+  // scale beforehand.
+  void (*gemm_int8_requantize)(const void* q, int64_t ldq, int64_t rows, int k_pad, const int8_t* packed, int n,
+                               const Int8Epilogue& epilogue, const Requantize& out);
   // Same as gemm_fp32 with W unpacked ([n][k] row-major): row-by-row dot products, for
   // layers with a few outputs, which the panel kernels would pad to a whole panel.
   void (*dot_fp32)(const float* x, int64_t ldx, int64_t rows, int k, const float* w, int n, const float* bias,
