@@ -163,7 +163,9 @@ def test_int8_static_hidden_layers_quantised_in_the_epilogue(level):
     # Where a level quantises a layer's outputs for the next layer's static range in its
     # GEMM epilogue (AVX-512), the bits must be those of storing the outputs and quantising
     # them, which a batch split by columns still does; a NaN row stays NaN, alone.
-    dims, acts = [300, 1000, 333, 70, 3], ["relu", "identity", "relu", "sigmoid"]
+    # ~0.96M multiply-adds per row: 2-40 rows are split by columns (so 2-3 rows also check
+    # the kernel's 8-panel blocks against Quantize), 100 rows by rows.
+    dims, acts = [600, 1000, 333, 70, 3], ["relu", "identity", "relu", "sigmoid"]
     mlp = random_mlp(dims, acts, seed=19)
     rng = np.random.default_rng(20)
     calibration = rng.standard_normal((256, dims[0])).astype(np.float32)
@@ -177,7 +179,7 @@ def test_int8_static_hidden_layers_quantised_in_the_epilogue(level):
     ranges = [(float(np.percentile(h, 1)), float(np.percentile(h, 99))) for h in hidden]
     single = make(*mlp, "int8", level=level, input_ranges=ranges)
     pooled = make(*mlp, "int8", level=level, input_ranges=ranges, num_threads=3)
-    for rows in (1, 4, 9, 13, 40, 100):
+    for rows in (1, 2, 3, 4, 9, 13, 40, 100):
         x = rng.standard_normal((rows, dims[0])).astype(np.float32)
         np.testing.assert_array_equal(pooled.forward(x), single.forward(x), err_msg=f"{rows} rows")
     x = rng.standard_normal((13, dims[0])).astype(np.float32)
@@ -204,6 +206,7 @@ def test_int8_static_hidden_overflow_poisons_its_row(level):
     got = single.forward(x)
     assert np.isnan(got[[2, 6]]).all() and np.isfinite(np.delete(got, [2, 6], axis=0)).all()
     np.testing.assert_array_equal(pooled.forward(x), got)  # 9 rows: split by columns, nothing fused
+    np.testing.assert_array_equal(pooled.forward(x[:3]), got[:3])  # 3 rows: 8-panel blocks when fused
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -449,6 +452,10 @@ def test_buffers_shapes_and_errors():
         make(w, b, a, num_threads=0)
     with pytest.raises(ValueError, match="precision 'int8' only"):
         make(w, b, a, input_ranges=[(0.0, 1.0), None])
+    for bad_range in [(-3e38, 3e38), (0.0, 1e-39)]:  # the width overflows; 255 / width overflows
+        with pytest.raises(ValueError, match="too wide or too narrow"):
+            make(w, b, a, "int8", input_ranges=[bad_range, None])
+    make(w, b, a, "int8", input_ranges=[(1.0, 1.0), None])  # zero width: a constant input is fine
     with pytest.raises(ValueError, match="unknown precision"):
         make(w, b, a, precision="int4")
     with pytest.raises(ValueError, match="one entry per layer"):

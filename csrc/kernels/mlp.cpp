@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -400,6 +401,16 @@ NativeMlp::NativeMlp(const std::vector<LayerSpec>& specs, Precision precision, C
       if (s.has_input_range) {
         if (!(std::isfinite(s.input_min) && std::isfinite(s.input_max) && s.input_min <= s.input_max))
           throw std::invalid_argument(where + "input range must be finite with min <= max");
+        // Its width and 255 / width must be finite too: an infinite scale would turn every
+        // output into Inf or NaN, and 0 * Inf steps into NaN bytes.
+        const float width = s.input_max - s.input_min;
+        if (!std::isfinite(width) || (width > 0.0f && !std::isfinite(255.0f / width)))
+        {
+          char range[80];
+          std::snprintf(range, sizeof range, "[%g, %g]", static_cast<double>(s.input_min),
+                        static_cast<double>(s.input_max));
+          throw std::invalid_argument(where + "input range " + range + " is too wide or too narrow for float32");
+        }
         L.is_static = true;
         L.range.min = s.input_min;
         L.range.scale = (s.input_max - s.input_min) / 255.0f;
@@ -549,7 +560,7 @@ void NativeMlp::RunRows(const float* x, int64_t rows, float* out, Scratch& s, Co
         input_ready = L.requantizes;
         if (L.requantizes) {
           RequantizeLayer(L, layers_[li + 1], n, s);
-          continue;  // the next layer reads only s.q
+          continue;  // cur stays stale: the next layer is int8 and not a dot, so it reads only s.q
         }
         RunLayer(L, cur, ldx, n, dst, ldd, Columns{0, L.out}, s);
       } else {

@@ -126,7 +126,10 @@ void KernelInt8(const uint8_t* q, int64_t ldq, int steps, const int8_t* w, int64
       offset[v] = _mm512_fmadd_ps(_mm512_set1_ps(uniform_min), _mm512_loadu_ps(e.w_sum + o), _mm512_loadu_ps(e.bias + o));
     }
     // The bytes are computed as Quantize computes them (its 64-wide loop for a whole block
-    // of 4 panels, else its 16-wide one), so that they are the same bits.
+    // of 4 panels, else its 16-wide one), so that they are the same bits. The two differ only
+    // for a NaN step, (t - min) * inv with inv = 0 and t - min = ±Inf, which needs a
+    // zero-width range (the layer's scale is then 0: the byte does not count); wider ranges
+    // whose inv or width overflow are refused by NativeMlp.
     if (V == 4 && n_valid == 4 * kLanes) {
       const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
       VIVACE_UNROLL
