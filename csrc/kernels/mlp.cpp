@@ -404,8 +404,7 @@ NativeMlp::NativeMlp(const std::vector<LayerSpec>& specs, Precision precision, C
         // Its width and 255 / width must be finite too: an infinite scale would turn every
         // output into Inf or NaN, and 0 * Inf steps into NaN bytes.
         const float width = s.input_max - s.input_min;
-        if (!std::isfinite(width) || (width > 0.0f && !std::isfinite(255.0f / width)))
-        {
+        if (!std::isfinite(width) || (width > 0.0f && !std::isfinite(255.0f / width))) {
           char range[80];
           std::snprintf(range, sizeof range, "[%g, %g]", static_cast<double>(s.input_min),
                         static_cast<double>(s.input_max));
@@ -522,7 +521,7 @@ void NativeMlp::RequantizeLayer(const Layer& L, const Layer& next, int64_t rows,
   std::fill_n(s.row_scale_next.data(), rows, next.range.scale);  // NaN for rows the layer poisons
   std::fill_n(s.row_min_next.data(), rows, next.range.min);
   const Int8Epilogue e{s.row_scale.data(), s.row_min.data(), L.w_scale.data(), L.w_sum.data(), L.bias.data(),
-                       L.activation == Activation::kRelu, L.is_static ? &L.range : nullptr};
+                       L.activation == Activation::kRelu, &L.range};  // requantizes: L is static
   const Requantize out{&next.range, next.k_pad, s.q_next.data(), q_ld_, s.row_scale_next.data()};
   ops_->gemm_int8_requantize(s.q.data(), q_ld_, rows, L.k_pad, L.w_int8.data(), L.out, e, out);
   for (int64_t r = 0; r < rows; ++r)
