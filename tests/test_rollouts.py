@@ -497,7 +497,9 @@ def test_automatic_rollout_on_a_protected_alias_asks_for_approval(home):
         request = wait_for(requested, timeout=60, what="the automatic promotion request")[0]
         assert (request.version, request.requester) == (2, "vivace serve (automatic analysis)")
         assert get_version(home, "scorer@production").version == 1  # nothing moved yet
-        assert rollout_status(server.port)["automatic"]["verdict"]["decision"] == "awaiting approval"
+        # The server records its verdict once the registry's write of the request has returned.
+        wait_for(lambda: rollout_status(server.port)["automatic"]["verdict"]["decision"] == "awaiting approval",
+                 what="the verdict to say so")
         approve_promotion(home, request.id, approver="reviewer")
         wait_for(lambda: rollout_status(server.port)["ref"] is None and rollout_status(server.port)["stable"] == "2",
                  what="the approved promotion to be followed")
