@@ -170,9 +170,9 @@ class AliasFollower:
         self.extra: dict[str, ModelRunner] = {}  # version -> canary or shadow runner
 
     async def follow(self, table: ModelTable) -> None:
-        while True:
-            await self.catch_up(table)
+        while True:  # the first pass is the server's, before it accepts connections (catch_up)
             await asyncio.sleep(self.interval)
+            await self.catch_up(table)
 
     async def catch_up(self, table: ModelTable) -> None:
         """Serve what the registry names now: the alias's version and its rollout. The

@@ -75,9 +75,8 @@ struct LevelOps {
                     const Int8Epilogue& epilogue, float* y, int64_t ldy);
   // Optional (nullptr when the level has none; act_bytes 1 only): gemm_int8 for a relu or
   // identity layer with a static input range (epilogue.uniform) whose outputs go straight
-  // to the next layer's static quantisation,
-  // without being stored as floats and read back. The caller sets row_scale to the range's
-  // scale beforehand.
+  // to the next layer's static quantisation, without being stored as floats and read back.
+  // The caller sets row_scale to the range's scale beforehand.
   void (*gemm_int8_requantize)(const void* q, int64_t ldq, int64_t rows, int k_pad, const int8_t* packed, int n,
                                const Int8Epilogue& epilogue, const Requantize& out);
   // Same as gemm_fp32 with W unpacked ([n][k] row-major): row-by-row dot products, for
