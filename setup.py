@@ -15,6 +15,7 @@ Environment switches (read at build time):
   CMAKE_C_COMPILER_LAUNCHER / CCACHE: a compiler launcher such as ccache
 """
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -88,7 +89,12 @@ class CMakeBuild(build_ext):
             os.replace(tmp, dest)
 
 
+extensions = [CMakeExtension("vivace._core", target="_core")]
+if sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64"):
+    # Not a Python module: the LD_PRELOAD library of `vivace bench kernels --emulate-cpu`.
+    extensions.append(CMakeExtension("vivace._cpu_emulation", target="_cpu_emulation"))
+
 setup(
-    ext_modules=[CMakeExtension("vivace._core", target="_core")],
+    ext_modules=extensions,
     cmdclass={"build_ext": CMakeBuild},
 )

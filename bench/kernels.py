@@ -15,6 +15,11 @@ the ratio of the best Vivace runner to the best peer per batch size, Scorer's ov
 batch 1, and max abs error against torch fp32. A missing peer (onnxruntime, onnx) stops the
 benchmark with an error rather than printing ratios against fewer peers.
 
+`--emulate-cpu avx2` runs the whole benchmark in a child process that sees the CPU without
+AVX-512, AVX-VNNI or AMX (the `_cpu_emulation` library traps CPUID, Linux with CPUID
+faulting only), so every runtime takes the code paths it takes on an AVX2-only machine:
+the ratios there are measured, not inferred, on an AVX-512 machine.
+
 `--gpu` instead measures the reference MLP on a CUDA device: torch fp16 with CUDA graphs
 against the fused Triton kernels (fp16, int8 W8A8, fp8 e4m3), each replayed from a CUDA
 graph, at batch 1, 256, 4096 and 65,536.
@@ -22,6 +27,9 @@ graph, at batch 1, 256, 4096 and 65,536.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -205,7 +213,10 @@ def run_benchmark(models: list[str], batches: tuple[int, ...], threads: tuple[in
 
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's pre-processing advice
-    print(f"vivace bench kernels: {cpu_description()}; best of {repeat} interleaved {budget_s:g} s windows per "
+    emulated = os.environ.get("VIVACE_EMULATE_CPU")
+    print(f"vivace bench kernels: {cpu_description()}"
+          + (f" (emulating an {emulated} CPU: CPUID trapped, features above it hidden from every runtime)"
+             if emulated else "") + f"; best of {repeat} interleaved {budget_s:g} s windows per "
           f"case; {clock_name} clock; vivace = Scorer.predict (numpy in/out), ort = onnxruntime with IOBinding")
     for key in models:
         title, dims = MODELS[key]
@@ -313,15 +324,49 @@ def register(subparsers) -> None:
         help="wall time, or this process's CPU time (steadier on a shared machine; meaningful for 1 thread)",
     )
     parser.add_argument(
+        "--emulate-cpu", choices=["avx2"],
+        help="run every runtime as on a CPU without AVX-512/VNNI/AMX (Linux x86-64 with CPUID faulting)",
+    )
+    parser.add_argument(
         "--gpu", action="store_true",
         help="instead: the fused Triton kernels against torch fp16 with CUDA graphs (needs CUDA and triton)",
     )
     parser.set_defaults(func=_run)
 
 
-def _run(args) -> int:
-    import sys
+def _emulation_library() -> Path | None:
+    import vivace
 
+    return next(Path(vivace.__file__).parent.glob("_cpu_emulation*.so"), None)
+
+
+def _run_emulated(args) -> int:
+    """This benchmark again, in a child process whose CPUID hides what `args.emulate_cpu` lacks."""
+    library = _emulation_library()
+    if library is None:
+        print("vivace bench kernels: error: --emulate-cpu needs vivace's _cpu_emulation library, "
+              "built on x86-64 Linux only", file=sys.stderr)
+        return 1
+    preload = " ".join(filter(None, [str(library), os.environ.get("LD_PRELOAD")]))
+    env = dict(os.environ, LD_PRELOAD=preload, VIVACE_EMULATE_CPU=args.emulate_cpu)
+    argv = ["--models", args.models, "--batches", args.batches, "--threads", args.threads,
+            "--seconds", str(args.seconds), "--repeat", str(args.repeat), "--clock", args.clock,
+            "--emulate-cpu", args.emulate_cpu]
+    return subprocess.call([sys.executable, "-m", "vivace", "bench", "kernels", *argv], env=env)
+
+
+def _emulation_failure(target: str) -> str | None:
+    """Why the CPU this process sees is not `target`, if it is not (every runtime must agree)."""
+    import torch
+
+    from vivace import _core
+
+    seen = {"vivace": _core.cpu_levels()[-1], "torch": torch.backends.cpu.get_cpu_capability().lower()}
+    wrong = {name: level for name, level in seen.items() if level != target}
+    return f"the CPU still looks like more than {target} to {wrong}" if wrong else None
+
+
+def _run(args) -> int:
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -332,6 +377,14 @@ def _run(args) -> int:
         threads = tuple(int(t) for t in args.threads.split(","))
     except ValueError:
         print("vivace bench kernels: error: --batches and --threads take comma-separated integers", file=sys.stderr)
+        return 1
+    if args.emulate_cpu and args.gpu:
+        print("vivace bench kernels: error: --emulate-cpu is for the CPU benchmark, not --gpu", file=sys.stderr)
+        return 1
+    if args.emulate_cpu and os.environ.get("VIVACE_EMULATE_CPU") != args.emulate_cpu:
+        return _run_emulated(args)
+    if args.emulate_cpu and (failure := _emulation_failure(args.emulate_cpu)):
+        print(f"vivace bench kernels: error: --emulate-cpu {args.emulate_cpu}: {failure}", file=sys.stderr)
         return 1
     if args.gpu:
         import torch

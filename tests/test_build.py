@@ -117,6 +117,8 @@ def test_editable_and_regular_installs_of_a_clean_clone(tmp_path):
              "print(vivace.__file__); print(vivace._core.__file__);"
              "here = lambda m, f: (pathlib.Path(m.__file__).parent / f).is_file();"
              "assert here(vivace, '_core.pyi') and here(vivace, 'py.typed');"
+             "import platform; assert platform.machine() != 'x86_64' or any("
+             "pathlib.Path(vivace.__file__).parent.glob('_cpu_emulation*.so'));"
              "assert here(vivace.registry, 'data/churn_train.yaml') and here(vivace.monitor, 'data/prometheus.yml');"
              "assert here(vivace.bench, 'data/infer_mlp.lua')")
     for mode in ([], ["-e"]):

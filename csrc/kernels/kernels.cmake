@@ -24,3 +24,11 @@ if(VIVACE_BUILD_TESTS)
   target_link_libraries(kernels_test PRIVATE vivace_native)
   target_compile_options(kernels_test PRIVATE ${VIVACE_WARNINGS} ${VIVACE_SAN_FLAGS})
 endif()
+
+# LD_PRELOAD library for `vivace bench kernels --emulate-cpu avx2` (cpu_emulation.c); no
+# Python in it, installed next to _core by setup.py.
+if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64" AND CMAKE_SYSTEM_NAME STREQUAL "Linux")
+  add_library(_cpu_emulation MODULE ${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/cpu_emulation.c)
+  set_target_properties(_cpu_emulation PROPERTIES PREFIX "" C_STANDARD 11)
+  target_compile_options(_cpu_emulation PRIVATE ${VIVACE_WARNINGS})
+endif()
