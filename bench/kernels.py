@@ -6,8 +6,8 @@ big one (512-1024-1024-1), with 1 and 2 threads. Vivace is timed through the doc
 `Scorer.predict` (numpy in, numpy out) on packages written by `vivace quantize`: fp32,
 int8 (per-row activation scales) and int8s (static scales calibrated on the rows given).
 The peers: torch eager fp32, torch.jit frozen and optimised for inference, torch.ao
-quantize_dynamic int8, and onnxruntime fp32 and dynamic int8 with IOBinding into
-preallocated inputs and outputs. The bare kernels (`forward_into`) are timed too, only to
+quantize_dynamic int8, and onnxruntime fp32, dynamic int8 and static int8 (QDQ,
+calibrated on the same rows as int8s) with IOBinding into preallocated inputs and outputs. The bare kernels (`forward_into`) are timed too, only to
 show what `Scorer` adds per call. Each case is measured in `--repeat` windows, the runners
 interleaved window by window, and the best window kept, so a burst of load elsewhere on the
 machine hits every runner alike. Printed: the CPU and the ISA level the kernels use, rows/s,
@@ -84,16 +84,27 @@ def _onnx_bytes(model, dims: tuple[int, ...]) -> bytes:
     return proto.SerializeToString()
 
 
-def _onnx_runners(model, dims: tuple[int, ...], threads: int, tmp: Path) -> dict[str, Callable]:
-    """onnxruntime fp32 and dynamic int8, input and output bound to preallocated arrays (IOBinding)."""
+def _onnx_runners(model, dims: tuple[int, ...], threads: int, calibration: np.ndarray,
+                  tmp: Path) -> dict[str, Callable]:
+    """onnxruntime fp32, dynamic int8 and static int8 (QDQ, calibrated on the rows vivace's
+    int8s is), input and output bound to preallocated arrays (IOBinding)."""
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
 
-    src, dst = tmp / "m.onnx", tmp / "q.onnx"
+    class Rows(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 256)))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"x": batch}
+
+    src, dynamic, static = tmp / "m.onnx", tmp / "q.onnx", tmp / "qs.onnx"
     src.write_bytes(_onnx_bytes(model, dims))
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(src), str(dynamic), weight_type=QuantType.QInt8)
+    quantize_static(str(src), str(static), Rows(), weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
     runners = {}
-    for name, path in (("ort-fp32", src), ("ort-int8", dst)):
+    for name, path in (("ort-fp32", src), ("ort-int8", dynamic), ("ort-int8s", static)):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -152,7 +163,7 @@ def make_runners(model, dims: tuple[int, ...], threads: int, calibration: np.nda
 
     runners: dict[str, Callable] = {"torch-fp32": torch_runner(model), "torch-jit": torch_runner(frozen),
                                     "torch-int8": torch_runner(qmodel)}
-    runners.update(_onnx_runners(model, dims, threads, tmp))
+    runners.update(_onnx_runners(model, dims, threads, calibration, tmp))
     kernels: dict[str, Callable] = {}
     for name, path in _vivace_packages(model, dims, calibration, tmp).items():
         scorer = Scorer(path, num_threads=threads)
