@@ -7,13 +7,14 @@ big one (512-1024-1024-1), with 1 and 2 threads. Vivace is timed through the doc
 int8 (per-row activation scales) and int8s (static scales calibrated on the rows given).
 The peers: torch eager fp32, torch.jit frozen and optimised for inference, torch.ao
 quantize_dynamic int8, and onnxruntime fp32, dynamic int8 and static int8 (QDQ,
-calibrated on the same rows as int8s) with IOBinding into preallocated inputs and outputs. The bare kernels (`forward_into`) are timed too, only to
-show what `Scorer` adds per call. Each case is measured in `--repeat` windows, the runners
-interleaved window by window, and the best window kept, so a burst of load elsewhere on the
-machine hits every runner alike. Printed: the CPU and the ISA level the kernels use, rows/s,
-the ratio of the best Vivace runner to the best peer per batch size, Scorer's overhead at
-batch 1, and max abs error against torch fp32. A missing peer (onnxruntime, onnx) stops the
-benchmark with an error rather than printing ratios against fewer peers.
+calibrated on the same rows as int8s) with IOBinding into preallocated inputs and outputs.
+The bare kernels (`forward_into`) are timed too, only to show what `Scorer` adds per call.
+Each case is measured in `--repeat` windows, the runners interleaved window by window, and
+the best window kept, so a burst of load elsewhere on the machine hits every runner alike.
+Printed: the CPU and the ISA level the kernels use, rows/s, the ratio of the best Vivace
+runner to the best peer per batch size, Scorer's overhead at batch 1, and max abs error
+against torch fp32. A missing peer (onnxruntime, onnx) stops the benchmark with an error
+rather than printing ratios against fewer peers.
 
 `--emulate-cpu avx2` runs the whole benchmark in a child process that sees the CPU without
 AVX-512, AVX-VNNI or AMX (the `_cpu_emulation` library traps CPUID, Linux with CPUID
