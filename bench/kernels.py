@@ -217,6 +217,22 @@ def _output(result: Any) -> np.ndarray:
     return np.asarray(result)
 
 
+def print_peak_share(dims: tuple[int, ...], batch: int, ours: float, peer: float) -> None:
+    """How close the largest batch's rates come to this core's int8 multiply-add peak at the
+    kernels' level: how much room any int8 kernel has left on this machine."""
+    from vivace import _core
+
+    level = _core.cpu_level()
+    peak = _core.int8_peak(level)
+    if peak is None:
+        print(f"  int8 peak: no probe for the {level} level")
+        return
+    macs = sum(i * o for i, o in zip(dims, dims[1:]))
+    print(f"  int8 peak of one core at the {level} level (its inner-loop instructions from registers): "
+          f"{peak:.3g} multiply-adds/s. At batch {batch}: best vivace {ours * macs / peak:.0%} of it, best peer "
+          f"{peer * macs / peak:.0%}; 1.5x the best peer would take {1.5 * peer * macs / peak:.0%}")
+
+
 def run_benchmark(models: list[str], batches: tuple[int, ...], threads: tuple[int, ...], budget_s: float,
                   repeat: int, clock_name: str = "wall") -> None:
     import torch
@@ -238,6 +254,7 @@ def run_benchmark(models: list[str], batches: tuple[int, ...], threads: tuple[in
             with tempfile.TemporaryDirectory(prefix="vivace-bench-kernels-") as tmp:
                 runners, kernels = make_runners(model, dims, n_threads, calibration, Path(tmp))
                 names = list(runners)
+                largest = (0, 0.0, 0.0)  # (batch, best vivace rows/s, best peer rows/s) at the largest batch
                 print(f"\n{title}, {n_threads} thread(s): rows per {clock_name}-clock second")
                 print(f"{'batch':>6} " + " ".join(f"{n:>12}" for n in names) + f" {'vivace/peer':>12}")
                 with torch.inference_mode():
@@ -247,6 +264,7 @@ def run_benchmark(models: list[str], batches: tuple[int, ...], threads: tuple[in
                         rates = best_of_interleaved(calls, batch, budget_s, repeat, clock)
                         peer = max(v for n, v in rates.items() if n in runners and not n.startswith("vivace"))
                         ours = max(v for n, v in rates.items() if n.startswith("vivace"))
+                        largest = (batch, ours, peer) if batch >= largest[0] else largest
                         cells = " ".join(f"{rates[n]:>12.4g}" for n in names)
                         print(f"{batch:>6} {cells} {ours / peer:>11.2f}x", flush=True)
                         if batch == 1:
@@ -255,6 +273,8 @@ def run_benchmark(models: list[str], batches: tuple[int, ...], threads: tuple[in
                                      for n in VIVACE_PRECISIONS}
                             print("  Scorer.predict over the bare kernel at batch 1: "
                                   + ", ".join(f"{n.removeprefix('vivace-')} {us:+.2f} µs" for n, us in extra.items()))
+                if n_threads == 1:
+                    print_peak_share(dims, *largest)
                 print(f"{title}, {n_threads} thread(s): max abs error against torch fp32 on {ACCURACY_ROWS} N(0,1) rows")
                 x = np.random.default_rng(1).standard_normal((ACCURACY_ROWS, dims[0])).astype(np.float32)
                 with torch.inference_mode():

@@ -84,3 +84,4 @@ def test_kernels_benchmark_under_emulation():
     header = proc.stdout.splitlines()[0]
     assert "ISA level avx2 (of portable, avx2)" in header and "emulating an avx2 CPU" in header
     assert "vivace/peer" in proc.stdout and "max abs error" in proc.stdout
+    assert "int8 peak of one core at the avx2 level" in proc.stdout

@@ -57,6 +57,21 @@ def test_levels_and_level_selection(monkeypatch):
         _core.NativeMLP(*random_mlp([4, 3], ["relu"]))
 
 
+def test_int8_peak_probe():
+    for level in LEVELS:
+        peak = _core.int8_peak(level)
+        if level in ("avx2", "avx512"):
+            # At least one multiply-add per ns: any CPU with these units does far more.
+            assert isinstance(peak, float) and 1e9 < peak < float("inf"), (level, peak)
+        else:
+            assert peak is None, (level, peak)
+    with pytest.raises(ValueError, match="unknown CPU level 'sse9'"):
+        _core.int8_peak("sse9")
+    for missing in {"avx2", "avx512", "amx"} - set(LEVELS):
+        with pytest.raises(ValueError, match="not supported by this CPU"):
+            _core.int8_peak(missing)
+
+
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("dims", [[1, 1], [7, 17, 3], [33, 65, 1], [257, 255, 31, 2], [32, 256, 256, 1]])
 def test_fp32_matches_torch(level, dims):

@@ -139,6 +139,17 @@ void BindKernels(py::module_& m) {
       py::arg("requested") = "",
       "The level a NativeMLP would use: `requested`, else $VIVACE_CPU_LEVEL, else the best one; "
       "raises ValueError for a level this CPU lacks.");
+  m.def(
+      "int8_peak",
+      [](const std::string& level) {
+        const auto lvl = kernels::ResolveLevel(level);
+        py::gil_scoped_release release;
+        return kernels::Int8PeakMacsPerSecond(lvl);
+      },
+      py::arg("level") = "",
+      "Int8 multiply-adds per second that `level`'s inner-loop instructions reach on one core of "
+      "this CPU from registers alone (~0.1 s): the bound for any int8 kernel at that level. None "
+      "for a level without a probe (portable, amx).");
   m.attr("NATIVE_MLP_RELEASE_GIL_MACS") = kReleaseGilMacs;
   m.attr("NATIVE_MLP_FORWARD") =
       py::capsule(reinterpret_cast<void*>(&vivace_native_mlp_forward), "vivace.kernels.native_mlp_forward");

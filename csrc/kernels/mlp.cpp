@@ -614,6 +614,27 @@ void NativeMlp::Forward(const float* x, int64_t rows, float* out) const {
   for (int i = 0; i < used; ++i) ReturnScratch(std::move(slots[i]));
 }
 
+std::optional<double> Int8PeakMacsPerSecond(CpuLevel level) {
+  const auto loop = OpsFor(level).int8_peak_loop;
+  if (loop == nullptr) return std::nullopt;
+  using Clock = std::chrono::steady_clock;
+  const auto seconds = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
+  int64_t iterations = 1000;
+  for (;;) {  // grow a window to ~20 ms (the first also warms the vector units up)
+    const auto start = Clock::now();
+    loop(iterations);
+    if (seconds(Clock::now() - start) >= 0.02) break;
+    iterations *= 2;
+  }
+  double best = 0.0;
+  for (int window = 0; window < 5; ++window) {
+    const auto start = Clock::now();
+    const int64_t macs = loop(iterations);
+    best = std::max(best, static_cast<double>(macs) / seconds(Clock::now() - start));
+  }
+  return best;
+}
+
 }  // namespace vivace::kernels
 
 extern "C" int vivace_native_mlp_forward(const void* model, const float* x, int64_t rows, float* out) {

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -108,6 +109,11 @@ class NativeMlp {
   mutable std::array<std::atomic<Scratch*>, kFreeScratchPlaces> free_scratch_{};
   std::unique_ptr<ThreadPool> pool_;
 };
+
+// Multiply-adds per second of `level`'s int8 inner-loop instructions on one core of this
+// CPU, from registers only (LevelOps::int8_peak_loop), best of five ~20 ms windows: what
+// no int8 GEMM at that level can exceed. nullopt for a level without a probe (portable, amx).
+std::optional<double> Int8PeakMacsPerSecond(CpuLevel level);
 
 }  // namespace vivace::kernels
 

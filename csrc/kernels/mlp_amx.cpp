@@ -139,6 +139,7 @@ const LevelOps& AmxOps() {
     o.i8_k_align = kTileBytes;
     o.gemm_int8 = GemmInt8;
     o.gemm_int8_requantize = nullptr;  // the AVX-512 one runs VNNI, not tiles
+    o.int8_peak_loop = nullptr;        // likewise (no tile probe)
     return o;
   }();
   return ops;

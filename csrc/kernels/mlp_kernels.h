@@ -83,6 +83,11 @@ struct LevelOps {
   // layers with a few outputs, which the panel kernels would pad to a whole panel.
   void (*dot_fp32)(const float* x, int64_t ldx, int64_t rows, int k, const float* w, int n, const float* bias,
                    bool relu, float* y, int64_t ldy);
+  // Optional (nullptr: no probe): runs `iterations` rounds of this level's int8 inner-loop
+  // instructions on registers only, independent chains, no loads, and returns the
+  // multiply-adds done. Timed, it is the bound no int8 GEMM at this level can pass on this
+  // core (Int8PeakMacsPerSecond in mlp.h).
+  int64_t (*int8_peak_loop)(int64_t iterations);
 };
 
 // Per-row quantisation parameters; the same float arithmetic at every level, so that every

@@ -91,7 +91,7 @@ void GemmInt8(const void* q, int64_t ldq, int64_t rows, int k_pad, const int8_t*
 }  // namespace
 
 const LevelOps& PortableOps() {
-  static const LevelOps ops{"portable", 1, 1, 4, 1, 4, GemmFp32, Quantize, GemmInt8, nullptr, GemmFp32};
+  static const LevelOps ops{"portable", 1, 1, 4, 1, 4, GemmFp32, Quantize, GemmInt8, nullptr, GemmFp32, nullptr};
   return ops;
 }
 
