@@ -234,14 +234,14 @@ def print_peak_share(dims: tuple[int, ...], batch: int, ours: float, peer: float
 
 
 def run_benchmark(models: list[str], batches: tuple[int, ...], threads: tuple[int, ...], budget_s: float,
-                  repeat: int, clock_name: str = "wall") -> None:
+                  repeat: int, clock_name: str = "wall", emulated: str | None = None) -> None:
+    """`emulated`: the CPU every runtime in this process has been checked to see (--emulate-cpu)."""
     import torch
 
     from .drift import cpu_description
 
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's pre-processing advice
-    emulated = os.environ.get("VIVACE_EMULATE_CPU")
     print(f"vivace bench kernels: {cpu_description()}"
           + (f" (emulating an {emulated} CPU: CPUID trapped, features above it hidden from every runtime)"
              if emulated else "") + f"; best of {repeat} interleaved {budget_s:g} s windows per "
@@ -384,7 +384,8 @@ def _run_emulated(args) -> int:
     argv = ["--models", args.models, "--batches", args.batches, "--threads", args.threads,
             "--seconds", str(args.seconds), "--repeat", str(args.repeat), "--clock", args.clock,
             "--emulate-cpu", args.emulate_cpu]
-    return subprocess.call([sys.executable, "-m", "vivace", "bench", "kernels", *argv], env=env)
+    code = subprocess.call([sys.executable, "-m", "vivace", "bench", "kernels", *argv], env=env)
+    return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
 
 
 def _emulation_failure(target: str) -> str | None:
@@ -393,9 +394,13 @@ def _emulation_failure(target: str) -> str | None:
 
     from vivace import _core
 
-    seen = {"vivace": _core.cpu_levels()[-1], "torch": torch.backends.cpu.get_cpu_capability().lower()}
+    numpy_core = getattr(np, "_core", None) or np.core
+    numpy_features = numpy_core._multiarray_umath.__cpu_features__
+    numpy_level = "avx512" if numpy_features["AVX512F"] else "avx2" if numpy_features["AVX2"] else "below avx2"
+    seen = {"vivace": _core.cpu_levels()[-1], "torch": torch.backends.cpu.get_cpu_capability().lower(),
+            "numpy": numpy_level}
     wrong = {name: level for name, level in seen.items() if level != target}
-    return f"the CPU still looks like more than {target} to {wrong}" if wrong else None
+    return f"the CPU does not look like {target} to every runtime: {wrong}" if wrong else None
 
 
 def _run(args) -> int:
@@ -434,5 +439,5 @@ def _run(args) -> int:
         print(f"vivace bench kernels: error: the onnxruntime peer needs {exc.name} (pip install 'vivace[bench]')",
               file=sys.stderr)
         return 1
-    run_benchmark(models, batches, threads, args.seconds, max(1, args.repeat), args.clock)
+    run_benchmark(models, batches, threads, args.seconds, max(1, args.repeat), args.clock, args.emulate_cpu)
     return 0

@@ -26,9 +26,10 @@ def cpu_flags() -> set[str]:
 CAN_TRAP_CPUID = LIBRARY is not None and "cpuid_fault" in cpu_flags()
 
 
-def run_emulated(code: str, target: str = "avx2") -> subprocess.CompletedProcess:
+def run_emulated(code: str, target: str = "avx2", *options: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, LD_PRELOAD=str(LIBRARY), VIVACE_EMULATE_CPU=target)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *options, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 PROBE = ("import numpy, torch; from vivace import _core;"
@@ -55,6 +56,28 @@ def test_every_runtime_sees_an_avx2_cpu():
 def test_a_real_segfault_still_crashes():
     proc = run_emulated("import ctypes; ctypes.string_at(0)")
     assert proc.returncode == -signal.SIGSEGV
+    # A SIGSEGV sent by a process is not a trapped CPUID either.
+    proc = run_emulated("import os, signal; os.kill(os.getpid(), signal.SIGSEGV); print('survived')")
+    assert proc.returncode == -signal.SIGSEGV and "survived" not in proc.stdout
+
+
+@pytest.mark.skipif(not CAN_TRAP_CPUID, reason="this machine cannot trap CPUID")
+def test_the_programs_own_segfault_handlers_keep_working():
+    # Python's faulthandler (pytest turns it on) installs its own SIGSEGV handler: CPUID must
+    # still be answered, and a real fault must still reach faulthandler.
+    proc = run_emulated(PROBE, "avx2", "-X", "faulthandler")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["avx2", "AVX2", "False", "True"]
+    proc = run_emulated("import ctypes; ctypes.string_at(0)", "avx2", "-X", "faulthandler")
+    assert proc.returncode == -signal.SIGSEGV and "Fatal Python error: Segmentation fault" in proc.stderr
+    # A Python-level handler gets the signals meant for it; CPUIDs run after it (the
+    # imports') are still answered.
+    proc = run_emulated("import os, signal; got = [];"
+                        "signal.signal(signal.SIGSEGV, lambda *a: got.append(a[0]));"
+                        "print(signal.getsignal(signal.SIGSEGV) is not signal.SIG_DFL);"
+                        "os.kill(os.getpid(), signal.SIGSEGV);\n" + PROBE + "; print(got)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:3] == ["True", "avx2 AVX2 False True", f"[{int(signal.SIGSEGV)}]"]
 
 
 @pytest.mark.skipif(CAN_TRAP_CPUID, reason="this machine can trap CPUID")

@@ -2,18 +2,27 @@
 // kernels --emulate-cpu avx2` measures every runtime (ours, onnxruntime's MLAS, torch's
 // fbgemm, numpy) on the code paths it takes on an AVX2-only machine, in the same run.
 //
-// Loaded with LD_PRELOAD and VIVACE_EMULATE_CPU=avx2. Its constructor runs before the
-// program's own code and asks the kernel to trap CPUID (arch_prctl ARCH_SET_CPUID, Linux
-// >= 4.12 on a CPU or hypervisor with CPUID faulting); each CPUID then raises SIGSEGV, which
-// the handler answers with the real result minus the hidden feature bits. The setting is
-// inherited by threads and forks, and LD_PRELOAD by child processes. What ran before the
-// constructor (the dynamic loader's choice of glibc's string functions) keeps the real CPU.
-// Without VIVACE_EMULATE_CPU the library does nothing; where it cannot trap CPUID it stops
-// the process rather than let a benchmark run unmasked under a masked label.
-// Built for x86-64 Linux only (kernels.cmake).
+// Loaded with LD_PRELOAD and VIVACE_EMULATE_CPU=avx2. Its constructor asks the kernel to
+// trap CPUID (arch_prctl ARCH_SET_CPUID, Linux >= 4.12 on a CPU or hypervisor with CPUID
+// faulting); each CPUID then raises SIGSEGV, which the handler answers with the real result
+// minus the hidden feature bits. The setting is inherited by threads and forks, and
+// LD_PRELOAD by child processes. Libraries initialised before the constructor (libc, libm,
+// the interpreter's own) keep the real CPU: glibc's string functions stay AVX-512 ones; the
+// runtimes measured are loaded later, and see the masked CPUID.
+//
+// The handler must stay SIGSEGV's handler for the life of the process, yet programs install
+// their own (Python's faulthandler, pytest's): sigaction() and signal() are interposed for
+// SIGSEGV, so the program's handler is recorded and reported back as installed, and every
+// SIGSEGV that is not a trapped CPUID goes to it (or, for SIG_DFL/SIG_IGN, kills the process
+// as it would have).
+//
+// Without VIVACE_EMULATE_CPU the library does nothing but forward those calls; where it
+// cannot trap CPUID it stops the process rather than let a benchmark run unmasked under a
+// masked label. Built for x86-64 Linux only (kernels.cmake).
 #define _GNU_SOURCE
 #include <asm/prctl.h>
 #include <cpuid.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <signal.h>
 #include <stdint.h>
@@ -32,14 +41,50 @@ static const uint32_t kLeaf7Edx = (1u << 2) | (1u << 3) | (1u << 8) | (1u << 22)
 static const uint32_t kLeaf7Sub1Eax = (1u << 4) | (1u << 5) | (1u << 21) | (1u << 23);
 static const uint32_t kLeaf7Sub1Edx = (1u << 4) | (1u << 5) | (1u << 8) | (1u << 10) | (1u << 19);
 
+typedef int (*SigactionFn)(int, const struct sigaction*, struct sigaction*);
+
+static volatile sig_atomic_t emulating;
+static struct sigaction program_action;  // the program's SIGSEGV action while emulating (SIG_DFL at first)
+
+static SigactionFn RealSigaction(void) {
+  static SigactionFn real;
+  if (real == NULL) {
+    void* symbol = dlsym(RTLD_NEXT, "sigaction");
+    memcpy(&real, &symbol, sizeof real);  // POSIX's object-to-function pointer conversion
+  }
+  return real;
+}
+
 static long SetCpuid(int enabled) { return syscall(SYS_arch_prctl, ARCH_SET_CPUID, enabled); }
 
-static void AnswerCpuid(int signal_number, siginfo_t* info, void* context) {
-  (void)info;
-  greg_t* regs = ((ucontext_t*)context)->uc_mcontext.gregs;
+static int IsTrappedCpuid(const siginfo_t* info, const greg_t* regs) {
+  if (info->si_code != SI_KERNEL) return 0;  // sent by a process, or a page fault: not a trap
   const unsigned char* ip = (const unsigned char*)regs[REG_RIP];
-  if (ip[0] != 0x0f || ip[1] != 0xa2) {  // a real fault: let it crash as it would have
-    signal(signal_number, SIG_DFL);
+  return ip[0] == 0x0f && ip[1] == 0xa2;
+}
+
+// A SIGSEGV that is not ours, under the action the program asked for.
+static void PassOn(int signal_number, siginfo_t* info, void* context) {
+  const struct sigaction action = program_action;
+  if (action.sa_flags & SA_SIGINFO) {
+    action.sa_sigaction(signal_number, info, context);
+  } else if (action.sa_handler != SIG_DFL && action.sa_handler != SIG_IGN) {
+    action.sa_handler(signal_number);
+  } else {
+    // Default action (an ignored fault kills too): a fault recurs on return, a sent signal
+    // is raised again, both now under SIG_DFL.
+    struct sigaction default_action;
+    memset(&default_action, 0, sizeof default_action);
+    default_action.sa_handler = SIG_DFL;
+    RealSigaction()(signal_number, &default_action, NULL);
+    if (info->si_code <= 0) raise(signal_number);
+  }
+}
+
+static void AnswerCpuid(int signal_number, siginfo_t* info, void* context) {
+  greg_t* regs = ((ucontext_t*)context)->uc_mcontext.gregs;
+  if (!IsTrappedCpuid(info, regs)) {
+    PassOn(signal_number, info, context);
     return;
   }
   const int saved_errno = errno;
@@ -64,6 +109,25 @@ static void AnswerCpuid(int signal_number, siginfo_t* info, void* context) {
   errno = saved_errno;
 }
 
+// Interposed: while emulating, SIGSEGV's action is recorded, not installed.
+int sigaction(int signal_number, const struct sigaction* action, struct sigaction* old_action) {
+  if (signal_number != SIGSEGV || !emulating) return RealSigaction()(signal_number, action, old_action);
+  if (old_action != NULL) *old_action = program_action;
+  if (action != NULL) program_action = *action;
+  return 0;
+}
+
+sighandler_t signal(int signal_number, sighandler_t handler) {
+  struct sigaction action, old_action;
+  memset(&action, 0, sizeof action);
+  action.sa_handler = handler;
+  action.sa_flags = SA_RESTART;  // glibc's signal(): BSD semantics
+  sigemptyset(&action.sa_mask);
+  if (signal_number > 0 && signal_number < NSIG) sigaddset(&action.sa_mask, signal_number);
+  if (sigaction(signal_number, &action, &old_action) != 0) return SIG_ERR;
+  return old_action.sa_handler;
+}
+
 static void Fail(const char* what) {
   fprintf(stderr, "vivace CPU emulation (VIVACE_EMULATE_CPU=%s): %s\n", getenv("VIVACE_EMULATE_CPU"), what);
   _exit(2);
@@ -76,9 +140,10 @@ __attribute__((constructor)) static void HideCpuFeatures(void) {
   struct sigaction action;
   memset(&action, 0, sizeof action);
   action.sa_sigaction = AnswerCpuid;
-  action.sa_flags = SA_SIGINFO;
+  action.sa_flags = SA_SIGINFO | SA_NODEFER;  // NODEFER: a program handler's own fault kills
   sigemptyset(&action.sa_mask);
-  if (sigaction(SIGSEGV, &action, NULL) != 0) Fail(strerror(errno));
+  if (RealSigaction()(SIGSEGV, &action, &program_action) != 0) Fail(strerror(errno));
+  emulating = 1;
   if (SetCpuid(0) != 0)
     Fail("this CPU, hypervisor or kernel cannot trap the CPUID instruction (needs CPUID faulting, "
          "'cpuid_fault' in /proc/cpuinfo, and Linux >= 4.12)");

@@ -31,4 +31,5 @@ if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64" AND CMAKE_SYSTEM_NAME STR
   add_library(_cpu_emulation MODULE ${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/cpu_emulation.c)
   set_target_properties(_cpu_emulation PROPERTIES PREFIX "" C_STANDARD 11)
   target_compile_options(_cpu_emulation PRIVATE ${VIVACE_WARNINGS})
+  target_link_libraries(_cpu_emulation PRIVATE ${CMAKE_DL_LIBS})
 endif()

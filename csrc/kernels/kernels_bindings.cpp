@@ -148,7 +148,7 @@ void BindKernels(py::module_& m) {
       },
       py::arg("level") = "",
       "Int8 multiply-adds per second that `level`'s inner-loop instructions reach on one core of "
-      "this CPU from registers alone (~0.1 s): the bound for any int8 kernel at that level. None "
+      "this CPU from registers alone (~0.1 s): the bound for int8 kernels on those instructions. None "
       "for a level without a probe (portable, amx).");
   m.attr("NATIVE_MLP_RELEASE_GIL_MACS") = kReleaseGilMacs;
   m.attr("NATIVE_MLP_FORWARD") =

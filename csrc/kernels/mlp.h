@@ -111,8 +111,9 @@ class NativeMlp {
 };
 
 // Multiply-adds per second of `level`'s int8 inner-loop instructions on one core of this
-// CPU, from registers only (LevelOps::int8_peak_loop), best of five ~20 ms windows: what
-// no int8 GEMM at that level can exceed. nullopt for a level without a probe (portable, amx).
+// CPU, from registers only (LevelOps::int8_peak_loop), best of five ~20 ms windows: what no
+// int8 GEMM on those instructions (ours at that level, or a peer's with the same mix) can
+// exceed. nullopt for a level without a probe (portable, amx).
 std::optional<double> Int8PeakMacsPerSecond(CpuLevel level);
 
 }  // namespace vivace::kernels

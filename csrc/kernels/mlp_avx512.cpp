@@ -355,7 +355,7 @@ int64_t Int8PeakLoop(int64_t iterations) {
       : "+r"(left)
       :
       : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12",
-        "xmm13", "xmm14", "cc");
+        "xmm13", "xmm14", "xmm15", "cc");  // xmm15: vzeroupper clears its upper half
 #undef VIVACE_DOT
   return iterations * 12 * 64;  // 12 VPDPBUSD of 64 multiply-adds
 }

@@ -85,8 +85,8 @@ struct LevelOps {
                    bool relu, float* y, int64_t ldy);
   // Optional (nullptr: no probe): runs `iterations` rounds of this level's int8 inner-loop
   // instructions on registers only, independent chains, no loads, and returns the
-  // multiply-adds done. Timed, it is the bound no int8 GEMM at this level can pass on this
-  // core (Int8PeakMacsPerSecond in mlp.h).
+  // multiply-adds done. Timed, it is the bound no int8 GEMM built on these instructions can
+  // pass on this core (Int8PeakMacsPerSecond in mlp.h).
   int64_t (*int8_peak_loop)(int64_t iterations);
 };
 
