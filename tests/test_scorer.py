@@ -178,3 +178,23 @@ def test_native_scorer_fast_path_matches_general_path(native_package):
         scorer.predict(x[:, :31])
     small = Scorer(native_package, batch_size=8)
     np.testing.assert_array_equal(small.predict(x), want)  # chunked, not the direct path
+    got = scorer(x)  # __call__ takes the direct path too; its array is the caller's own
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.float32 and got.shape == (33, 1)
+    assert got.flags.c_contiguous and got.flags.writeable and got.flags.owndata
+    assert scorer.predict(x[:0]).shape == (0, 1)
+
+
+def test_a_dropped_native_scorer_is_freed_at_once(native_package):
+    import gc
+    import weakref
+
+    scorer = Scorer(native_package)
+    scorer.predict(np.zeros((2, 32), np.float32))
+    model = weakref.ref(scorer.backend.model)
+    gc.disable()
+    try:
+        del scorer  # no reference cycle through its fast path: freed without a collection
+        assert model() is None
+    finally:
+        gc.enable()

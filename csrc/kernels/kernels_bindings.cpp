@@ -68,6 +68,17 @@ class FloatView {
   Py_buffer view_{};
 };
 
+// A new C-contiguous float32 array [rows, cols], from NumPy's constructor directly: pybind11's
+// array_t constructor builds shape and stride vectors on the heap first.
+py::array_t<float> NewFloatArray(int64_t rows, int64_t cols) {
+  auto& api = py::detail::npy_api::get();
+  const Py_intptr_t shape[2] = {static_cast<Py_intptr_t>(rows), static_cast<Py_intptr_t>(cols)};
+  PyObject* descr = api.PyArray_DescrFromType_(py::detail::npy_api::NPY_FLOAT_);  // stolen below
+  PyObject* array = api.PyArray_NewFromDescr_(api.PyArray_Type_, descr, 2, shape, nullptr, nullptr, 0, nullptr);
+  if (array == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::array_t<float>>(array);
+}
+
 void Run(const NativeMlp& mlp, const float* x, int64_t rows, float* out) {
   if (rows * mlp.macs_per_row() >= kReleaseGilMacs) {
     py::gil_scoped_release release;
@@ -174,7 +185,7 @@ NativeMLP(weights, biases, activations, *, precision="fp32", input_ranges=None,
           [](const NativeMlp& self, py::handle x) {
             FloatView in(x.ptr(), false, "x");
             const int64_t rows = in.Rows(self.in_features(), "x");
-            py::array_t<float> out({rows, static_cast<int64_t>(self.out_features())});
+            py::array_t<float> out = NewFloatArray(rows, self.out_features());
             Run(self, in.data(), rows, out.mutable_data());
             return out;
           },
