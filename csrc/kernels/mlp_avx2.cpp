@@ -29,6 +29,7 @@ constexpr int kLanes = 8;
 constexpr int kStep = 4;  // int8 inputs per 32-bit lane
 constexpr int kMaxRows = 4;
 constexpr int kMaxPanels = 6;  // 6 only for <= 2 rows (12 accumulators)
+constexpr int kChains = 4;     // independent reductions per row in Quantize
 
 __m256i TailMask(int remaining) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(remaining), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -196,20 +197,38 @@ void Quantize(const float* x, int64_t ldx, int64_t rows, int k, int k_pad, const
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * ldx;
     uint8_t* qr = static_cast<uint8_t*>(q) + r * ldq;
-    __m256 lo = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-    __m256 hi = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    __m256 poison = zero;
+    // Four independent chains: a single one waits out the FMA's latency at every vector.
+    __m256 lo[kChains], hi[kChains], poison[kChains];
+    for (int c = 0; c < kChains; ++c) {
+      lo[c] = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+      hi[c] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+      poison[c] = zero;
+    }
     int i = 0;
+    for (; i + kChains * kLanes <= k; i += kChains * kLanes) {
+      VIVACE_UNROLL
+      for (int c = 0; c < kChains; ++c) {
+        const __m256 v = _mm256_loadu_ps(xr + i + c * kLanes);
+        lo[c] = _mm256_min_ps(lo[c], v);
+        hi[c] = _mm256_max_ps(hi[c], v);
+        poison[c] = _mm256_fmadd_ps(v, zero, poison[c]);  // NaN for a NaN or ±Inf
+      }
+    }
     for (; i + kLanes <= k; i += kLanes) {
       const __m256 v = _mm256_loadu_ps(xr + i);
-      lo = _mm256_min_ps(lo, v);
-      hi = _mm256_max_ps(hi, v);
-      poison = _mm256_fmadd_ps(v, zero, poison);
+      lo[0] = _mm256_min_ps(lo[0], v);
+      hi[0] = _mm256_max_ps(hi[0], v);
+      poison[0] = _mm256_fmadd_ps(v, zero, poison[0]);
+    }
+    for (int c = 1; c < kChains; ++c) {
+      lo[0] = _mm256_min_ps(lo[0], lo[c]);
+      hi[0] = _mm256_max_ps(hi[0], hi[c]);
+      poison[0] = _mm256_add_ps(poison[0], poison[c]);
     }
     float tail_lo = 0.0f, tail_hi = 0.0f;
     const bool tail_finite = i == k || RowRange(xr + i, k - i, &tail_lo, &tail_hi);
     alignas(32) float p[kLanes];
-    _mm256_store_ps(p, poison);
+    _mm256_store_ps(p, poison[0]);
     float poison_sum = 0.0f;
     for (float v : p) poison_sum += v;
     if (!tail_finite || poison_sum != 0.0f) {
@@ -218,7 +237,7 @@ void Quantize(const float* x, int64_t ldx, int64_t rows, int k, int k_pad, const
       row_min[r] = 0.0f;
       continue;
     }
-    float lo_all = ReduceMin(lo), hi_all = ReduceMax(hi);
+    float lo_all = ReduceMin(lo[0]), hi_all = ReduceMax(hi[0]);
     if (i < k) {
       lo_all = std::min(lo_all, tail_lo);
       hi_all = std::max(hi_all, tail_hi);
@@ -227,11 +246,21 @@ void Quantize(const float* x, int64_t ldx, int64_t rows, int k, int k_pad, const
     QuantParams(lo_all, hi_all, fixed, &min, &scale, &inv);
     const __m256 vmin = _mm256_set1_ps(min);
     const __m256 vinv = _mm256_set1_ps(inv);
+    const auto levels = [&](const float* from) {
+      const __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(from), vmin), vinv);
+      return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(t, zero), top));
+    };
+    // 32 at a time: two 256-bit packs and one permute, instead of four 128-bit pack pairs.
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     i = 0;
+    for (; i + 4 * kLanes <= k; i += 4 * kLanes) {
+      const __m256i words01 = _mm256_packus_epi32(levels(xr + i), levels(xr + i + kLanes));
+      const __m256i words23 = _mm256_packus_epi32(levels(xr + i + 2 * kLanes), levels(xr + i + 3 * kLanes));
+      const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words01, words23), order);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + i), bytes);
+    }
     for (; i + kLanes <= k; i += kLanes) {
-      __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), vmin), vinv);
-      t = _mm256_min_ps(_mm256_max_ps(t, zero), top);
-      const __m256i v = _mm256_cvtps_epi32(t);
+      const __m256i v = levels(xr + i);
       const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
       _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + i), _mm_packus_epi16(words, words));
     }
